@@ -1,0 +1,122 @@
+"""HTTP API: chat history, health, metrics."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, Iterator
+
+import psutil
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from handlers.base import JSONHandler
+from realtime.chat import valid_room
+from realtime.protocol import ProtocolError
+
+
+def _int_arg(handler: JSONHandler, name: str, default: int | None, lo: int, hi: int) -> int | None:
+    raw = handler.get_query_argument(name, None)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ProtocolError("bad_message", "'%s' must be an integer" % name)
+    if not lo <= value <= hi:
+        raise ProtocolError("bad_message", "'%s' must be between %d and %d" % (name, lo, hi))
+    return value
+
+
+class RoomsAPI(JSONHandler):
+    async def get(self) -> None:
+        self.finish({"rooms": await self.ctx.chat.room_list()})
+
+
+class RoomMessagesAPI(JSONHandler):
+    """``GET /api/rooms/<room>/messages?since=&limit=``"""
+
+    async def get(self, room: str) -> None:
+        if not valid_room(room):
+            raise ProtocolError("bad_message", "room names are 1-64 letters, digits, '_', '.' or '-'")
+        since = _int_arg(self, "since", None, 0, 2**62)
+        limit = _int_arg(self, "limit", 100, 1, 1000)
+        assert limit is not None
+        self.finish(await self.ctx.chat.messages_since(room, since, limit))
+
+
+class HealthHandler(JSONHandler):
+    def get(self) -> None:
+        ctx = self.ctx
+        healthy = not ctx.shutting_down and getattr(ctx.hub.backplane, "healthy", True)
+        if not healthy:
+            self.set_status(503)
+        self.finish({
+            "status": "ok" if healthy else ("shutting_down" if ctx.shutting_down else "degraded"),
+            "connections": len(ctx.connections),
+            "uptime": round(time.time() - ctx.started, 3),
+            "backplane": getattr(ctx.hub.backplane, "name", "memory"),
+            "store": {"pending_writes": ctx.store.pending, "commits": ctx.store.commits},
+        })
+
+
+class _Collector:
+    """Reads the plain counters at scrape time: nothing on the hot path."""
+
+    def __init__(self, ctx: Any) -> None:
+        self.ctx = ctx
+        self.proc = psutil.Process(os.getpid())
+
+    def collect(self) -> Iterator[Any]:
+        ctx, st = self.ctx, self.ctx.stats
+        yield GaugeMetricFamily("realtime_connections", "Open WebSocket connections", len(ctx.connections))
+        yield CounterMetricFamily("realtime_connections_opened", "WebSocket connections opened",
+                                  st.connections_total)
+        yield CounterMetricFamily("realtime_messages_received", "Client messages received", st.messages_in)
+        yield CounterMetricFamily("realtime_frames_sent", "Messages written to clients", st.messages_out)
+        yield CounterMetricFamily("realtime_bytes_sent", "Payload bytes written to clients", st.bytes_out)
+        yield CounterMetricFamily("realtime_hub_deliveries", "Messages handed to subscribers", ctx.hub.delivered)
+        yield GaugeMetricFamily("realtime_hub_topics", "Topics with local subscribers", ctx.hub.topics)
+        errors = CounterMetricFamily("realtime_errors", "Error messages sent, by code", labels=["code"])
+        for code, n in sorted(st.errors.items()):
+            errors.add_metric([code], n)
+        yield errors
+        closes = CounterMetricFamily("realtime_closes", "Connections closed, by close code", labels=["code"])
+        for code, n in sorted(st.closes.items()):
+            closes.add_metric([str(code)], n)
+        yield closes
+        refused = CounterMetricFamily("realtime_handshakes_refused", "Handshakes refused, by HTTP status",
+                                      labels=["status"])
+        for status, n in sorted(st.handshakes_refused.items()):
+            refused.add_metric([str(status)], n)
+        yield refused
+        yield CounterMetricFamily("realtime_store_commits", "SQLite transactions committed", ctx.store.commits)
+        yield CounterMetricFamily("realtime_store_writes", "Writes committed", ctx.store.writes)
+        yield GaugeMetricFamily("realtime_store_pending", "Writes waiting for commit", ctx.store.pending)
+        yield CounterMetricFamily("realtime_chat_messages_stored", "Chat messages stored",
+                                  ctx.chat.messages_stored)
+        for svc in ctx.services.values():
+            metrics = getattr(svc, "metrics", None)
+            if metrics is not None:
+                yield from metrics()
+        mem = self.proc.memory_info()
+        yield GaugeMetricFamily("realtime_process_rss_bytes", "Resident memory", mem.rss)
+        cpu = self.proc.cpu_times()
+        yield CounterMetricFamily("realtime_process_cpu_seconds", "CPU time (user+system)", cpu.user + cpu.system)
+
+
+class MetricsHandler(JSONHandler):
+    """Prometheus text format."""
+
+    def initialize(self, ctx: Any) -> None:  # type: ignore[override]
+        super().initialize(ctx)
+        registry = getattr(ctx, "_metrics_registry", None)
+        if registry is None:
+            registry = CollectorRegistry(auto_describe=False)
+            registry.register(_Collector(ctx))
+            ctx.__dict__["_metrics_registry"] = registry
+        self.registry = registry
+
+    def get(self) -> None:
+        self.set_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+        self.finish(generate_latest(self.registry))

@@ -1,0 +1,392 @@
+"""The WebSocket base every app's socket stands on.
+
+One choke point per socket: :meth:`BaseSocketHandler.on_message` checks the
+frame type and the rate limit, decodes and validates once, and dispatches to a
+``msg_<type>`` method.  Nothing escapes it: a client fault becomes an ``error``
+message (the connection stays open), a protocol violation a close code, and a
+bug in a handler a logged traceback plus close 1011.
+
+Security lives here, not in each app: origin check (exact match against
+``--allowed_origins``, same host by default), identity at the handshake (HTTP
+401/403 instead of an upgrade), connections per IP (HTTP 429), message size
+(1009), messages per second (``rate_limited``, then 1008), and each
+connection's unflushed bytes (the slow-consumer bound).
+
+Outgoing messages take a fast path: the frame is built once per message (see
+:class:`realtime.protocol.Outgoing`) and the same bytes are written to every
+recipient's stream, several messages of one loop iteration in one write.
+Connections with permessage-deflate, or a Tornado this code does not know, fall
+back to ``write_message``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+from typing import Any, Awaitable, Callable
+
+import tornado
+import tornado.web
+import tornado.websocket
+from tornado.iostream import StreamClosedError
+
+from realtime.auth import AuthError, Identity
+from realtime.context import Context
+from realtime.limits import FloodGuard
+from realtime.protocol import (
+    Close,
+    Outgoing,
+    ProtocolError,
+    close_reason,
+    decode,
+    decode_value,
+    error_message,
+)
+
+log = logging.getLogger("realtime.socket")
+
+# The fast path writes finished frames to the stream itself; it relies on the
+# shape of Tornado's WebSocketProtocol13 (``stream``, ``_compressor``), which
+# is stable across these versions.
+_FAST_PATH_TORNADO = tornado.version_info[:2] in {(6, 3), (6, 4), (6, 5), (6, 6)}
+SESSION_COOKIE = "rt_session"
+
+
+class Flusher:
+    """Writes each connection's queued frames once per loop iteration.
+
+    Many messages to one connection within an iteration become one
+    ``stream.write`` (one syscall) instead of one each.
+    """
+
+    def __init__(self) -> None:
+        self._dirty: list["BaseSocketHandler"] = []
+        self._scheduled = False
+
+    def mark(self, conn: "BaseSocketHandler") -> None:
+        self._dirty.append(conn)
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self.flush)
+
+    def flush(self) -> None:
+        self._scheduled = False
+        dirty, self._dirty = self._dirty, []
+        for conn in dirty:
+            conn._flush()
+
+
+class BaseSocketHandler(tornado.websocket.WebSocketHandler):
+    """Subclasses define ``msg_<type>(self, msg)`` (plain or ``async``) and
+    optionally ``opened()`` / ``closed()``."""
+
+    app_name = "base"
+    # Slow consumers: close with 1013 so the client reconnects and resumes.
+    # The sensor socket overrides ``on_backlog`` to conflate instead.
+
+    def initialize(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self.cfg = ctx.cfg
+        self.user: Identity | None = None
+        self.conn_id = 0
+        self._ip_counted = False
+        self._opened = False
+        self._closing = False
+        self._outq: list[bytes] = []
+        self._outq_bytes = 0
+        self._fast = False
+        self._inflight = 0
+        self._inflight_done: asyncio.Event | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.flood = FloodGuard(self.cfg.rate_limit, self.cfg.rate_burst, self.cfg.flood_strikes)
+
+    # -- handshake -------------------------------------------------------
+
+    def check_origin(self, origin: str) -> bool:
+        """Exact match against ``--allowed_origins``; without it, same host only.
+
+        Browsers always send Origin; other clients may not, and are then let
+        through to authentication (they can't borrow a browser's cookies).
+        """
+        allowed = self.cfg.allowed_origins
+        if allowed:
+            return "*" in allowed or origin in allowed
+        return super().check_origin(origin)
+
+    def get_compression_options(self) -> dict[str, Any] | None:
+        return {} if self.cfg.websocket_compression else None
+
+    def _refuse(self, status: int, message: str) -> None:
+        self.ctx.stats.refused(status)
+        self.set_status(status)
+        self.set_header("Content-Type", "application/json")
+        self.finish({"error": message, "status": status})
+
+    async def get(self, *args: Any, **kwargs: Any) -> None:
+        if self.ctx.shutting_down:
+            self._refuse(503, "server is shutting down")
+            return
+        token = self.get_query_argument("token", None)
+        auth_header = self.request.headers.get("Authorization", "")
+        if not token and auth_header.lower().startswith("bearer "):
+            token = auth_header[7:].strip()
+        session = self.get_query_argument("session", None) or self.get_cookie(SESSION_COOKIE)
+        try:
+            self.user = self.ctx.auth.identify(
+                name=self.get_query_argument("name", None), session=session, token=token
+            )
+        except AuthError as e:
+            self._refuse(e.status, e.message)
+            return
+        ip = self.request.remote_ip or "?"
+        if not self.ctx.conn_limit.acquire(ip):
+            self._refuse(429, "too many connections from this address")
+            return
+        self._ip_counted = True
+        try:
+            await super().get(*args, **kwargs)
+        finally:
+            if self.ws_connection is None and self._ip_counted:
+                # The upgrade did not happen (bad origin, not a WebSocket request).
+                self._ip_counted = False
+                self.ctx.conn_limit.release(ip)
+
+    # -- lifecycle -------------------------------------------------------
+
+    def open(self, *args: str, **kwargs: str) -> Awaitable[None] | None:
+        self.conn_id = self.ctx.next_id()
+        self._opened = True
+        self.ctx.connections.add(self)
+        self.ctx.stats.connections_total += 1
+        ws = self.ws_connection
+        self._fast = (
+            _FAST_PATH_TORNADO
+            and self.cfg.fast_path
+            and ws is not None
+            and getattr(ws, "_compressor", None) is None
+            and hasattr(ws, "stream")
+        )
+        self.set_nodelay(True)
+        return self._guard(self.opened, *args)
+
+    def opened(self, *args: str) -> Awaitable[None] | None:
+        """Called once the connection is up; send the welcome here."""
+        return None
+
+    def on_close(self) -> None:
+        self._closing = True
+        self._outq.clear()
+        self.ctx.connections.discard(self)
+        if self._ip_counted:
+            self._ip_counted = False
+            self.ctx.conn_limit.release(self.request.remote_ip or "?")
+        self.ctx.stats.closed(self.close_code or 1006)
+        for task in list(self._tasks):
+            task.cancel()
+        if self._opened:
+            try:
+                self.closed()
+            except Exception:
+                log.exception("closed() failed for %s", self.app_name)
+
+    def closed(self) -> None:
+        """Called once when the connection is gone: leave rooms, release state."""
+
+    def close(self, code: int | None = None, reason: str | None = None) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        self._outq.clear()
+        super().close(code, close_reason(reason) if reason else None)
+
+    def session_token(self) -> str:
+        """A signed session a client can pass back as ``?session=`` to keep its identity."""
+        assert self.user is not None
+        return self.ctx.auth.session_for(self.user) if self.user.guest else ""
+
+    # -- incoming --------------------------------------------------------
+
+    def on_message(self, message: str | bytes) -> Awaitable[None] | None:
+        if self._closing:
+            return None
+        if isinstance(message, bytes):
+            self.close(Close.UNSUPPORTED, "binary frames are not supported; send JSON text")
+            return None
+        self.ctx.stats.messages_in += 1
+        verdict = self.flood.check()
+        if verdict != "ok":
+            if verdict == "flood":
+                self.close(Close.POLICY, "too many messages; slow down")
+            else:
+                self.send_error("rate_limited", "too many messages; slow down")
+            return None
+        try:
+            msg = decode(message)
+        except ProtocolError as e:
+            self.send_error(e.code, e.message)
+            return None
+        handler: Callable[[dict[str, Any]], Any] | None = getattr(self, "msg_" + msg["type"], None)
+        if handler is None:
+            self.send_error("unknown_type", "unknown message type %r" % msg["type"][:40], msg.get("ref"))
+            return None
+        return self._guard(handler, msg)
+
+    def _guard(self, fn: Callable[..., Any], *args: Any) -> Awaitable[None] | None:
+        """Run a handler; nothing escapes.  Coroutines run as tasks so one
+        connection's messages pipeline, with at most ``max_inflight`` pending
+        (past that, Tornado stops reading this socket until one finishes)."""
+        ref = args[0].get("ref") if args and isinstance(args[0], dict) else None
+        try:
+            result = fn(*args)
+        except Exception as e:
+            self._fault(e, ref)
+            return None
+        if not inspect.isawaitable(result):
+            return None
+        task = asyncio.ensure_future(self._finish(result, ref))
+        self._tasks.add(task)
+        self._inflight += 1
+        task.add_done_callback(self._task_done)
+        if self._inflight >= self.cfg.max_inflight:
+            self._inflight_done = asyncio.Event()
+            return self._inflight_done.wait()
+        return None
+
+    def _task_done(self, task: "asyncio.Task[Any]") -> None:
+        self._tasks.discard(task)
+        self._inflight -= 1
+        if self._inflight_done is not None and self._inflight < self.cfg.max_inflight:
+            self._inflight_done.set()
+            self._inflight_done = None
+
+    async def _finish(self, awaitable: Awaitable[Any], ref: Any) -> None:
+        try:
+            await awaitable
+        except asyncio.CancelledError:
+            pass
+        except Exception as e:
+            self._fault(e, ref)
+
+    def _fault(self, e: Exception, ref: Any) -> None:
+        if isinstance(e, ProtocolError):
+            self.send_error(e.code, e.message, ref)
+            if e.close:
+                self.close(e.close, e.message)
+            return
+        if isinstance(e, (tornado.websocket.WebSocketClosedError, StreamClosedError)):
+            return
+        log.exception("%s handler failed", self.app_name)
+        self.send_error("unavailable", "internal server error", ref)
+        self.close(Close.SERVER_ERROR, "internal server error")
+
+    # -- outgoing --------------------------------------------------------
+
+    def send(self, obj: dict[str, Any]) -> None:
+        """Encode and queue one message to this connection."""
+        self.deliver(Outgoing(obj))
+
+    def send_error(self, code: str, message: str, ref: Any = None) -> None:
+        self.ctx.stats.error(code)
+        self.send(error_message(code, message, ref))
+
+    def buffered_bytes(self) -> int:
+        """Bytes queued for this client and not yet taken by the kernel."""
+        ws = self.ws_connection
+        stream = getattr(ws, "stream", None)
+        pending = self._outq_bytes
+        if stream is not None:
+            pending += stream._total_write_index - stream._total_write_done_index
+        return pending
+
+    def deliver(self, out: Outgoing) -> None:
+        """Queue an encoded message; never blocks, never raises.
+
+        Past ``max_write_buffer`` unflushed bytes the connection is a slow
+        consumer: see :meth:`on_backlog`.
+        """
+        if self._closing or self.ws_connection is None:
+            return
+        if self.buffered_bytes() > self.cfg.max_write_buffer:
+            self.on_backlog(out)
+            return
+        self._enqueue(out)
+
+    def _enqueue(self, out: Outgoing) -> None:
+        if not self._outq:
+            self.ctx.flusher.mark(self)
+        self._outq.append(out.frame if self._fast else out.data)
+        self._outq_bytes += len(out.data)
+
+    def on_backlog(self, out: Outgoing) -> None:
+        """The client is not reading: close with 1013 (it reconnects and resumes)."""
+        self.ctx.stats.error("slow_consumer")
+        self.close(Close.TRY_AGAIN, "slow consumer: reconnect and resume")
+
+    def _flush(self) -> None:
+        q, self._outq = self._outq, []
+        n = self._outq_bytes
+        self._outq_bytes = 0
+        if not q or self._closing:
+            return
+        ws = self.ws_connection
+        if ws is None or ws.is_closing():
+            return
+        self.ctx.stats.messages_out += len(q)
+        self.ctx.stats.bytes_out += n
+        try:
+            if self._fast:
+                ws.stream.write(q[0] if len(q) == 1 else b"".join(q))  # type: ignore[attr-defined]
+            else:
+                for data in q:
+                    ws.write_message(data)
+        except (StreamClosedError, tornado.websocket.WebSocketClosedError):
+            pass
+
+
+class JSONHandler(tornado.web.RequestHandler):
+    """HTTP API base: JSON in and out, errors as ``{"error": code, "message": ...}``."""
+
+    def initialize(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self.cfg = ctx.cfg
+
+    def set_default_headers(self) -> None:
+        self.set_header("Content-Type", "application/json; charset=utf-8")
+        self.set_header("X-Content-Type-Options", "nosniff")
+        self.set_header("Cache-Control", "no-store")
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        exc = kwargs.get("exc_info", (None, None, None))[1]
+        if isinstance(exc, ProtocolError):
+            self.finish({"error": exc.code, "message": exc.message})
+            return
+        message = self._reason
+        if isinstance(exc, tornado.web.HTTPError) and exc.log_message:
+            message = exc.log_message % exc.args if exc.args else exc.log_message
+        self.finish({"error": "http_%d" % status_code, "message": message})
+
+    def fail(self, status: int, code: str, message: str) -> None:
+        self.set_status(status)
+        self.finish({"error": code, "message": message})
+
+    def send_error(self, status_code: int = 500, **kwargs: Any) -> None:
+        exc = kwargs.get("exc_info", (None, None, None))[1]
+        if isinstance(exc, ProtocolError):
+            status_code = STATUS_FOR_CODE.get(exc.code, 400)
+        super().send_error(status_code, **kwargs)
+
+    def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
+        if isinstance(value, ProtocolError):
+            return  # a client fault, answered with its code; not a server error
+        super().log_exception(typ, value, tb)
+
+    def json_body(self) -> Any:
+        """The request body as checked JSON (no NaN, Infinity, lone surrogates)."""
+        return decode_value(self.request.body or b"null")
+
+
+STATUS_FOR_CODE = {
+    "bad_json": 400, "bad_message": 400, "unknown_type": 400, "too_large": 413,
+    "rate_limited": 429, "forbidden": 403, "not_found": 404, "conflict": 409, "unavailable": 503,
+}

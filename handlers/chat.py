@@ -1,0 +1,90 @@
+"""``/ws/chat``: a thin adapter from the socket to :class:`realtime.chat.ChatService`."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from handlers.base import BaseSocketHandler
+from realtime.chat import ChatService, RoomSubscription, valid_room
+from realtime.protocol import ProtocolError, get_int, get_str
+
+
+class ChatSocketHandler(BaseSocketHandler):
+    app_name = "chat"
+
+    def initialize(self, ctx: Any) -> None:  # type: ignore[override]
+        super().initialize(ctx)
+        self.chat: ChatService = ctx.chat
+        self.rooms: dict[str, RoomSubscription] = {}
+        self._typing_at: dict[str, float] = {}
+
+    def opened(self) -> None:
+        assert self.user is not None
+        self.send({
+            "type": "welcome",
+            "user": self.user.to_json(),
+            "session": self.session_token(),
+            "limits": {
+                "max_text": self.chat.max_text,
+                "max_rooms": self.chat.max_rooms,
+                "max_message_bytes": self.cfg.max_message_size,
+                "rate": self.cfg.rate_limit,
+                "burst": self.cfg.rate_burst,
+            },
+        })
+
+    def closed(self) -> None:
+        self.chat.leave_all(self, self.rooms)
+
+    def _room(self, msg: dict[str, Any], *, joined: bool = True) -> str:
+        room = get_str(msg, "room", max_len=64)
+        if not valid_room(room):
+            raise ProtocolError("bad_message", "room names are 1-64 letters, digits, '_', '.' or '-'")
+        assert room is not None
+        if joined and room not in self.rooms:
+            raise ProtocolError("not_found", "join room %s first" % room)
+        return room
+
+    async def msg_join(self, msg: dict[str, Any]) -> None:
+        room = self._room(msg, joined=False)
+        since = get_int(msg, "since", required=False, minimum=0)
+        epoch = get_str(msg, "epoch", max_len=64, required=False)
+        reply = await self.chat.join(self, self.rooms, room, since, epoch)
+        sub = self.rooms.get(room)
+        if sub is None or self._closing:
+            return  # left or disconnected while history was read
+        if "ref" in msg:
+            reply["ref"] = msg["ref"]
+        self.send(reply)
+        sub.release(reply["seq"])
+
+    def msg_leave(self, msg: dict[str, Any]) -> None:
+        room = self._room(msg)
+        self.chat.leave(self, self.rooms, room)
+        self._typing_at.pop(room, None)
+        self.send({"type": "left", "room": room})
+
+    async def msg_say(self, msg: dict[str, Any]) -> None:
+        assert self.user is not None
+        room = self._room(msg)
+        ack = await self.chat.say(self.user, room, msg.get("text"), msg.get("cid"))
+        self.send(ack)
+
+    def msg_typing(self, msg: dict[str, Any]) -> None:
+        """Not stored.  At most one per ``typing_interval`` per room is relayed;
+        the rest are dropped quietly (typing is a hint, not data)."""
+        assert self.user is not None
+        room = self._room(msg)
+        now = time.monotonic()
+        if now - self._typing_at.get(room, -1e9) < self.chat.typing_interval:
+            return
+        self._typing_at[room] = now
+        self.chat.typing(self.user, room)
+
+    def msg_ping(self, msg: dict[str, Any]) -> None:
+        """An application-level ping for clients that can't see protocol pongs."""
+        reply: dict[str, Any] = {"type": "pong"}
+        if "ref" in msg:
+            reply["ref"] = msg["ref"]
+        self.send(reply)

@@ -1,0 +1,198 @@
+"""Who is on the other end of a socket.
+
+Two modes:
+
+* ``open`` (default): guests.  A guest keeps one identity across reconnects and
+  tabs through a *session*: an HMAC-signed ``id|name|issued`` string that the
+  pages set as the ``rt_session`` cookie and that every ``welcome`` message
+  returns, so a non-browser client can pass it back as ``?session=``.  The name
+  comes from ``?name=`` (validated) or the session, else ``guest-XXXX``.
+* ``token``: a signed JWT (HS256, ``exp`` required) from ``?token=`` or
+  ``Authorization: Bearer``; claims ``sub`` (user id), ``name``, ``roles``.
+  A handshake without a valid token is refused with HTTP 401 (expired: 401 too,
+  with a reason the client can act on).
+
+Security caveat: the session is a bearer credential for a *guest* name only; it
+proves nothing about a real person.  Use token mode where identity matters.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import re
+import secrets
+import time
+import unicodedata
+from dataclasses import dataclass, field
+from typing import Any
+
+NAME_MAX = 32
+
+
+class AuthError(Exception):
+    """Refuses a handshake: ``status`` is the HTTP status to answer with."""
+
+    def __init__(self, status: int, message: str, expired: bool = False) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.expired = expired
+
+
+@dataclass(frozen=True)
+class Identity:
+    id: str
+    name: str
+    roles: frozenset[str] = field(default_factory=frozenset)
+    guest: bool = True
+    expires: float | None = None  # unix time a token expires, if any
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "name": self.name}
+
+    def can(self, role: str) -> bool:
+        return role in self.roles or "admin" in self.roles
+
+
+def clean_name(raw: str | None) -> str | None:
+    """A display name: trimmed, NFC, 1-32 characters, no control characters.
+    Returns ``None`` for anything unusable."""
+    if not raw:
+        return None
+    name = unicodedata.normalize("NFC", raw).strip()
+    if not name or len(name) > NAME_MAX:
+        return None
+    if any(unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Co", "Cn") for ch in name):
+        return None
+    return name
+
+
+_ID_RE = re.compile(r"^[A-Za-z0-9_.:@-]{1,64}$")
+
+
+class Signer:
+    """HMAC-SHA256 over a short text; output is URL-safe."""
+
+    def __init__(self, secret: bytes) -> None:
+        self._secret = secret
+
+    def sign(self, text: str) -> str:
+        body = base64.urlsafe_b64encode(text.encode("utf-8")).decode("ascii").rstrip("=")
+        mac = hmac.new(self._secret, body.encode("ascii"), hashlib.sha256).digest()[:18]
+        return body + "." + base64.urlsafe_b64encode(mac).decode("ascii")
+
+    def verify(self, signed: str) -> str | None:
+        body, _, mac = signed.partition(".")
+        if not body or not mac:
+            return None
+        want = hmac.new(self._secret, body.encode("ascii", "replace"), hashlib.sha256).digest()[:18]
+        try:
+            got = base64.urlsafe_b64decode(mac.encode("ascii"))
+            text = base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)).decode("utf-8")
+        except (ValueError, UnicodeError):
+            return None
+        if not hmac.compare_digest(want, got):
+            return None
+        return text
+
+
+class Authenticator:
+    def __init__(
+        self,
+        secret: bytes,
+        *,
+        mode: str = "open",
+        jwt_secret: str = "",
+        session_max_age: float = 30 * 86400,
+        guest_roles: frozenset[str] = frozenset({"chat", "edit"}),
+    ) -> None:
+        if mode not in ("open", "token"):
+            raise ValueError("auth mode must be 'open' or 'token'")
+        if mode == "token" and not jwt_secret:
+            raise ValueError("token mode needs --jwt_secret")
+        self.mode = mode
+        self.signer = Signer(secret)
+        self.jwt_secret = jwt_secret
+        self.session_max_age = session_max_age
+        self.guest_roles = guest_roles
+
+    # -- guests ----------------------------------------------------------
+
+    def new_guest(self, name: str | None = None) -> Identity:
+        gid = "g-" + secrets.token_hex(6)
+        return Identity(gid, name or "guest-" + gid[-4:], self.guest_roles)
+
+    def session_for(self, ident: Identity) -> str:
+        return self.signer.sign("%s|%s|%d" % (ident.id, ident.name, int(time.time())))
+
+    def from_session(self, session: str | None) -> Identity | None:
+        if not session:
+            return None
+        text = self.signer.verify(session)
+        if text is None:
+            return None
+        parts = text.split("|")
+        if len(parts) != 3 or not _ID_RE.match(parts[0]):
+            return None
+        try:
+            issued = int(parts[2])
+        except ValueError:
+            return None
+        if time.time() - issued > self.session_max_age:
+            return None
+        name = clean_name(parts[1])
+        if name is None:
+            return None
+        return Identity(parts[0], name, self.guest_roles)
+
+    # -- handshake -------------------------------------------------------
+
+    def identify(self, *, name: str | None, session: str | None, token: str | None) -> Identity:
+        """The identity for a handshake, or :class:`AuthError`."""
+        if self.mode == "token":
+            if not token:
+                raise AuthError(401, "a token is required (?token= or Authorization: Bearer)")
+            return self.verify_token(token)
+        if name is not None and clean_name(name) is None:
+            raise AuthError(400, "name must be 1-%d characters without control characters" % NAME_MAX)
+        wanted = clean_name(name)
+        ident = self.from_session(session)
+        if ident is None:
+            return self.new_guest(wanted)
+        if wanted and wanted != ident.name:
+            ident = Identity(ident.id, wanted, ident.roles)
+        return ident
+
+    def verify_token(self, token: str) -> Identity:
+        import jwt  # PyJWT; only needed in token mode
+
+        try:
+            claims = jwt.decode(
+                token, self.jwt_secret, algorithms=["HS256"], options={"require": ["exp", "sub"]}
+            )
+        except jwt.ExpiredSignatureError:
+            raise AuthError(401, "token expired", expired=True)
+        except jwt.InvalidTokenError as e:
+            raise AuthError(401, "invalid token: %s" % e)
+        sub = str(claims.get("sub", ""))
+        if not _ID_RE.match(sub):
+            raise AuthError(401, "invalid token: bad 'sub'")
+        name = clean_name(str(claims.get("name") or sub)) or sub[:NAME_MAX]
+        roles = claims.get("roles") or []
+        if not isinstance(roles, list):
+            raise AuthError(401, "invalid token: 'roles' must be a list")
+        return Identity(sub, name, frozenset(str(r) for r in roles), guest=False,
+                        expires=float(claims["exp"]))
+
+    def make_token(self, sub: str, name: str, roles: list[str], ttl: float = 3600) -> str:
+        """Mint a token (for tests, the CLI and admin tooling)."""
+        import jwt
+
+        now = int(time.time())
+        return jwt.encode(
+            {"sub": sub, "name": name, "roles": roles, "iat": now, "exp": now + int(ttl)},
+            self.jwt_secret,
+            algorithm="HS256",
+        )

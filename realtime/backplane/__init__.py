@@ -1,0 +1,18 @@
+"""Backplanes: how published messages reach every node's hub."""
+
+from __future__ import annotations
+
+from realtime.hub import Backplane
+
+
+def make_backplane(url: str) -> Backplane:
+    """``memory`` (one process, the default) or ``redis://host:port/db``."""
+    if url in ("", "memory"):
+        from realtime.backplane.memory import MemoryBackplane
+
+        return MemoryBackplane()
+    if url.startswith(("redis://", "rediss://", "unix://")):
+        from realtime.backplane.redis import RedisBackplane  # type: ignore[import-not-found]
+
+        return RedisBackplane(url)
+    raise ValueError("unknown backplane %r: use 'memory' or redis://host:port/db" % url)

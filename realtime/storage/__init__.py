@@ -1,0 +1,1 @@
+"""Durable storage: SQLite (default) and Redis (cluster mode)."""
