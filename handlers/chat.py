@@ -68,8 +68,7 @@ class ChatSocketHandler(BaseSocketHandler):
     async def msg_say(self, msg: dict[str, Any]) -> None:
         assert self.user is not None
         room = self._room(msg)
-        ack = await self.chat.say(self.user, room, msg.get("text"), msg.get("cid"))
-        self.send(ack)
+        await self.chat.say(self.user, room, msg.get("text"), msg.get("cid"), self.send)
 
     def msg_typing(self, msg: dict[str, Any]) -> None:
         """Not stored.  At most one per ``typing_interval`` per room is relayed;

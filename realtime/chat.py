@@ -461,10 +461,10 @@ class ChatService:
 
     # -- messages --------------------------------------------------------
 
-    async def say(self, user: Identity, name: str, text: object, cid: object) -> dict[str, Any]:
-        """Store one message; returns the ``ack`` (sent only after commit).
-
-        The message is broadcast to the room after commit, unless it was a retry."""
+    async def say(self, user: Identity, name: str, text: object, cid: object,
+                  reply: Callable[[dict[str, Any]], None]) -> None:
+        """Store one message; after commit, ``reply(ack)`` to the sender, then
+        broadcast the message to the room (unless it was a retry)."""
         text = check_text(text, self.max_text)
         if cid is not None and (not isinstance(cid, str) or not cid or len(cid) > _CID_MAX):
             raise ProtocolError("bad_message", "'cid' must be a string of 1-%d characters" % _CID_MAX)
@@ -500,7 +500,9 @@ class ChatService:
             ack["cid"] = cid
         if duplicate:
             ack["duplicate"] = True
-            return ack
+            reply(ack)
+            return
+        reply(ack)
         self.messages_stored += 1
         msg = {"type": "message", "room": name, "seq": seq, "user": user.id, "name": user.name,
                "text": text, "ts": stored_ts}
@@ -509,7 +511,6 @@ class ChatService:
         state = self._rooms.get(name, room)
         state.committed(msg, self.history_keep)
         self.hub.publish(self.topic(name), msg)
-        return ack
 
     def typing(self, user: Identity, name: str) -> None:
         self.hub.publish(self.topic(name), {"type": "typing", "room": name, "user": user.to_json()})

@@ -1,0 +1,456 @@
+"""One collaboratively edited document: text, revision, op log, dedupe (sans-I/O).
+
+:class:`DocumentState` is the server's authority for one document.  It does no
+I/O: the handler and storage call :meth:`DocumentState.submit` (or
+:meth:`~DocumentState.prepare` + :meth:`~DocumentState.apply_entry` where an
+atomic append in a shared store decides the order), then persist, ack and fan
+out what it returns.
+
+Revisions: ``rev`` is the number of ops applied so far (a new document is at
+rev 0).  The op that took the document from ``r - 1`` to ``r`` is logged as
+``LogEntry(rev=r, ...)``.  A client's op is based on the rev it has seen; the
+server transforms it over every logged op after that rev (see the tie-break in
+:mod:`realtime.ot`: logged ops win), applies it and logs it.
+
+Only the last ``max_log`` entries stay in memory: an op based on an older rev
+is refused with ``conflict`` and that client must reload the document.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import OrderedDict, deque
+from dataclasses import dataclass
+from itertools import islice
+from typing import Any, NamedTuple
+
+from realtime import ot
+from realtime.ot import Op, OTError
+
+__all__ = [
+    "SNAPSHOT_FORMAT",
+    "DocumentError",
+    "DocumentState",
+    "LogEntry",
+    "SnapshotError",
+    "SubmitResult",
+    "valid_doc_id",
+]
+
+SNAPSHOT_FORMAT = 1
+
+_DOC_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def valid_doc_id(s: object) -> bool:
+    """True if ``s`` is a document id: 1 to 64 characters, each an ASCII letter,
+    digit, ``_`` or ``-``.
+
+    The rule keeps ids safe in URLs, file names, SQL and Redis keys without
+    escaping.
+    """
+    return type(s) is str and _DOC_ID.fullmatch(s) is not None
+
+
+class DocumentError(Exception):
+    """A refused submission, sent to the client as an ``error`` message.
+
+    ``code`` is one of ``"bad_message"`` (malformed op, or it does not fit the
+    document), ``"conflict"`` (the base revision is in the future or older than
+    the kept log: reload the document) or ``"too_large"``.
+    """
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+    def __repr__(self) -> str:
+        return f"DocumentError({self.code!r}, {self.message!r})"
+
+
+class SnapshotError(ValueError):
+    """A saved snapshot that cannot be loaded (unknown format or inconsistent data)."""
+
+
+class LogEntry(NamedTuple):
+    """One applied op: ``rev`` is the revision it produced.  Treat ``op`` as read-only."""
+
+    rev: int
+    op: Op
+    client_id: str | None
+    seq: int | None
+
+
+@dataclass(frozen=True)
+class SubmitResult:
+    """What :meth:`DocumentState.submit` did.
+
+    ``rev``: the revision the op produced (for a duplicate: the one it produced
+    the first time).  ``op``: the op as applied, transformed, in normal form --
+    send it to the other clients; for a duplicate, the logged op when still in
+    the window, else ``None``.  ``duplicate``: the op was applied before and
+    nothing changed now; ack it again, do not fan it out.
+    """
+
+    rev: int
+    op: Op | None
+    duplicate: bool = False
+
+
+class DocumentState:
+    """The authoritative text, revision and recent op log of one document.
+
+    Invariants: ``len(log) <= max_log``; the log holds the ops for revisions
+    ``log_start + 1 .. rev`` contiguously; any :class:`DocumentError` leaves
+    the state exactly as it was.
+
+    Limits (code points): ``max_op_size`` caps the text one op inserts,
+    ``max_doc_size`` the document an op may leave behind (an op that shrinks
+    an already oversized document is still allowed).  ``max_clients`` caps the
+    dedupe table (least recently used client ids are forgotten first).
+    """
+
+    def __init__(
+        self,
+        doc_id: str,
+        text: str = "",
+        rev: int = 0,
+        *,
+        max_log: int = 1000,
+        max_op_size: int = 64 * 1024,
+        max_doc_size: int = 1_000_000,
+        max_clients: int = 10_000,
+    ) -> None:
+        if not valid_doc_id(doc_id):
+            raise ValueError(f"invalid document id {doc_id!r}")
+        if type(text) is not str or not _well_formed(text):
+            raise ValueError("document text must be a str without lone surrogates")
+        if type(rev) is not int or rev < 0:
+            raise ValueError(f"invalid revision {rev!r}")
+        if max_log < 0 or max_op_size < 0 or max_doc_size < 0 or max_clients < 1:
+            raise ValueError("limits must not be negative")
+        self._doc_id = doc_id
+        self._text = text
+        self._rev = rev
+        self.max_log = max_log
+        self.max_op_size = max_op_size
+        self.max_doc_size = max_doc_size
+        self.max_clients = max_clients
+        self._log: deque[LogEntry] = deque(maxlen=max_log)
+        # client_id -> (last seq applied, rev it produced); insertion order is LRU order.
+        self._clients: OrderedDict[str, tuple[int, int]] = OrderedDict()
+
+    # -- read-only views ------------------------------------------------------
+
+    @property
+    def doc_id(self) -> str:
+        return self._doc_id
+
+    @property
+    def rev(self) -> int:
+        """Number of ops applied so far."""
+        return self._rev
+
+    @property
+    def text(self) -> str:
+        return self._text
+
+    @property
+    def log(self) -> list[LogEntry]:
+        """A copy of the kept log window, oldest first."""
+        return list(self._log)
+
+    @property
+    def log_start(self) -> int:
+        """The oldest revision ops can be based on (or read from with :meth:`ops_since`)."""
+        return self._rev - len(self._log)
+
+    def __repr__(self) -> str:
+        return (
+            f"DocumentState({self._doc_id!r}, rev={self._rev}, "
+            f"len={len(self._text)}, log={len(self._log)})"
+        )
+
+    # -- submitting -------------------------------------------------------------
+
+    def prepare(
+        self, base_rev: int, op: object, client_id: str | None = None, seq: int | None = None
+    ) -> SubmitResult:
+        """Work out what :meth:`submit` would do, without changing anything.
+
+        Returns the :class:`SubmitResult` that :meth:`submit` would (``rev`` is
+        the revision the op would get) or raises the same
+        :class:`DocumentError`.  In cluster mode: prepare, append at
+        ``result.rev`` atomically in the shared log, then :meth:`apply_entry`;
+        if the append lost a race, apply the winners and prepare again.
+        """
+        if type(base_rev) is not int or base_rev < 0:
+            raise DocumentError("bad_message", "rev must be a non-negative integer")
+        _check_client(client_id, seq)
+        try:
+            op = ot.check(op)
+        except OTError as exc:
+            raise DocumentError("bad_message", str(exc)) from None
+
+        if client_id is not None and seq is not None:
+            seen = self._clients.get(client_id)
+            if seen is not None and seq <= seen[0]:
+                # A client sends seq n+1 only once n is acknowledged, so a seq up to
+                # its last one was applied already (e.g. a late resend from a dead
+                # connection arriving after newer ops).
+                rev = seen[1] if seq == seen[0] else self._find_rev(client_id, seq)
+                if rev is None:
+                    raise DocumentError(
+                        "conflict",
+                        f"seq {seq} is older than this client's last ({seen[0]}) "
+                        "and no longer in the log",
+                    )
+                return SubmitResult(rev, self._logged_op(rev), duplicate=True)
+
+        if base_rev > self._rev:
+            raise DocumentError(
+                "conflict", f"rev {base_rev} is newer than the document (rev {self._rev})"
+            )
+        start = self.log_start
+        if base_rev < start:
+            raise DocumentError(
+                "conflict",
+                f"rev {base_rev} is too old to merge (oldest kept: {start}); reload the document",
+            )
+
+        inserted = sum(len(c) for c in op if type(c) is str)
+        if inserted > self.max_op_size:
+            raise DocumentError(
+                "too_large",
+                f"the edit inserts {inserted} characters; the limit is {self.max_op_size}",
+            )
+
+        try:
+            for entry in islice(self._log, base_rev - start, None):
+                op = ot.transform(entry.op, op)[1]
+            size, new_size = ot.lengths(op)
+        except OTError as exc:
+            raise DocumentError("bad_message", f"the edit does not fit rev {base_rev}: {exc}") from None
+        if size != len(self._text):
+            # Only reachable with base_rev == rev: transform already checks lengths.
+            raise DocumentError(
+                "bad_message",
+                f"the edit is for a document of {size} characters, but rev {base_rev} "
+                f"has {len(self._text)}",
+            )
+        if new_size > self.max_doc_size and new_size > len(self._text):
+            raise DocumentError(
+                "too_large",
+                f"the document would have {new_size} characters; the limit is {self.max_doc_size}",
+            )
+        return SubmitResult(self._rev + 1, op)
+
+    def submit(
+        self, base_rev: int, op: object, client_id: str | None = None, seq: int | None = None
+    ) -> SubmitResult:
+        """Apply a client's ``op``, based on revision ``base_rev``.
+
+        Validates ``op`` (untrusted), transforms it over every logged op after
+        ``base_rev``, applies it, logs it and bumps ``rev``.
+
+        Dedupe: with ``client_id`` and ``seq`` (a non-negative int), a resent op
+        is recognised and not applied again: ``duplicate=True`` with its
+        original ``rev``, nothing changes.  This relies on the client protocol
+        (``OTClient``): one op in flight per client, seq increasing by one
+        after each ack -- so any seq up to the client's last applied one is a
+        resend.  If such an old op has left the log window its rev is unknown:
+        ``conflict``.  So ``client_id`` names one ``OTClient`` (random per page
+        load or connection-independent session), never a user: a reloaded page
+        that reused an id would restart at seq 1 and be ignored.
+
+        Raises :class:`DocumentError`; on error nothing changes.
+        """
+        result = self.prepare(base_rev, op, client_id, seq)
+        if not result.duplicate:
+            assert result.op is not None
+            self._append(result.op, ot.apply(self._text, result.op), client_id, seq)
+        return result
+
+    def apply_entry(
+        self, rev: int, op: object, client_id: str | None = None, seq: int | None = None
+    ) -> None:
+        """Apply an op whose place in the order is already decided.
+
+        For replaying a stored log onto a snapshot, and for ops another node
+        appended to a shared log.  ``rev`` must be ``self.rev + 1`` and ``op``
+        must fit the current text; no transform, no size limits (refusing an
+        op that is already in the log would split the copies).  Raises
+        :class:`DocumentError` (``conflict`` for a gap, ``bad_message`` for a
+        bad op); on error nothing changes.
+        """
+        if rev != self._rev + 1:
+            raise DocumentError(
+                "conflict", f"entry for rev {rev} does not follow rev {self._rev}"
+            )
+        _check_client(client_id, seq)
+        try:
+            op = ot.check(op)
+            text = ot.apply(self._text, op)
+        except OTError as exc:
+            raise DocumentError("bad_message", str(exc)) from None
+        self._append(op, text, client_id, seq)
+
+    def _append(self, op: Op, text: str, client_id: str | None, seq: int | None) -> None:
+        self._text = text
+        self._rev += 1
+        self._log.append(LogEntry(self._rev, op, client_id, seq))
+        if client_id is not None and seq is not None:
+            self._clients[client_id] = (seq, self._rev)
+            self._clients.move_to_end(client_id)
+            while len(self._clients) > self.max_clients:
+                self._clients.popitem(last=False)
+
+    def _find_rev(self, client_id: str, seq: int) -> int | None:
+        for entry in reversed(self._log):
+            if entry.seq == seq and entry.client_id == client_id:
+                return entry.rev
+        return None
+
+    def _logged_op(self, rev: int) -> Op | None:
+        index = rev - self.log_start - 1
+        if 0 <= index < len(self._log):
+            return self._log[index].op
+        return None
+
+    # -- reading ----------------------------------------------------------------
+
+    def ops_since(self, rev: int) -> list[LogEntry] | None:
+        """The entries after revision ``rev``, oldest first (``[]`` when up to date).
+
+        ``None`` when the log cannot answer -- ``rev`` is older than
+        :attr:`log_start` or newer than :attr:`rev` -- and the client needs the
+        whole text instead.
+        """
+        if type(rev) is not int or not self.log_start <= rev <= self._rev:
+            return None
+        return list(islice(self._log, rev - self.log_start, None))
+
+    def transform_cursor(self, rev: int, index: int) -> int | None:
+        """Move a cursor position at revision ``rev`` to the current revision.
+
+        ``None`` when ``rev`` is outside the log window (see :meth:`ops_since`).
+        Text inserted exactly at the cursor goes after it.  Raises
+        ``DocumentError("bad_message")`` if ``index`` is not a position in the
+        text at ``rev``.
+        """
+        entries = self.ops_since(rev)
+        if entries is None:
+            return None
+        if type(index) is not int or index < 0:
+            raise DocumentError("bad_message", "a cursor position must be a non-negative integer")
+        try:
+            if not entries and index > len(self._text):
+                raise OTError(
+                    f"cursor position {index} is outside a document of {len(self._text)} characters"
+                )
+            for entry in entries:
+                index = ot.transform_index(index, entry.op)
+        except OTError as exc:
+            raise DocumentError("bad_message", str(exc)) from None
+        return index
+
+    # -- saving -------------------------------------------------------------------
+
+    def to_snapshot(self, *, include_log: bool = True) -> dict[str, Any]:
+        """A JSON-ready dict that :meth:`from_snapshot` turns back into this state.
+
+        ``{"format": 1, "doc_id", "rev", "text", "clients": {id: [seq, rev]},
+        "log": [[rev, op, client_id, seq], ...]}``; without the log, ops based
+        on revisions before ``rev`` are refused after a reload.
+        """
+        return {
+            "format": SNAPSHOT_FORMAT,
+            "doc_id": self._doc_id,
+            "rev": self._rev,
+            "text": self._text,
+            "clients": {cid: [seq, rev] for cid, (seq, rev) in self._clients.items()},
+            "log": [[e.rev, list(e.op), e.client_id, e.seq] for e in self._log]
+            if include_log
+            else [],
+        }
+
+    @classmethod
+    def from_snapshot(cls, data: dict[str, Any], **limits: int) -> DocumentState:
+        """Rebuild a state saved by :meth:`to_snapshot`; ``limits`` as for the constructor.
+
+        Missing ``clients`` and ``log`` (older saves) default to empty.  Raises
+        :class:`SnapshotError` for an unknown format or inconsistent data.
+        """
+        if not isinstance(data, dict):
+            raise SnapshotError("a snapshot must be a dict")
+        if data.get("format") != SNAPSHOT_FORMAT:
+            raise SnapshotError(f"unsupported snapshot format {data.get('format')!r}")
+        try:
+            state = cls(data.get("doc_id"), data.get("text"), data.get("rev"), **limits)  # type: ignore[arg-type]
+        except ValueError as exc:
+            raise SnapshotError(str(exc)) from None
+
+        log = data.get("log")
+        if log is None:
+            log = []
+        if not isinstance(log, list):
+            raise SnapshotError("snapshot log must be a list")
+        if len(log) > state._rev:
+            raise SnapshotError("snapshot log is longer than its revision")
+        # Walk back from the text: each op must produce what the next one expects.
+        expected_target = len(state._text)
+        entries: list[LogEntry] = []
+        for raw in reversed(log[len(log) - state.max_log :] if state.max_log else []):
+            rev = state._rev - len(entries)
+            if not isinstance(raw, (list, tuple)) or len(raw) != 4:
+                raise SnapshotError("a snapshot log entry must be [rev, op, client_id, seq]")
+            if type(raw[0]) is not int or raw[0] != rev:
+                raise SnapshotError("snapshot log revisions are not contiguous up to rev")
+            try:
+                _check_client(raw[2], raw[3])
+                op = ot.check(raw[1])
+            except (DocumentError, OTError) as exc:
+                raise SnapshotError(f"bad snapshot log entry for rev {rev}: {exc}") from None
+            base, target = ot.lengths(op)
+            if target != expected_target:
+                raise SnapshotError(f"snapshot log entry for rev {rev} does not fit the text")
+            expected_target = base
+            entries.append(LogEntry(rev, op, raw[2], raw[3]))
+        state._log.extend(reversed(entries))
+
+        clients = data.get("clients")
+        if clients is None:
+            clients = {}
+        if not isinstance(clients, dict):
+            raise SnapshotError("snapshot clients must be a dict")
+        for client_id, pair in clients.items():
+            if (
+                not isinstance(pair, (list, tuple))
+                or len(pair) != 2
+                or not all(type(x) is int for x in pair)
+            ):
+                raise SnapshotError(f"bad snapshot dedupe entry for client {client_id!r}")
+            try:
+                _check_client(client_id, pair[0])
+            except DocumentError as exc:
+                raise SnapshotError(f"bad snapshot dedupe entry: {exc}") from None
+            state._clients[client_id] = (pair[0], pair[1])
+        while len(state._clients) > state.max_clients:
+            state._clients.popitem(last=False)
+        return state
+
+
+def _well_formed(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _check_client(client_id: object, seq: object) -> None:
+    if client_id is not None and (type(client_id) is not str or not client_id):
+        raise DocumentError("bad_message", "client id must be a non-empty string")
+    if seq is not None and (type(seq) is not int or seq < 0):
+        raise DocumentError("bad_message", "seq must be a non-negative integer")

@@ -1,0 +1,94 @@
+"""The SQLite store: group commit, ordering, per-write rollback, migrations."""
+
+import asyncio
+import sqlite3
+
+import pytest
+
+from realtime.storage.sqlite import Schema, SQLiteStore
+
+SCHEMA = Schema("t", ["CREATE TABLE items(id INTEGER PRIMARY KEY, v TEXT UNIQUE)"])
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_burst_costs_few_commits_and_resolves_in_order(tmp_path):
+    async def main():
+        store = SQLiteStore(str(tmp_path / "db"))
+        await store.open([SCHEMA])
+        order = []
+        futs = []
+        for i in range(500):
+            def ins(conn, i=i):
+                conn.execute("INSERT INTO items(v) VALUES (?)", (str(i),))
+                return i
+            f = store.write(ins)
+            f.add_done_callback(lambda f: order.append(f.result()))
+            futs.append(f)
+        await asyncio.gather(*futs)
+        await asyncio.sleep(0)
+        commits = store.commits
+        n = await store.read(lambda c: c.execute("SELECT COUNT(*) FROM items").fetchone()[0])
+        await store.close()
+        return order, commits, n
+
+    order, commits, n = run(main())
+    assert order == list(range(500))
+    assert n == 500
+    assert commits <= 20, commits  # group commit: far fewer commits than writes
+
+
+def test_a_failing_write_rolls_back_alone(tmp_path):
+    async def main():
+        store = SQLiteStore(str(tmp_path / "db"))
+        await store.open([SCHEMA])
+        a = store.write(lambda c: c.execute("INSERT INTO items(v) VALUES ('a')"))
+        def bad(c):
+            c.execute("INSERT INTO items(v) VALUES ('b')")
+            c.execute("INSERT INTO items(v) VALUES ('a')")  # unique violation
+        b = store.write(bad)
+        c_ = store.write(lambda c: c.execute("INSERT INTO items(v) VALUES ('c')"))
+        results = await asyncio.gather(a, b, c_, return_exceptions=True)
+        rows = await store.read(lambda c: [r[0] for r in c.execute("SELECT v FROM items ORDER BY v")])
+        await store.close()
+        return results, rows
+
+    results, rows = run(main())
+    assert isinstance(results[1], sqlite3.IntegrityError)
+    assert rows == ["a", "c"]  # 'b' was rolled back with its write
+
+
+def test_close_flushes_queued_writes(tmp_path):
+    path = str(tmp_path / "db")
+
+    async def write_then_close():
+        store = SQLiteStore(path)
+        await store.open([SCHEMA])
+        for i in range(50):
+            store.write(lambda c, i=i: c.execute("INSERT INTO items(v) VALUES (?)", (str(i),)))
+        await store.close()
+
+    run(write_then_close())
+    conn = sqlite3.connect(path)
+    assert conn.execute("SELECT COUNT(*) FROM items").fetchone()[0] == 50
+
+
+def test_migrations_apply_once_and_refuse_newer_data(tmp_path):
+    path = str(tmp_path / "db")
+    v2 = Schema("t", SCHEMA.migrations + ["ALTER TABLE items ADD COLUMN w TEXT"])
+
+    async def open_with(schema):
+        store = SQLiteStore(path)
+        await store.open([schema])
+        await store.close()
+
+    run(open_with(SCHEMA))
+    run(open_with(v2))
+    run(open_with(v2))  # idempotent
+    conn = sqlite3.connect(path)
+    assert conn.execute("SELECT version FROM schema_versions WHERE component='t'").fetchone()[0] == 2
+    conn.close()
+    with pytest.raises(RuntimeError, match="newer version"):
+        run(open_with(SCHEMA))
