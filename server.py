@@ -11,6 +11,7 @@ runs it; everything else lives in ``handlers/`` (thin Tornado adapters) and
 from __future__ import annotations
 
 import asyncio
+import importlib
 import logging
 import os
 import secrets
@@ -41,6 +42,25 @@ from realtime.limits import ConnectionCounter
 from realtime.protocol import Close
 from realtime.storage.sqlite import SQLiteStore
 
+
+def _load_plugins() -> list[Any]:
+    """``register(ctx) -> routes`` of the apps present in handlers/ besides chat.
+
+    Imported here, at import time, so their ``define()``d options exist before
+    the command line and config file are parsed."""
+    found = []
+    for name in ("handlers.sensors", "handlers.editor"):
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name != name:
+                raise
+            continue
+        found.append(module.register)
+    return found
+
+
+PLUGINS = _load_plugins()
 VERSION = "0.1.0"
 ROOT = os.path.dirname(os.path.abspath(__file__))
 log = logging.getLogger("realtime.server")
@@ -193,8 +213,8 @@ def make_app(cfg: SimpleNamespace | None = None, **overrides: Any) -> RealtimeAp
     )
     extra_routes: list[Any] = []
     # Apps added by later modules register themselves here (sensors, editor).
-    for plugin in _plugins():
-        extra_routes.extend(plugin(ctx))
+    for register in PLUGINS:
+        extra_routes.extend(register(ctx))
     kw = {"ctx": ctx}
     routes: list[Any] = [
         (r"/", pages.IndexPage, kw),
@@ -222,20 +242,6 @@ def make_app(cfg: SimpleNamespace | None = None, **overrides: Any) -> RealtimeAp
     )
     app.ctx = ctx
     return app
-
-
-def _plugins() -> list[Any]:
-    """``register(ctx) -> routes`` of the optional apps present in handlers/."""
-    found = []
-    for name in ("handlers.sensors", "handlers.editor"):
-        try:
-            module = __import__(name, fromlist=["register"])
-        except ModuleNotFoundError as e:
-            if e.name != name:
-                raise
-            continue
-        found.append(module.register)
-    return found
 
 
 def parse_options(argv: list[str] | None = None) -> None:

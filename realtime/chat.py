@@ -161,13 +161,17 @@ class Presence:
         self._rooms: dict[str, dict[str, list[Any]]] = {}
 
     def add(self, room: str, user: Identity) -> bool:
-        """Count one more connection; True if the user was not there before."""
+        """Count one more connection; True if the user was not there before (or
+        is there under another name: a rename is announced as a join)."""
         members = self._rooms.setdefault(room, {})
         entry = members.get(user.id)
         if entry is None:
             members[user.id] = [user.name, 1]
             return True
         entry[1] += 1
+        if entry[0] != user.name:  # renamed in another tab: announce the new name
+            entry[0] = user.name
+            return True
         return False
 
     def remove(self, room: str, user: Identity) -> bool:
@@ -215,7 +219,9 @@ class PresenceBatch:
         self.left: dict[str, dict[str, str]] = {}
 
     def join(self, user: dict[str, str]) -> None:
-        if self.left.pop(user["id"], None) is None:
+        prev = self.left.pop(user["id"], None)
+        if prev is None or prev["name"] != user["name"]:
+            # A leave and rejoin under a new name (a rename) is a change.
             self.joined[user["id"]] = user
 
     def leave(self, user: dict[str, str]) -> None:
@@ -454,7 +460,7 @@ class ChatService:
         batches, self._batches = self._batches, {}
         for room, batch in batches.items():
             msg = batch.message(room, self.presence.count(room),
-                                lambda: self.presence.members(room, self.members_max),
+                                lambda room=room: self.presence.members(room, self.members_max),
                                 self.presence_diff_max)
             if msg is not None:
                 self.hub.publish(self.topic(room), msg)

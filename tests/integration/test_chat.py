@@ -217,7 +217,7 @@ async def test_rate_limit_then_flood_close(connect, app_options):
         ann.send({"type": "ping", "ref": i})
     kinds = [(await ann.recv())["type"] for _ in range(8)]
     assert kinds.count("pong") in (4, 5, 6) and "error" in kinds  # 5 (join used one) then rate_limited
-    for i in range(30):
+    for _ in range(30):
         ann.send({"type": "ping"})
     assert await ann.closed() == 1008
 

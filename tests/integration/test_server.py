@@ -183,3 +183,27 @@ async def test_rejoin_after_leave_resumes(connect):
     await ann.expect("left", skip=("presence", "message"))
     r = await joined(ann, since=1, epoch=ann.joined["epoch"])
     assert r["recovered"] and r["messages"] == []
+
+
+@pytest.mark.gen_test
+@pytest.mark.parametrize("app_options", [{"fast_path": True}, {"fast_path": False}])
+async def test_external_client_reads_the_same_messages_either_path(http_server, http_port, app_options):
+    """A `websockets` client (not Tornado) reads fast-path frames exactly as
+    write_message frames: same messages, same order (byte identity: tests/unit/test_fast_path.py)."""
+    import websockets
+
+    url = "ws://127.0.0.1:%d/ws/chat?name=ext" % http_port
+    async with websockets.connect(url) as ws:
+        json.loads(await ws.recv())
+        await ws.send(json.dumps({"type": "join", "room": "lobby"}))
+        texts = ["plain", "ünïcødé 😀", "x" * 5000, "<b>&amp;</b>", "y" * 70000]
+        got = []
+        for i, text in enumerate(texts):
+            if len(text) > 2000:
+                text = text[:2000]
+            await ws.send(json.dumps({"type": "say", "room": "lobby", "text": text, "cid": str(i)}))
+        while len(got) < len(texts):
+            msg = json.loads(await asyncio.wait_for(ws.recv(), 3))
+            if msg["type"] == "message":
+                got.append(msg["text"])
+        assert got == [t[:2000] for t in texts]

@@ -147,3 +147,15 @@ def test_check_text_keeps_newlines_and_emoji():
 ])
 def test_room_names(name, ok):
     assert valid_room(name) is ok
+
+
+def test_rename_within_the_window_is_announced():
+    batch = PresenceBatch()
+    batch.leave({"id": "a", "name": "old"})
+    batch.join({"id": "a", "name": "new"})
+    msg = batch.message("r", 1, list, 50)
+    assert msg["event"] == "join" and msg["user"] == {"id": "a", "name": "new"}
+    p = Presence()
+    assert p.add("r", Identity("a", "old")) is True
+    assert p.add("r", Identity("a", "new")) is True  # second tab under a new name
+    assert p.members("r", 10) == [{"id": "a", "name": "new"}]

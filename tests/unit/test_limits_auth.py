@@ -3,7 +3,7 @@ import time
 import jwt
 import pytest
 
-from realtime.auth import AuthError, Authenticator, clean_name
+from realtime.auth import Authenticator, AuthError, clean_name
 from realtime.limits import ConnectionCounter, FloodGuard, TokenBucket
 
 

@@ -1,0 +1,113 @@
+"""Durability: a message acknowledged before a SIGKILL is there after restart."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import websockets
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(port: int, data_dir: str) -> subprocess.Popen:
+    proc = subprocess.Popen(
+        [sys.executable, "server.py", "--port=%d" % port, "--address=127.0.0.1",
+         "--data_dir=%s" % data_dir, "--logging=warning", "--rate_limit=0"],
+        cwd=ROOT,
+    )
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return proc
+        except OSError:
+            if proc.poll() is not None:
+                raise RuntimeError("server exited with %s" % proc.returncode)
+            time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError("server did not start")
+
+
+async def talk(port: int, n: int) -> list[int]:
+    url = "ws://127.0.0.1:%d/ws/chat?name=durable" % port
+    async with websockets.connect(url) as ws:
+        json.loads(await ws.recv())  # welcome
+        await ws.send(json.dumps({"type": "join", "room": "vault"}))
+        for i in range(n):
+            await ws.send(json.dumps({"type": "say", "room": "vault", "text": "m%d" % i, "cid": "c%d" % i}))
+        acked = []
+        while len(acked) < n:
+            msg = json.loads(await asyncio.wait_for(ws.recv(), 5))
+            if msg["type"] == "ack":
+                acked.append(msg["seq"])
+        return acked
+
+
+async def history(port: int) -> dict:
+    url = "ws://127.0.0.1:%d/ws/chat?name=reader" % port
+    async with websockets.connect(url) as ws:
+        json.loads(await ws.recv())
+        await ws.send(json.dumps({"type": "join", "room": "vault"}))
+        while True:
+            msg = json.loads(await asyncio.wait_for(ws.recv(), 5))
+            if msg["type"] == "joined":
+                return msg
+
+
+@pytest.mark.slow
+def test_acked_messages_survive_sigkill(tmp_path):
+    port = free_port()
+    data = str(tmp_path / "data")
+    proc = start_server(port, data)
+    try:
+        acked = asyncio.run(talk(port, 40))
+        # Kill the instant the last ack is in: no graceful shutdown, no flush.
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(5)
+        assert acked == list(range(1, 41))
+        proc = start_server(port, data)
+        joined = asyncio.run(history(port))
+        assert [m["seq"] for m in joined["messages"]] == list(range(1, 41))
+        assert [m["text"] for m in joined["messages"]][-1] == "m39"
+        # The epoch is unchanged, so a client can resume across the restart.
+        assert joined["seq"] == 40
+    finally:
+        proc.kill()
+        proc.wait(5)
+
+
+@pytest.mark.slow
+def test_sigterm_closes_with_1001_and_exits_cleanly(tmp_path):
+    port = free_port()
+    proc = start_server(port, str(tmp_path / "data"))
+
+    async def wait_close():
+        url = "ws://127.0.0.1:%d/ws/chat" % port
+        async with websockets.connect(url) as ws:
+            await ws.recv()
+            proc.send_signal(signal.SIGTERM)
+            with pytest.raises(websockets.ConnectionClosed) as e:
+                while True:
+                    await asyncio.wait_for(ws.recv(), 5)
+            return e.value.rcvd.code if e.value.rcvd else None
+
+    try:
+        assert asyncio.run(wait_close()) == 1001
+        assert proc.wait(10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
