@@ -27,6 +27,7 @@ import logging
 from typing import Any, Awaitable, Callable
 
 import tornado
+import tornado.httputil
 import tornado.web
 import tornado.websocket
 from tornado.iostream import StreamClosedError
@@ -51,6 +52,8 @@ log = logging.getLogger("realtime.socket")
 # is stable across these versions.
 _FAST_PATH_TORNADO = tornado.version_info[:2] in {(6, 3), (6, 4), (6, 5), (6, 6)}
 SESSION_COOKIE = "rt_session"
+_NO_HEADERS = tornado.httputil.HTTPHeaders()
+_NO_ARGS: dict[str, list[bytes]] = {}
 
 
 class Flusher:
@@ -78,8 +81,35 @@ class Flusher:
                 conn._flush()
             except Exception:
                 log.exception("flush failed")
-                conn._outq.clear()
-                conn._outq_bytes = 0
+                conn.rt.outq = None
+                conn.rt.outq_bytes = 0
+
+
+class ConnState:
+    """Everything the base keeps per connection, in slots."""
+
+    __slots__ = ("ctx", "user", "ip", "conn_id", "flood", "ip_counted", "opened", "closing", "fast",
+                 "inflight", "inflight_done", "tasks", "outq", "outq_bytes")
+
+    def __init__(self, ctx: Context, flood: FloodGuard) -> None:
+        self.ctx = ctx
+        self.flood = flood
+        self.user: Identity | None = None
+        self.ip = "?"
+        self.conn_id = 0
+        self.ip_counted = False
+        self.opened = False
+        self.closing = False
+        self.fast = False
+        self.inflight = 0
+        self.inflight_done: asyncio.Event | None = None
+        self.tasks: set[asyncio.Task[Any]] | None = None
+        self.outq: list[bytes] | None = None  # frames waiting for this iteration's flush
+        self.outq_bytes = 0
+
+
+def _state(name: str) -> Any:
+    return property(lambda self: getattr(self.rt, name), lambda self, v: setattr(self.rt, name, v))
 
 
 class BaseSocketHandler(tornado.websocket.WebSocketHandler):
@@ -91,20 +121,29 @@ class BaseSocketHandler(tornado.websocket.WebSocketHandler):
     # The sensor socket overrides ``on_backlog`` to conflate instead.
 
     def initialize(self, ctx: Context) -> None:
-        self.ctx = ctx
-        self.cfg = ctx.cfg
-        self.user: Identity | None = None
-        self.conn_id = 0
-        self._ip_counted = False
-        self._opened = False
-        self._closing = False
-        self._outq: list[bytes] = []
-        self._outq_bytes = 0
-        self._fast = False
-        self._inflight = 0
-        self._inflight_done: asyncio.Event | None = None
-        self._tasks: set[asyncio.Task[Any]] = set()
-        self.flood = FloodGuard(self.cfg.rate_limit, self.cfg.rate_burst, self.cfg.flood_strikes)
+        cfg = ctx.cfg
+        self.rt = ConnState(ctx, FloodGuard(cfg.rate_limit, cfg.rate_burst, cfg.flood_strikes))
+
+    # Our per-connection state lives in one slotted ConnState (``self.rt``);
+    # these properties keep the handler API plain.  Tornado already sets 27
+    # attributes on a handler; staying under CPython's 30 shared keys keeps the
+    # instance dict compact (memory per idle connection is a target).
+    ctx = _state("ctx")
+    user = _state("user")
+    ip = _state("ip")
+    conn_id = _state("conn_id")
+    flood = _state("flood")
+    _ip_counted = _state("ip_counted")
+    _opened = _state("opened")
+    _closing = _state("closing")
+    _fast = _state("fast")
+    _inflight = _state("inflight")
+    _inflight_done = _state("inflight_done")
+    _tasks = _state("tasks")
+
+    @property
+    def cfg(self) -> Any:
+        return self.rt.ctx.cfg
 
     # -- handshake -------------------------------------------------------
 
@@ -128,7 +167,11 @@ class BaseSocketHandler(tornado.websocket.WebSocketHandler):
         self.set_header("Content-Type", "application/json")
         self.finish({"error": message, "status": status})
 
-    async def get(self, *args: Any, **kwargs: Any) -> None:
+    def prepare(self) -> None:
+        """Identity and per-address limits, before the upgrade.
+
+        Done here rather than in an overridden ``get`` so that no extra
+        coroutine frame stays alive for the life of every connection."""
         if self.ctx.shutting_down:
             self._refuse(503, "server is shutting down")
             return
@@ -144,18 +187,18 @@ class BaseSocketHandler(tornado.websocket.WebSocketHandler):
         except AuthError as e:
             self._refuse(e.status, e.message)
             return
-        ip = self.request.remote_ip or "?"
+        ip = self.ip = self.request.remote_ip or "?"
         if not self.ctx.conn_limit.acquire(ip):
             self._refuse(429, "too many connections from this address")
             return
         self._ip_counted = True
-        try:
-            await super().get(*args, **kwargs)
-        finally:
-            if self.ws_connection is None and self._ip_counted:
-                # The upgrade did not happen (bad origin, not a WebSocket request).
-                self._ip_counted = False
-                self.ctx.conn_limit.release(ip)
+
+    def on_finish(self) -> None:
+        # The HTTP exchange ended without an upgrade (bad origin, not a
+        # WebSocket request): give the address's slot back.
+        if self.get_status() != 101 and self._ip_counted:
+            self._ip_counted = False
+            self.ctx.conn_limit.release(self.ip)
 
     # -- lifecycle -------------------------------------------------------
 
@@ -173,7 +216,16 @@ class BaseSocketHandler(tornado.websocket.WebSocketHandler):
             and hasattr(ws, "stream")
         )
         self.set_nodelay(True)
+        self._shed_handshake_state()
         return self._guard(self.opened, *args)
+
+    def _shed_handshake_state(self) -> None:
+        """Drop what only the handshake needed (request and response headers,
+        parsed query and cookies); about 2 KiB per connection, kept for hours."""
+        req = self.request
+        req.headers = _NO_HEADERS
+        req.query_arguments = req.arguments = req.body_arguments = _NO_ARGS
+        self._headers = _NO_HEADERS
 
     def opened(self, *args: str) -> Awaitable[None] | None:
         """Called once the connection is up; send the welcome here."""
@@ -181,13 +233,13 @@ class BaseSocketHandler(tornado.websocket.WebSocketHandler):
 
     def on_close(self) -> None:
         self._closing = True
-        self._outq.clear()
+        self.rt.outq = None
         self.ctx.connections.discard(self)
         if self._ip_counted:
             self._ip_counted = False
-            self.ctx.conn_limit.release(self.request.remote_ip or "?")
+            self.ctx.conn_limit.release(self.ip)
         self.ctx.stats.closed(self.close_code or 1006)
-        for task in list(self._tasks):
+        for task in list(self._tasks or ()):
             task.cancel()
         if self._opened:
             try:
@@ -202,7 +254,7 @@ class BaseSocketHandler(tornado.websocket.WebSocketHandler):
         if self._closing:
             return
         self._closing = True
-        self._outq.clear()
+        self.rt.outq = None
         super().close(code, close_reason(reason) if reason else None)
 
     def session_token(self) -> str:
@@ -250,6 +302,8 @@ class BaseSocketHandler(tornado.websocket.WebSocketHandler):
         if not inspect.isawaitable(result):
             return None
         task = asyncio.ensure_future(self._finish(result, ref))
+        if self._tasks is None:
+            self._tasks = set()
         self._tasks.add(task)
         self._inflight += 1
         task.add_done_callback(self._task_done)
@@ -259,7 +313,8 @@ class BaseSocketHandler(tornado.websocket.WebSocketHandler):
         return None
 
     def _task_done(self, task: "asyncio.Task[Any]") -> None:
-        self._tasks.discard(task)
+        if self._tasks is not None:
+            self._tasks.discard(task)
         self._inflight -= 1
         if self._inflight_done is not None and self._inflight < self.cfg.max_inflight:
             self._inflight_done.set()
@@ -297,9 +352,8 @@ class BaseSocketHandler(tornado.websocket.WebSocketHandler):
 
     def buffered_bytes(self) -> int:
         """Bytes queued for this client and not yet taken by the kernel."""
-        ws = self.ws_connection
-        stream = getattr(ws, "stream", None)
-        pending = self._outq_bytes
+        stream = getattr(self.ws_connection, "stream", None)
+        pending = self.rt.outq_bytes
         if stream is not None:
             pending += stream._total_write_index - stream._total_write_done_index
         return pending
@@ -310,18 +364,24 @@ class BaseSocketHandler(tornado.websocket.WebSocketHandler):
         Past ``max_write_buffer`` unflushed bytes the connection is a slow
         consumer: see :meth:`on_backlog`.
         """
-        if self._closing or self.ws_connection is None:
+        rt = self.rt
+        if rt.closing or self.ws_connection is None:
             return
-        if self.buffered_bytes() > self.cfg.max_write_buffer:
+        if self.buffered_bytes() > rt.ctx.cfg.max_write_buffer:
             self.on_backlog(out)
             return
         self._enqueue(out)
 
     def _enqueue(self, out: Outgoing) -> None:
-        if not self._outq:
-            self.ctx.flusher.mark(self)
-        self._outq.append(out.frame if self._fast else out.data)
-        self._outq_bytes += len(out.data)
+        """Queue ``out`` for this iteration's flush, with no backlog check."""
+        rt = self.rt
+        data = out.frame if rt.fast else out.data
+        if rt.outq is None:
+            rt.outq = [data]
+            rt.ctx.flusher.mark(self)
+        else:
+            rt.outq.append(data)
+        rt.outq_bytes += len(data)
 
     def on_backlog(self, out: Outgoing) -> None:
         """The client is not reading: close with 1013 (it reconnects and resumes).
@@ -336,18 +396,21 @@ class BaseSocketHandler(tornado.websocket.WebSocketHandler):
             asyncio.get_running_loop().call_later(1.0, stream.close)
 
     def _flush(self) -> None:
-        q, self._outq = self._outq, []
-        n = self._outq_bytes
-        self._outq_bytes = 0
-        if not q or self._closing:
+        rt = self.rt
+        q = rt.outq
+        n = rt.outq_bytes
+        rt.outq = None
+        rt.outq_bytes = 0
+        if not q or rt.closing:
             return
         ws = self.ws_connection
         if ws is None or ws.is_closing():
             return
-        self.ctx.stats.messages_out += len(q)
-        self.ctx.stats.bytes_out += n
+        stats = rt.ctx.stats
+        stats.messages_out += len(q)
+        stats.bytes_out += n
         try:
-            if self._fast:
+            if rt.fast:
                 ws.stream.write(q[0] if len(q) == 1 else b"".join(q))  # type: ignore[attr-defined]
             else:
                 for data in q:

@@ -13,11 +13,15 @@ from realtime.protocol import ProtocolError, get_int, get_str
 class ChatSocketHandler(BaseSocketHandler):
     app_name = "chat"
 
+    _typing_at: dict[str, float] | None = None
+
     def initialize(self, ctx: Any) -> None:  # type: ignore[override]
         super().initialize(ctx)
-        self.chat: ChatService = ctx.chat
         self.rooms: dict[str, RoomSubscription] = {}
-        self._typing_at: dict[str, float] = {}
+
+    @property
+    def chat(self) -> ChatService:
+        return self.rt.ctx.chat
 
     def opened(self) -> None:
         assert self.user is not None
@@ -62,7 +66,8 @@ class ChatSocketHandler(BaseSocketHandler):
     def msg_leave(self, msg: dict[str, Any]) -> None:
         room = self._room(msg)
         self.chat.leave(self, self.rooms, room)
-        self._typing_at.pop(room, None)
+        if self._typing_at:
+            self._typing_at.pop(room, None)
         self.send({"type": "left", "room": room})
 
     async def msg_say(self, msg: dict[str, Any]) -> None:
@@ -76,6 +81,8 @@ class ChatSocketHandler(BaseSocketHandler):
         assert self.user is not None
         room = self._room(msg)
         now = time.monotonic()
+        if self._typing_at is None:
+            self._typing_at = {}
         if now - self._typing_at.get(room, -1e9) < self.chat.typing_interval:
             return
         self._typing_at[room] = now
