@@ -89,7 +89,7 @@ class ConnState:
     """Everything the base keeps per connection, in slots."""
 
     __slots__ = ("ctx", "user", "ip", "conn_id", "flood", "ip_counted", "opened", "closing", "fast",
-                 "inflight", "inflight_done", "tasks", "outq", "outq_bytes")
+                 "inflight", "inflight_done", "tasks", "outq", "outq_bytes", "wfut", "waiting")
 
     def __init__(self, ctx: Context, flood: FloodGuard) -> None:
         self.ctx = ctx
@@ -106,6 +106,8 @@ class ConnState:
         self.tasks: set[asyncio.Task[Any]] | None = None
         self.outq: list[bytes] | None = None  # frames waiting for this iteration's flush
         self.outq_bytes = 0
+        self.wfut: Any = None  # the last stream write, done when the kernel took it all
+        self.waiting = False  # a flush is parked until wfut is done
 
 
 def _state(name: str) -> Any:
@@ -406,17 +408,32 @@ class BaseSocketHandler(tornado.websocket.WebSocketHandler):
         ws = self.ws_connection
         if ws is None or ws.is_closing():
             return
+        if rt.fast and rt.wfut is not None and not rt.wfut.done():
+            # The kernel has not taken the previous write: park these frames
+            # (they still count toward max_write_buffer) until it has, rather
+            # than pay a failing send() per message for a client that stalls.
+            rt.outq = q
+            rt.outq_bytes = n
+            if not rt.waiting:
+                rt.waiting = True
+                rt.wfut.add_done_callback(self._drained)
+            return
         stats = rt.ctx.stats
         stats.messages_out += len(q)
         stats.bytes_out += n
         try:
             if rt.fast:
-                ws.stream.write(q[0] if len(q) == 1 else b"".join(q))  # type: ignore[attr-defined]
+                rt.wfut = ws.stream.write(q[0] if len(q) == 1 else b"".join(q))  # type: ignore[attr-defined]
             else:
                 for data in q:
                     ws.write_message(data)
         except (StreamClosedError, tornado.websocket.WebSocketClosedError):
             pass
+
+    def _drained(self, _fut: Any) -> None:
+        self.rt.waiting = False
+        if self.rt.outq and not self.rt.closing:
+            self._flush()
 
 
 class JSONHandler(tornado.web.RequestHandler):
