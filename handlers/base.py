@@ -278,16 +278,16 @@ class BaseSocketHandler(tornado.websocket.WebSocketHandler):
             if verdict == "flood":
                 self.close(Close.POLICY, "too many messages; slow down")
             else:
-                self.send_error("rate_limited", "too many messages; slow down")
+                self.reply_error("rate_limited", "too many messages; slow down")
             return None
         try:
             msg = decode(message)
         except ProtocolError as e:
-            self.send_error(e.code, e.message)
+            self.reply_error(e.code, e.message)
             return None
         handler: Callable[[dict[str, Any]], Any] | None = getattr(self, "msg_" + msg["type"], None)
         if handler is None:
-            self.send_error("unknown_type", "unknown message type %r" % msg["type"][:40], msg.get("ref"))
+            self.reply_error("unknown_type", "unknown message type %r" % msg["type"][:40], msg.get("ref"))
             return None
         return self._guard(handler, msg)
 
@@ -332,14 +332,14 @@ class BaseSocketHandler(tornado.websocket.WebSocketHandler):
 
     def _fault(self, e: Exception, ref: Any) -> None:
         if isinstance(e, ProtocolError):
-            self.send_error(e.code, e.message, ref)
+            self.reply_error(e.code, e.message, ref)
             if e.close:
                 self.close(e.close, e.message)
             return
         if isinstance(e, (tornado.websocket.WebSocketClosedError, StreamClosedError)):
             return
         log.exception("%s handler failed", self.app_name)
-        self.send_error("unavailable", "internal server error", ref)
+        self.reply_error("unavailable", "internal server error", ref)
         self.close(Close.SERVER_ERROR, "internal server error")
 
     # -- outgoing --------------------------------------------------------
@@ -348,7 +348,8 @@ class BaseSocketHandler(tornado.websocket.WebSocketHandler):
         """Encode and queue one message to this connection."""
         self.deliver(Outgoing(obj))
 
-    def send_error(self, code: str, message: str, ref: Any = None) -> None:
+    def reply_error(self, code: str, message: str, ref: Any = None) -> None:
+        """Send an ``error`` message (not ``send_error``: that is Tornado's HTTP error page)."""
         self.ctx.stats.error(code)
         self.send(error_message(code, message, ref))
 
@@ -423,7 +424,7 @@ class BaseSocketHandler(tornado.websocket.WebSocketHandler):
         stats.bytes_out += n
         try:
             if rt.fast:
-                rt.wfut = ws.stream.write(q[0] if len(q) == 1 else b"".join(q))  # type: ignore[attr-defined]
+                rt.wfut = ws.stream.write(q[0] if len(q) == 1 else b"".join(q))  # type: ignore[union-attr]
             else:
                 for data in q:
                     ws.write_message(data)

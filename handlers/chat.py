@@ -23,7 +23,7 @@ class ChatSocketHandler(BaseSocketHandler):
     def chat(self) -> ChatService:
         return self.rt.ctx.chat
 
-    def opened(self) -> None:
+    def opened(self, *args: str) -> None:
         assert self.user is not None
         self.send({
             "type": "welcome",

@@ -20,6 +20,7 @@ Contracts:
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import re
 import secrets
@@ -190,7 +191,7 @@ class Presence:
 
     def members(self, room: str, limit: int) -> list[dict[str, str]]:
         members = self._rooms.get(room, {})
-        out = []
+        out: list[dict[str, str]] = []
         for uid, (name, _) in members.items():
             if len(out) >= limit:
                 break
@@ -460,7 +461,7 @@ class ChatService:
         batches, self._batches = self._batches, {}
         for room, batch in batches.items():
             msg = batch.message(room, self.presence.count(room),
-                                lambda room=room: self.presence.members(room, self.members_max),
+                                functools.partial(self.presence.members, room, self.members_max),
                                 self.presence_diff_max)
             if msg is not None:
                 self.hub.publish(self.topic(room), msg)

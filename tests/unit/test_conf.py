@@ -27,6 +27,8 @@ def conf_values(path):
 def all_conf_names():
     names = set()
     for path in glob.glob(os.path.join(ROOT, "conf", "*.conf*")):
+        if os.path.basename(path).startswith("nginx"):
+            continue
         names |= set(conf_values(path))
     return names
 
