@@ -73,7 +73,7 @@ define("config", default="", type=str, help="path to a config file (tornado.opti
 define("data_dir", default="./data", type=str, help="where the SQLite database and the cookie secret live")
 define("debug", default=False, type=bool, help="Tornado debug mode (autoreload, tracebacks in pages); never in production")
 define("cookie_secret", default="", type=str, help="secret for signed sessions; default: generated once into data_dir/secret")
-define("backplane", default="memory", type=str, help="fan-out between processes: 'memory' (one process) or redis://host:port/db")
+define("backplane", default="memory", type=str, help="fan-out between processes: 'memory' (one process; the only one in this version)")
 define("xheaders", default=False, type=bool, help="trust X-Real-Ip / X-Forwarded-For (only behind a proxy you run)")
 define("certfile", default="", type=str, help="TLS certificate (PEM) for https:// and wss://")
 define("keyfile", default="", type=str, help="TLS private key (PEM)")
@@ -282,7 +282,12 @@ async def serve() -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parse_options(argv)
-    asyncio.run(serve())
+    try:
+        asyncio.run(serve())
+    except (ValueError, OSError) as e:
+        # A bad option value or a port in use: say so in one line, no traceback.
+        logging.getLogger("realtime.server").error("cannot start: %s", e)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,9 @@ def make_backplane(url: str) -> Backplane:
 
         return MemoryBackplane()
     if url.startswith(("redis://", "rediss://", "unix://")):
-        from realtime.backplane.redis import RedisBackplane  # type: ignore[import-not-found]
-
+        try:
+            from realtime.backplane.redis import RedisBackplane  # type: ignore[import-not-found]
+        except ModuleNotFoundError:
+            raise ValueError("the Redis backplane is not part of this version yet; use 'memory'")
         return RedisBackplane(url)
     raise ValueError("unknown backplane %r: use 'memory' or redis://host:port/db" % url)
