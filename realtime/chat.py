@@ -498,10 +498,13 @@ class ChatService:
             return seq, ts, False
 
         try:
-            fut = self.store.write(append)
+            seq, stored_ts, duplicate = await self.store.write(append)
         except StoreBusy:
             raise ProtocolError("unavailable", "the server is overloaded; retry shortly")
-        seq, stored_ts, duplicate = await fut
+        except sqlite3.Error as e:
+            # Disk full, I/O error: nothing was stored; the client may retry with its cid.
+            log.error("storing a message in %s failed: %s", name, e)
+            raise ProtocolError("unavailable", "the message could not be stored; retry shortly")
         ack: dict[str, Any] = {"type": "ack", "room": name, "seq": seq}
         if cid is not None:
             ack["cid"] = cid

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
 
 import pytest
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError
@@ -313,3 +314,27 @@ async def test_shutdown_closes_sockets_with_1001(connect, app):
     ann = await user(connect, "ann")
     await app.shutdown(1.0)
     assert await ann.closed() == 1001
+
+
+@pytest.mark.gen_test
+async def test_a_storage_failure_is_an_error_not_a_lost_ack(connect, app):
+    """If the commit fails, the sender hears `unavailable` (and may retry with its
+    cid); nothing is broadcast, and the connection stays open."""
+    ann = await user(connect, "ann")
+    bob = await user(connect, "bob")
+    store = app.ctx.store
+    real_write = store.write
+
+    def failing_write(fn):
+        def boom(conn):
+            raise sqlite3.OperationalError("disk I/O error")
+        return real_write(boom)
+
+    store.write = failing_write
+    ann.send({"type": "say", "room": "lobby", "text": "lost?", "cid": "x1", "ref": 3})
+    err = await ann.expect("error", skip=("presence",))
+    assert err["code"] == "unavailable" and err["ref"] == 3
+    await bob.nothing("message", wait=0.2)
+    store.write = real_write
+    ann.send({"type": "say", "room": "lobby", "text": "lost?", "cid": "x1"})
+    assert (await ann.expect("ack", skip=("presence", "message")))["seq"] == 1
