@@ -12,6 +12,7 @@ recipient instead of re-encoding per connection.
 from __future__ import annotations
 
 import math
+import re
 import struct
 from typing import Any, Iterable
 
@@ -266,9 +267,13 @@ def get_str_list(msg: dict[str, Any], key: str, *, max_items: int, max_len: int 
 
 
 # Control characters other than tab and newline are refused in user text.
-_CONTROL = {c for c in range(0x20) if c not in (0x09, 0x0A)} | {0x7F}
+_CONTROL_RE = re.compile("[\x00-\x08\x0b-\x1f\x7f]")
 
 
-def has_control_chars(text: str, allowed: Iterable[int] = ()) -> bool:
-    bad = _CONTROL.difference(allowed)
-    return any(ord(ch) in bad for ch in text if ord(ch) < 0x20 or ord(ch) == 0x7F)
+def has_control_chars(text: str, allowed: Iterable[int] | None = None) -> bool:
+    """True if ``text`` has a C0 control character or DEL, other than the
+    code points in ``allowed`` (default: tab and newline)."""
+    if allowed is None:
+        return _CONTROL_RE.search(text) is not None
+    ok = set(allowed)
+    return any((ord(ch) < 0x20 or ord(ch) == 0x7F) and ord(ch) not in ok for ch in text)
