@@ -97,6 +97,7 @@ define("websocket_compression", default=False, type=bool, help="offer permessage
 define("fast_path", default=True, type=bool, help="write pre-built frames to streams (falls back to write_message when off)")
 # Storage
 define("sqlite_synchronous", default="FULL", type=str, help="SQLite synchronous pragma: FULL (fsync every commit) or NORMAL")
+define("commit_delay", default=0.0, type=float, help="seconds the writer waits after a write so that more share its commit (0 = commit at once)")
 # Chat
 define("history_size", default=50, type=int, help="messages a joining client gets without 'since'")
 define("history_keep", default=1000, type=int, help="messages kept per room for resume and the HTTP API")
@@ -200,7 +201,8 @@ def make_app(cfg: SimpleNamespace | None = None, **overrides: Any) -> RealtimeAp
     elif overrides:
         cfg = SimpleNamespace(**{**vars(cfg), **overrides})
     os.makedirs(cfg.data_dir, exist_ok=True)
-    store = SQLiteStore(os.path.join(cfg.data_dir, "realtime.sqlite3"), synchronous=cfg.sqlite_synchronous)
+    store = SQLiteStore(os.path.join(cfg.data_dir, "realtime.sqlite3"), synchronous=cfg.sqlite_synchronous,
+                        commit_delay=cfg.commit_delay)
     hub = Hub(make_backplane(cfg.backplane))
     auth = Authenticator(_cookie_secret(cfg), mode=cfg.auth, jwt_secret=cfg.jwt_secret)
     ctx = Context(cfg=cfg, hub=hub, store=store, auth=auth,

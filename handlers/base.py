@@ -28,6 +28,7 @@ from typing import Any, Awaitable, Callable
 
 import tornado
 import tornado.httputil
+import tornado.iostream
 import tornado.web
 import tornado.websocket
 from tornado.iostream import StreamClosedError
@@ -89,7 +90,7 @@ class ConnState:
     """Everything the base keeps per connection, in slots."""
 
     __slots__ = ("ctx", "user", "ip", "conn_id", "flood", "ip_counted", "opened", "closing", "fast",
-                 "inflight", "inflight_done", "tasks", "outq", "outq_bytes", "wfut", "waiting")
+                 "inflight", "inflight_done", "tasks", "outq", "outq_bytes", "wfut", "waiting", "cap", "sock")
 
     def __init__(self, ctx: Context, flood: FloodGuard) -> None:
         self.ctx = ctx
@@ -108,6 +109,8 @@ class ConnState:
         self.outq_bytes = 0
         self.wfut: Any = None  # the last stream write, done when the kernel took it all
         self.waiting = False  # a flush is parked until wfut is done
+        self.cap: int = ctx.cfg.max_write_buffer
+        self.sock: Any = None  # the raw socket, for the fast path's direct send
 
 
 def _state(name: str) -> Any:
@@ -217,6 +220,10 @@ class BaseSocketHandler(tornado.websocket.WebSocketHandler):
             and getattr(ws, "_compressor", None) is None
             and hasattr(ws, "stream")
         )
+        if self._fast and type(ws.stream) is tornado.iostream.IOStream:  # type: ignore[union-attr]
+            # Plain TCP (not TLS): frames may go straight to the socket while
+            # the stream has nothing queued.
+            self.rt.sock = ws.stream.socket  # type: ignore[union-attr]
         self.set_nodelay(True)
         self._shed_handshake_state()
         return self._guard(self.opened, *args)
@@ -255,6 +262,8 @@ class BaseSocketHandler(tornado.websocket.WebSocketHandler):
     def close(self, code: int | None = None, reason: str | None = None) -> None:
         if self._closing:
             return
+        if self.rt.outq:
+            self._flush()  # an error queued just before the close still goes first
         self._closing = True
         self.rt.outq = None
         super().close(code, close_reason(reason) if reason else None)
@@ -368,9 +377,12 @@ class BaseSocketHandler(tornado.websocket.WebSocketHandler):
         consumer: see :meth:`on_backlog`.
         """
         rt = self.rt
-        if rt.closing or self.ws_connection is None:
+        ws = self.ws_connection
+        if rt.closing or ws is None:
             return
-        if self.buffered_bytes() > rt.ctx.cfg.max_write_buffer:
+        # buffered_bytes(), inlined: this runs once per recipient per message.
+        stream = ws.stream  # type: ignore[attr-defined]
+        if rt.outq_bytes + stream._total_write_index - stream._total_write_done_index > rt.cap:
             self.on_backlog(out)
             return
         self._enqueue(out)
@@ -424,7 +436,24 @@ class BaseSocketHandler(tornado.websocket.WebSocketHandler):
         stats.bytes_out += n
         try:
             if rt.fast:
-                rt.wfut = ws.stream.write(q[0] if len(q) == 1 else b"".join(q))  # type: ignore[union-attr]
+                data = q[0] if len(q) == 1 else b"".join(q)
+                stream = ws.stream  # type: ignore[attr-defined]
+                sock = rt.sock
+                if sock is not None and not stream._write_buffer and not stream.closed():
+                    # Nothing queued in the stream: hand the bytes to the kernel
+                    # ourselves (what IOStream.write would do, minus its future
+                    # and buffer bookkeeping); only a remainder goes through it.
+                    try:
+                        sent = sock.send(data)
+                    except (BlockingIOError, InterruptedError):
+                        sent = 0
+                    except OSError:
+                        sent = 0  # let the stream see the error and close itself
+                    if sent == len(data):
+                        rt.wfut = None
+                        return
+                    data = data[sent:]
+                rt.wfut = stream.write(data)
             else:
                 for data in q:
                     ws.write_message(data)

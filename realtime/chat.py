@@ -281,9 +281,8 @@ class RoomSubscription:
         if self.buffering:
             self.buffer.append(out)
             return
-        obj = out.obj
-        if obj is not None and obj.get("type") == "message":
-            seq = obj["seq"]
+        seq = out.seq
+        if seq is not None:
             if seq <= self.last_sent:
                 return
             self.last_sent = seq
@@ -520,7 +519,7 @@ class ChatService:
             msg["cid"] = cid
         state = self._rooms.get(name, room)
         state.committed(msg, self.history_keep)
-        self.hub.publish(self.topic(name), msg)
+        self.hub.publish(self.topic(name), Outgoing(msg, seq=seq))
 
     def typing(self, user: Identity, name: str) -> None:
         self.hub.publish(self.topic(name), {"type": "typing", "room": name, "user": user.to_json()})

@@ -158,21 +158,23 @@ class Outgoing:
     WebSocket frame, built on first use and then shared.
     """
 
-    __slots__ = ("obj", "text", "data", "_frame")
+    __slots__ = ("obj", "text", "data", "_frame", "seq")
 
-    def __init__(self, obj: Any) -> None:
+    def __init__(self, obj: Any, seq: int | None = None) -> None:
         self.obj = obj
         self.text = encode(obj)
         self.data = self.text.encode("utf-8")
         self._frame: bytes | None = None
+        self.seq = seq  # a sequence number subscribers may dedupe on (chat messages)
 
     @classmethod
-    def from_text(cls, text: str) -> "Outgoing":
+    def from_text(cls, text: str, seq: int | None = None) -> "Outgoing":
         out = cls.__new__(cls)
         out.obj = None
         out.text = text
         out.data = text.encode("utf-8")
         out._frame = None
+        out.seq = seq
         return out
 
     @property

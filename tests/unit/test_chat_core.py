@@ -73,13 +73,13 @@ def test_seam_drops_what_history_had_and_keeps_order():
     sink = Sink()
     sub = RoomSubscription(sink, "r")
     for seq in (4, 5, 6):  # live messages arrive while history is read
-        sub.deliver(Outgoing(_msg(seq)))
+        sub.deliver(Outgoing(_msg(seq), seq=seq))
     sub.deliver(Outgoing({"type": "presence", "room": "r"}))
     assert sink.got == []
     sub.release(5)  # history covered up to 5
     assert [m.get("seq") for m in sink.got] == [6, None]
-    sub.deliver(Outgoing(_msg(6)))  # a duplicate never shows twice
-    sub.deliver(Outgoing(_msg(7)))
+    sub.deliver(Outgoing(_msg(6), seq=6))  # a duplicate never shows twice
+    sub.deliver(Outgoing(_msg(7), seq=7))
     assert [m.get("seq") for m in sink.got] == [6, None, 7]
 
 

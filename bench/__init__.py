@@ -1,0 +1,1 @@
+"""Benchmark harness: baselines, a load generator and the runner (see run.py)."""

@@ -1,0 +1,1 @@
+"""Small baseline servers the benchmark compares the real server against."""

@@ -1,0 +1,395 @@
+"""Markdown tables and target verdicts from a run's results (pure: no I/O)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+Result = dict[str, Any]
+Results = dict[str, dict[str, Result]]
+
+REFERENCE_CPU = "tornado"         # target: CPU/msg at most 0.5x this one's
+REFERENCE_RATE = "ws-broadcast"   # target: delivered msgs/s at least this one's
+OURS = "server"
+IDLE_KIB_TARGET = 16.0
+IDLE_AT = 10000
+CPU_RATIO_TARGET = 0.5
+P99_RATIO_TARGET = 1.2
+SATURATED_PCT = 90.0
+INTERFERENCE_PCT = 10.0  # other processes' share of our cores worth a note
+DASH = "—"
+
+
+def fmt_num(value: Any, digits: int = 0) -> str:
+    if value is None or math.isnan(value):
+        return DASH
+    if digits == 0:
+        return f"{value:,.0f}"
+    return "{:,.{d}f}".format(value, d=digits)
+
+
+def fmt_ms(value: Any) -> str:
+    if value is None:
+        return DASH
+    return fmt_num(value, 2 if value < 10 else 1 if value < 100 else 0)
+
+
+def fmt_ratio(value: Any) -> str:
+    return DASH if value is None else f"{value:.2f}x"
+
+
+def md_table(headers: list[str], rows: Iterable[list[str]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |",
+             "|" + "|".join("---" if i == 0 else "---:" for i in range(len(headers))) + "|"]
+    for row in rows:
+        lines.append("| " + " | ".join(c.replace("|", "/") for c in row) + " |")
+    return "\n".join(lines)
+
+
+def ratio(a: Any, b: Any) -> float | None:
+    if a is None or b is None or not b:
+        return None
+    return a / b
+
+
+def run_notes(r: Result, *, lossless_expected: bool = True, capacity_run: bool = False) -> list[str]:
+    notes = []
+    if r.get("join_timed_out"):
+        notes.append("join timed out for some clients")
+    if r.get("lost") and lossless_expected:
+        notes.append("{} of {} lost".format(fmt_num(r["lost"]), fmt_num(r.get("expected"))))
+    if r.get("stale"):
+        notes.append(f"{fmt_num(r['stale'])} late messages or acks of an earlier run")
+    if r.get("dup"):
+        notes.append("{} duplicates".format(fmt_num(r["dup"])))
+    if r.get("published") is not None and r.get("acks") is not None and r["acks"] < r["published"]:
+        notes.append("acks {}/{}".format(fmt_num(r["acks"]), fmt_num(r["published"])))
+    if r.get("errors"):
+        notes.append("{} error replies ({})".format(fmt_num(r["errors"]), r.get("error_text", "")[:80]))
+    if r.get("disconnects"):
+        codes = ", ".join(f"{n}×{c}" for c, n in sorted(r.get("close_codes", {}).items()))
+        notes.append("{} disconnected{}".format(fmt_num(r["disconnects"]), " (" + codes + ")" if codes else ""))
+    notes += saturation(r, capacity_run)
+    return notes
+
+
+def saturation(r: Result, capacity_run: bool = False) -> list[str]:
+    """Which side limited the run: a server near 100 % of its core is at capacity; a load
+    generator near 100 % with the server below that makes the numbers a lower bound."""
+    server = (r.get("srv_cpu_pct") or 0) > SATURATED_PCT
+    loadgen = (r.get("lg_cpu_pct") or 0) > SATURATED_PCT
+    notes = []
+    if server:
+        notes.append("server at capacity" + (" (load generator near its limit too)" if loadgen else ""))
+    elif loadgen:
+        notes.append("load generator saturated: server numbers are a lower bound")
+    elif capacity_run and (r.get("other_srv_core_pct") or 0) <= INTERFERENCE_PCT:
+        notes.append("server below capacity: limited by messages in flight, not CPU")
+    other = [("server's", r.get("other_srv_core_pct")), ("load generator's", r.get("other_lg_core_pct"))]
+    busy = [f"{pct:.0f} % of the {who} core" for who, pct in other if (pct or 0) > INTERFERENCE_PCT]
+    if busy:
+        notes.append("other processes took " + " and ".join(busy))
+    return notes
+
+
+def error_row(name: str, label: str, r: Result, width: int) -> list[str]:
+    return [label] + [DASH] * (width - 2) + [r["error"]]
+
+
+def messages_table(results: dict[str, Result], servers: list[str], labels: dict[str, str],
+                   offered: bool) -> str:
+    ref = results.get(REFERENCE_CPU, {}).get("us_per_msg")
+    headers = ["system", "conns", "rooms"] + (["offered msgs/s"] if offered else ["in flight"]) + [
+        "delivered msgs/s", "srv CPU µs/msg", "vs tornado", "srv CPU %", "p50 ms", "p99 ms",
+        "srv KiB/conn", "lost", "loadgen CPU %", "notes"]
+    rows = []
+    for name in servers:
+        r = results.get(name)
+        if r is None:
+            continue
+        if "error" in r and r.get("rate") is None:
+            rows.append(error_row(name, labels[name], r, len(headers)))
+            continue
+        extra = fmt_num(r.get("offered")) if offered else fmt_num(r.get("inflight"))
+        rows.append([labels[name], fmt_num(r.get("conns")), fmt_num(r.get("rooms")), extra,
+                     fmt_num(r.get("rate")), fmt_num(r.get("us_per_msg"), 2),
+                     fmt_ratio(ratio(r.get("us_per_msg"), ref)), fmt_num(r.get("srv_cpu_pct")),
+                     fmt_ms(r.get("p50_ms")), fmt_ms(r.get("p99_ms")), fmt_num(r.get("kib_per_conn"), 1),
+                     fmt_num(r.get("lost")), fmt_num(r.get("lg_cpu_pct")),
+                     "; ".join(run_notes(r, capacity_run=not offered))])
+    return md_table(headers, rows)
+
+
+def connect_table(results: dict[str, Result], servers: list[str], labels: dict[str, str]) -> str:
+    headers = ["system", "conns", "handshakes/s", "srv CPU µs/handshake", "p50 ms", "p99 ms",
+               "srv CPU %", "loadgen CPU %", "notes"]
+    rows = []
+    for name in servers:
+        r = results.get(name)
+        if r is None:
+            continue
+        if r.get("rate") is None:
+            rows.append(error_row(name, labels[name], r, len(headers)))
+            continue
+        notes = []
+        if r.get("failed"):
+            notes.append("{} failed ({})".format(fmt_num(r["failed"]), "; ".join(r.get("failures", []))[:120]))
+        notes += saturation(r)
+        rows.append([labels[name], fmt_num(r["conns"]), fmt_num(r["rate"]), fmt_num(r.get("us_per_unit")),
+                     fmt_ms(r.get("p50_ms")), fmt_ms(r.get("p99_ms")), fmt_num(r.get("srv_cpu_pct")),
+                     fmt_num(r.get("lg_cpu_pct")), "; ".join(notes)])
+    return md_table(headers, rows)
+
+
+def idle_table(results: dict[str, Result], servers: list[str], labels: dict[str, str]) -> str:
+    headers = ["system", "conns", "RSS before MiB", "RSS after MiB", "KiB/conn", "notes"]
+    rows = []
+    for name in servers:
+        r = results.get(name)
+        if r is None:
+            continue
+        if r.get("kib_per_conn") is None:
+            rows.append(error_row(name, labels[name], r, len(headers)))
+            continue
+        rows.append([labels[name], fmt_num(r["conns"]), fmt_num(r["rss_before"] / 2**20, 1),
+                     fmt_num(r["rss_after"] / 2**20, 1), fmt_num(r["kib_per_conn"], 1), ""])
+    return md_table(headers, rows)
+
+
+def slow_table(results: dict[str, Result], servers: list[str], labels: dict[str, str]) -> str:
+    headers = ["system", "conns", "stalled", "delivered msgs/s", "srv CPU µs/msg", "fast p50 ms",
+               "fast p99 ms", "p99 no stalls", "p99 ratio", "RSS growth MiB", "bound MiB", "lost (fast)",
+               "stalled closed", "loadgen CPU %", "notes"]
+    rows = []
+    for name in servers:
+        r = results.get(name)
+        if r is None:
+            continue
+        if r.get("growth") is None:
+            rows.append(error_row(name, labels[name], r, len(headers)))
+            continue
+        codes = ", ".join(f"{n}×{c}" for c, n in sorted(r.get("stalled_close_codes", {}).items()))
+        notes = [n for n in run_notes(r, lossless_expected=False) if "disconnected" not in n]
+        control = r.get("control", {})
+        if control.get("lost"):
+            notes.append("control run lost {}".format(fmt_num(control["lost"])))
+        if r.get("disconnects"):
+            notes.append("{} fast clients disconnected".format(fmt_num(r["disconnects"])))
+        rows.append([labels[name], fmt_num(r["conns"]), fmt_num(r["stalled"]), fmt_num(r.get("rate")),
+                     fmt_num(r.get("us_per_msg"), 2), fmt_ms(r.get("p50_ms")), fmt_ms(r.get("p99_ms")),
+                     fmt_ms(control.get("p99_ms")), fmt_ratio(r.get("p99_ratio")),
+                     fmt_num(r["growth"] / 2**20, 1),
+                     fmt_num(r["bound"] / 2**20, 1) if r.get("bound") else DASH,
+                     fmt_num(r.get("lost")),
+                     fmt_num(r.get("stalled_closed")) + (" (" + codes + ")" if codes else ""),
+                     fmt_num(r.get("lg_cpu_pct")), "; ".join(notes)])
+    return md_table(headers, rows)
+
+
+def verdict(ok: bool | None) -> str:
+    return "n/a" if ok is None else "MET" if ok else "NOT MET"
+
+
+def target_line(what: str, value: str, target: str, ok: bool | None, extra: str = "") -> str:
+    return f"- {what}: {value}  target {target}  {verdict(ok)}{extra}"
+
+
+def targets(results: Results) -> list[str]:
+    """One line per target of the issue, computed from this run's numbers."""
+    lines = []
+
+    def missing(scenario: str, ref: str | None = None) -> str | None:
+        """Why there is no verdict for ``scenario``, or None when there can be one."""
+        if scenario not in results:
+            return "scenario not run"
+        r = results[scenario].get(OURS)
+        if r is None:
+            return "server not run"
+        if "error" in r and r.get("rate") is None and r.get("growth") is None and r.get("kib_per_conn") is None:
+            return r["error"]
+        if ref and results[scenario].get(ref, {}).get("rate") is None:
+            return f"{ref} baseline not run"
+        return None
+
+    def unknown(what: str, why: str, target: str) -> str:
+        return f"- {what}: n/a ({why})  target {target}"
+
+    cpu_target = f"<={CPU_RATIO_TARGET:.1f}x"
+    for scenario in ("fanout", "rooms"):
+        what = f"CPU/msg vs tornado write_message ({scenario})"
+        why = missing(scenario, REFERENCE_CPU)
+        if why:
+            if scenario == "fanout":  # the rooms line only adds to a measured fanout line
+                lines.append(unknown(what, why, cpu_target))
+            continue
+        x = ratio(results[scenario][OURS].get("us_per_msg"), results[scenario][REFERENCE_CPU].get("us_per_msg"))
+        lines.append(target_line(what, fmt_ratio(x), cpu_target, None if x is None else x <= CPU_RATIO_TARGET))
+
+    what = "delivered msgs/s vs websockets broadcast() (throughput)"
+    why = missing("throughput", REFERENCE_RATE)
+    if why:
+        lines.append(unknown(what, why, ">=1.0x, nothing lost"))
+    else:
+        r = results["throughput"][OURS]
+        x = ratio(r.get("rate"), results["throughput"][REFERENCE_RATE].get("rate"))
+        lost = (r.get("lost") or 0) + (r.get("dup") or 0)
+        lines.append(target_line(what, f"{fmt_ratio(x)}, {fmt_num(r.get('lost'))} lost", ">=1.0x, nothing lost",
+                                 None if x is None else x >= 1.0 and lost == 0))
+
+    what = "memory per idle connection"
+    kib_target = f"<={IDLE_KIB_TARGET:.0f} KiB at {fmt_num(IDLE_AT)}"
+    why = missing("idle")
+    if why:
+        lines.append(unknown(what, why, kib_target))
+    else:
+        r = results["idle"][OURS]
+        at = "" if r["conns"] >= IDLE_AT else (
+            f" (measured at {fmt_num(r['conns'])} connections; the target is for {fmt_num(IDLE_AT)})")
+        lines.append(target_line(what, f"{fmt_num(r['kib_per_conn'], 1)} KiB", kib_target,
+                                 r["kib_per_conn"] <= IDLE_KIB_TARGET, at))
+
+    growth_what = "slow consumers, server memory growth"
+    p99_what = "slow consumers, fast clients' p99 vs no stalls"
+    p99_target = f"<={P99_RATIO_TARGET:.1f}x, nothing lost"
+    why = missing("slow")
+    if why:
+        lines.append(unknown(growth_what, why, "<= stalled clients x per-connection cap"))
+        lines.append(unknown(p99_what, why, p99_target))
+    else:
+        r = results["slow"][OURS]
+        growth = fmt_num(r["growth"] / 2**20, 1)
+        if r.get("bound"):
+            bound, cap = fmt_num(r["bound"] / 2**20, 1), fmt_num(r["write_cap"] / 1024)
+            target = f"<= {bound} MiB ({r['stalled']} stalled x {cap} KiB cap)"
+            lines.append(target_line(growth_what, f"{growth} MiB", target, r["growth"] <= r["bound"]))
+        else:
+            lines.append(f"- {growth_what}: {growth} MiB, bound unknown (pass --write-cap)  n/a")
+        x = r.get("p99_ratio")
+        lost = r.get("lost") or 0
+        value = f"{fmt_ratio(x)} ({fmt_ms(r.get('p99_ms'))} ms vs {fmt_ms(r.get('control', {}).get('p99_ms'))} ms)"
+        if lost:
+            value += f", {fmt_num(lost)} fast messages lost"
+        ok = None if x is None else x <= P99_RATIO_TARGET and lost == 0
+        lines.append(target_line(p99_what, value, p99_target, ok))
+    return lines
+
+
+TITLES = {
+    "fanout": "Chat fan-out: one room, every client a member, a steady publish rate",
+    "throughput": "Chat fan-out at capacity: one room, a fixed number of messages in flight",
+    "rooms": "Many small rooms: rooms of {size}, the first member of each publishes",
+    "idle": "Idle connections: server memory",
+    "connect": "Connection rate",
+    "slow": "Slow consumers: every fifth client stops reading",
+}
+
+
+def describe(scenario: str, p: dict[str, Any], results: dict[str, Result]) -> str:
+    any_r = next((r for r in results.values() if r.get("conns")), {})
+    reps = f"median of {p['reps']} runs" if p["reps"] > 1 else "one run"
+    if scenario == "fanout":
+        rate = fmt_num(p["fanout_rate"], 1 if p["fanout_rate"] < 10 else 0)
+        return (f"{rate} says/s of ~{p['text_len']}-byte texts into one room of {fmt_num(any_r.get('conns'))} "
+                f"members ({fmt_num(any_r.get('offered'))} deliveries/s offered), {p['fanout_secs']:g} s per run, "
+                f"{reps}.")
+    if scenario == "throughput":
+        return (f"The publisher keeps about {p['inflight_secs']:g} s of deliveries in flight (messages said but "
+                f"not yet received by every member; at least {fmt_num(p['inflight_min'])}, at most "
+                f"{fmt_num(p['inflight_max'])} deliveries) for {p['throughput_secs']:g} s per run, {reps}: "
+                "delivered msgs/s is the server's capacity when its CPU is near 100 %.")
+    if scenario == "rooms":
+        return (f"{fmt_num(p['rooms_rate'])} says/s in total spread over the rooms, ~{p['text_len']}-byte texts, "
+                f"{p['rooms_secs']:g} s per run, {reps}.")
+    if scenario == "idle":
+        return ("Server RSS before connecting and after every client has its `welcome` (no room "
+                "joined, nothing sent). Each fan-out table's KiB/conn is the same after joining.")
+    if scenario == "connect":
+        return ("Handshakes from the first connect to the last `welcome`, at most {} in flight; "
+                "latency is connect to `welcome` per client.".format(fmt_num(p.get("concurrency"))))
+    if scenario == "slow":
+        return (f"One room of {fmt_num(p['slow_members'])} members, {fmt_num(p['slow_rate'])} says/s of "
+                f"~{fmt_num(p['slow_text'])}-byte texts. A control run of {p['slow_control_secs']:g} s with every "
+                f"client reading, then {p['slow_secs']:g} s with every fifth client no longer reading its socket. "
+                "RSS growth is the peak during the stalled run over the RSS before it; the bound is stalled "
+                "clients x the server's per-connection cap. Fast clients' messages must all arrive. "
+                "'stalled closed' is how many stalled clients the server had closed when they read again.")
+    return ""
+
+
+def interference_line(results: Results) -> str:
+    worst = {"other_srv_core_pct": 0.0, "other_lg_core_pct": 0.0}
+    for by_server in results.values():
+        for r in by_server.values():
+            for run in [r] + r.get("runs", []) + ([r["control"]] if "control" in r else []):
+                for key, value in worst.items():
+                    worst[key] = max(value, run.get(key) or 0.0)
+    line = (f"- other processes on the machine took up to {worst['other_srv_core_pct']:.0f} % of the server's "
+            f"core and {worst['other_lg_core_pct']:.0f} % of the load generator's core during a measured run")
+    if max(worst.values()) > INTERFERENCE_PCT:
+        line += ": **rows noting it are unreliable; rerun on a quiet machine**"
+    return line
+
+
+def render(meta: dict[str, Any], results: Results, scenarios: list[str], servers: list[str]) -> str:
+    m = meta["machine"]
+    v = m["versions"]
+    p = dict(meta["profile"], concurrency=meta.get("concurrency", meta["profile"].get("concurrency")))
+    server_cores = ",".join(map(str, meta["pinning"]["server"])) or "any"
+    loadgen_cores = ",".join(map(str, meta["pinning"]["loadgen"])) or "any"
+    labels = {name: "{} (`{}`)".format(meta["servers"][name]["label"], name) for name in servers}
+    out = ["# Benchmarks", "",
+           "Written by `bench/run.py`; rerun it to refresh this page.", "",
+           "- command: `{}`".format(meta["command"]),
+           "- date: {}, {} mode, {:.0f} s".format(meta["date"], meta["mode"], meta.get("elapsed_s", 0)),
+           "- machine: {}, {} cores, {} GiB, Linux {}, somaxconn {}".format(
+               m["cpu"], m["cores"], m["memory_gib"], m["kernel"], m["somaxconn"]),
+           "- software: Python {}, Tornado {}, websockets {}, picows {}, uvloop {}".format(
+               v["python"], v["tornado"], v["websockets"], v["picows"], v["uvloop"]),
+           (f"- placement: server on core {server_cores}; load generator ({meta.get('client', '?')}, "
+            f"{meta['workers']} process{'' if meta['workers'] == 1 else 'es'}) and runner on core {loadgen_cores}"),
+           "- load average (1/5/15 min) at start {}, at end {}".format(
+               "/".join(f"{x:.2f}" for x in m["loadavg_start"]),
+               "/".join(f"{x:.2f}" for x in meta.get("loadavg_end", m["loadavg_start"]))),
+           interference_line(results) + (
+               f" (the run waited {meta['waited_s']} s for a quieter machine)" if meta.get("waited_s") else ""),
+           "", "## Targets", ""]
+    out += targets(results)
+    for scenario in ["fanout", "throughput", "rooms", "idle", "connect", "slow"]:
+        if scenario not in scenarios or scenario not in results:
+            continue
+        res = results[scenario]
+        out += ["", "## {} (`{}`)".format(TITLES[scenario].format(size=p["rooms_size"]), scenario), "",
+                describe(scenario, p, res), ""]
+        if scenario in ("fanout", "rooms"):
+            out.append(messages_table(res, servers, labels, offered=True))
+        elif scenario == "throughput":
+            out.append(messages_table(res, servers, labels, offered=False))
+        elif scenario == "idle":
+            out.append(idle_table(res, servers, labels))
+        elif scenario == "connect":
+            out.append(connect_table(res, servers, labels))
+        else:
+            out.append(slow_table(res, servers, labels))
+    out += ["", "## Notes", ""]
+    for name in servers:
+        out.append("- {}: {}.".format(labels[name], meta["servers"][name]["note"]))
+    if OURS in servers and meta.get("write_cap"):
+        out.append("- server.py's per-connection write cap: {} bytes (from {}).".format(
+            fmt_num(meta["write_cap"]), meta.get("write_cap_source")))
+    out += [
+        ("- Baselines store nothing and reply to `join` with empty members and history; every "
+        "system answers `say` with an `ack` and sends the `message` to every member, sender included."),
+        ("- srv CPU is the server process's user+system time (the kernel's rusage counters, all threads) "
+        "over the run, divided by messages the clients received; srv CPU % and loadgen CPU % are of "
+        "one core over the same wall time. Memory is RSS."),
+        ("- Latency is end to end on one clock: the publisher's `time.monotonic_ns()` in the text, "
+        "subtracted from the receiver's on arrival; it includes the load generator's own queueing, "
+        "so a saturated load generator (loadgen CPU near 100 %) inflates it."),
+        (f"- 'lost' counts messages a reading client had not received {p['quiet']:g} s after the last "
+         f"arrival ({p['quiet_unacked']:g} s while acks were outstanding); the load generator ignores "
+         "`presence` and every other type but message/joined/ack/error."),
+        ("- Two cores: the server gets one, the load generator the other. Other work on the machine "
+        "(see the load average) adds noise; compare rows of the same run, not across runs."),
+    ]
+    return "\n".join(out) + "\n"

@@ -1,0 +1,240 @@
+"""Collaborative editing over HTTP and WebSocket: thin adapters over
+:class:`realtime.editing.EditingService`.
+
+* ``/ws/edit/<doc>``   the editing socket (docs/PROTOCOL-editor.md)
+* ``/api/docs``        documents, most recently edited first
+* ``/api/docs/<doc>``  one document's text and revision (404 if it never existed)
+* ``/edit/``           the documents page (``?doc=<id>`` opens or creates one)
+* ``/edit/<doc>``      the editor page
+
+A bad document id in a socket URL is refused with HTTP 400 before the upgrade,
+as are a malformed ``?rev=`` or ``?client=``.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import time
+from typing import Any
+
+from tornado.options import define, options
+
+from handlers.base import BaseSocketHandler, JSONHandler
+from handlers.pages import Page
+from realtime.documents import DocumentError, valid_doc_id
+from realtime.editing import DOC_ID_RULE, EditingService, Peer, valid_client_id
+from realtime.protocol import ProtocolError, error_message, get_int
+
+define("max_doc_size", default=200_000, type=int, help="largest document, in code points; an edit that would make it bigger is refused (too_large)")
+define("max_op_size", default=10_000, type=int, help="most code points one edit may insert (too_large)")
+define("edit_rate", default=15.0, type=float, help="edits per second per editor connection (token bucket; 0 = no limit); rate_limit applies as well")
+define("edit_burst", default=30.0, type=float, help="edits an editor connection may send at once")
+define("doc_log_keep", default=1000, type=int, help="ops kept per document, in memory and in the store, to merge late edits and catch up reconnecting clients")
+define("snapshot_every", default=200, type=int, help="ops between stored snapshots of a document (bounds the replay when it is loaded)")
+define("max_docs", default=10_000, type=int, help="documents the server stores; opening a new one past this is refused (0 = no limit)")
+define("max_peers_per_doc", default=100, type=int, help="connections one document takes at once; more are closed with 1013")
+define("doc_idle_seconds", default=30.0, type=float, help="a document leaves memory this long after its last editor left (a snapshot is written)")
+define("doc_commit_delay", default=0.002, type=float, help="seconds between a document's writes: edits arriving meanwhile share one commit and one broadcast burst (0 = write at once)")
+define("cursor_interval", default=0.05, type=float, help="minimum seconds between relayed cursor updates per connection; a newer one replaces the waiting one")
+
+_REV = re.compile(r"[0-9]{1,18}")
+
+
+class _EditorConn:
+    """The editor's per-connection state, in one slotted object (the base keeps
+    handler instances under CPython's shared-key limit; one attribute here)."""
+
+    __slots__ = ("peer", "since", "want_client")
+
+    def __init__(self) -> None:
+        self.peer: Peer | None = None
+        self.since: int | None = None
+        self.want_client: str | None = None
+
+
+class EditorSocketHandler(BaseSocketHandler):
+    """``/ws/edit/<doc>?rev=<n>&client=<id>``: one connection editing one document."""
+
+    app_name = "editor"
+
+    def initialize(self, ctx: Any) -> None:  # type: ignore[override]
+        super().initialize(ctx)
+        self.ed = _EditorConn()
+
+    @property
+    def docs(self) -> EditingService:
+        return self.ctx.docs  # type: ignore[no-any-return]
+
+    @property
+    def peer(self) -> Peer | None:
+        return self.ed.peer
+
+    def prepare(self) -> None:
+        """The document id, ``?rev=`` and ``?client=`` are checked before identity
+        and the upgrade: a bad one is HTTP 400 with a JSON body."""
+        doc_id = self.path_args[0] if self.path_args else ""
+        if not valid_doc_id(doc_id):
+            self._refuse(400, DOC_ID_RULE)
+            return
+        rev = self.get_query_argument("rev", "")
+        if rev:
+            if not _REV.fullmatch(rev):
+                self._refuse(400, "rev must be a non-negative integer")
+                return
+            self.ed.since = int(rev)
+        client = self.get_query_argument("client", "")
+        if client:
+            if not valid_client_id(client):
+                self._refuse(400, "client must be a client id this server handed out ('c-' and 4-40 of A-Z a-z 0-9 _ -)")
+                return
+            self.ed.want_client = client
+        super().prepare()
+
+    async def opened(self, *args: str) -> None:
+        peer = await self.docs.attach(self, args[0], self.ed.want_client)
+        self.ed.peer = peer
+        if self._closing:  # gone while the document was loading
+            self.docs.leave(peer)
+            return
+        await self.docs.welcome(peer, self.ed.since)
+
+    def closed(self) -> None:
+        if self.ed.peer is not None:
+            self.docs.leave(self.ed.peer)
+
+    def _joined_peer(self) -> Peer:
+        peer = self.ed.peer
+        if peer is None or not peer.joined:
+            raise DocumentError("conflict", "wait for the snapshot before sending edits or cursors")
+        return peer
+
+    def msg_op(self, msg: dict[str, Any]) -> None:
+        """Errors about an op carry its ``seq`` so the client knows which one failed."""
+        seq = msg.get("seq")
+        try:
+            peer = self._joined_peer()
+            rev = get_int(msg, "rev", minimum=0)
+            seq = get_int(msg, "seq", minimum=0)
+            if "op" not in msg:
+                raise ProtocolError("bad_message", "'op' is required")
+            self.docs.submit(peer, rev, msg["op"], seq)
+        except (DocumentError, ProtocolError) as exc:
+            self.ctx.stats.error(exc.code)
+            err = error_message(exc.code, exc.message, msg.get("ref"))
+            if type(seq) is int:
+                err["seq"] = seq
+            self.send(err)
+
+    def msg_cursor(self, msg: dict[str, Any]) -> None:
+        try:
+            peer = self._joined_peer()
+        except DocumentError as exc:
+            raise ProtocolError(exc.code, exc.message) from None
+        rev = get_int(msg, "rev", minimum=0)
+        anchor = get_int(msg, "anchor", minimum=0)
+        head = get_int(msg, "head", required=False, default=anchor, minimum=0)
+        assert rev is not None and anchor is not None and head is not None
+        self.docs.cursor(peer, rev, anchor, head)
+
+    def msg_ping(self, msg: dict[str, Any]) -> None:
+        reply: dict[str, Any] = {"type": "pong"}
+        if "ref" in msg:
+            reply["ref"] = msg["ref"]
+        self.send(reply)
+
+
+class DocsAPI(JSONHandler):
+    """``GET /api/docs``"""
+
+    async def get(self) -> None:
+        self.finish({"docs": await self.ctx.docs.list_docs()})
+
+
+class DocAPI(JSONHandler):
+    """``GET /api/docs/<doc>``"""
+
+    async def get(self, doc_id: str) -> None:
+        if not valid_doc_id(doc_id):
+            raise ProtocolError("bad_message", DOC_ID_RULE)
+        self.finish(await self.ctx.docs.get_doc(doc_id))
+
+
+def ago(ms: int, now: float | None = None) -> str:
+    """'just now', '5 minutes ago', '3 days ago' for a timestamp in epoch milliseconds."""
+    seconds = max(0.0, (now if now is not None else time.time()) - ms / 1000.0)
+    for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60)):
+        if seconds >= size:
+            n = int(seconds // size)
+            return "%d %s%s ago" % (n, unit, "" if n == 1 else "s")
+    return "just now"
+
+
+class DocsPage(Page):
+    """``/edit/``: the documents, and a form that opens (or creates) one by name."""
+
+    title = "Documents"
+
+    async def get(self, *args: str) -> None:  # type: ignore[override]
+        self.ensure_session()
+        wanted = (self.get_query_argument("doc", "") or "").strip()
+        error = ""
+        if wanted:
+            if valid_doc_id(wanted):
+                self.redirect("/edit/" + wanted)
+                return
+            error = DOC_ID_RULE[0].upper() + DOC_ID_RULE[1:] + "."
+            self.set_status(400)
+        docs = await self.ctx.docs.list_docs(500)
+        self.render("docs.html", title=self.title, docs=docs, error=error, wanted=wanted, ago=ago,
+                    suggestion="doc-" + secrets.token_hex(3))
+
+
+class EditorPage(Page):
+    """``/edit/<doc>``: the shared editor (static/js/editor.js)."""
+
+    def get(self, *args: str) -> None:
+        doc_id = args[0]
+        if not valid_doc_id(doc_id):
+            self.set_status(404)
+            self.render("404.html", title="Not found")
+            return
+        self.ensure_session()
+        self.render("editor.html", title=doc_id, doc_id=doc_id)
+
+
+def _option(cfg: Any, name: str) -> Any:
+    # make_app builds cfg from the options defined when it runs; this module may
+    # have been imported (and its options defined) only afterwards.
+    return getattr(cfg, name) if hasattr(cfg, name) else options[name]
+
+
+def register(ctx: Any) -> list[Any]:
+    """Build the editing service into ``ctx.services["docs"]``; return the routes."""
+    cfg = ctx.cfg
+    svc = EditingService(
+        ctx.store, ctx.hub,
+        max_doc_size=_option(cfg, "max_doc_size"),
+        max_op_size=_option(cfg, "max_op_size"),
+        edit_rate=_option(cfg, "edit_rate"),
+        edit_burst=_option(cfg, "edit_burst"),
+        log_keep=_option(cfg, "doc_log_keep"),
+        snapshot_every=_option(cfg, "snapshot_every"),
+        max_docs=_option(cfg, "max_docs"),
+        max_peers=_option(cfg, "max_peers_per_doc"),
+        idle_seconds=_option(cfg, "doc_idle_seconds"),
+        cursor_interval=_option(cfg, "cursor_interval"),
+        commit_delay=_option(cfg, "doc_commit_delay"),
+        max_message_bytes=cfg.max_message_size,
+        message_rate=cfg.rate_limit,
+        message_burst=cfg.rate_burst,
+    )
+    ctx.services["docs"] = svc
+    kw = {"ctx": ctx}
+    return [
+        (r"/ws/edit/([^/]+)", EditorSocketHandler, kw),
+        (r"/api/docs", DocsAPI, kw),
+        (r"/api/docs/([^/]+)", DocAPI, kw),
+        (r"/edit/?", DocsPage, kw),
+        (r"/edit/([^/]+)", EditorPage, kw),
+    ]

@@ -1,0 +1,964 @@
+"""Collaborative editing: live documents, a durable op log, peers and cursors.
+
+:class:`EditingService` keeps each open document as a :class:`LiveDoc` around a
+:class:`~realtime.documents.DocumentState` (the pure OT authority) and speaks to
+connections through a small :class:`Member` protocol, so it imports nothing from
+``tornado.web`` and tests can drive it with fakes.
+
+Contracts
+---------
+* **Order, then durability.**  An incoming op is transformed and given its
+  revision synchronously, in memory, the moment it arrives
+  (:meth:`DocumentState.submit`), so the order is the arrival order and needs
+  no lock.  Its log row is then written through the store's group commit
+  (one write per document with the store at a time, at least
+  ``commit_delay`` apart: the ops that arrive meanwhile share the next one).  The sender's ``ack`` and the
+  ``op`` broadcast to everyone else go out **only after that transaction has
+  committed**, in revision order.  A ``kill -9`` after an ack loses nothing.
+* **Clients only ever see committed revisions.**  A joining client's
+  snapshot (or catch-up) is taken in memory, then sent once its revision has
+  committed; live ops broadcast meanwhile are held and released after it,
+  minus those it already covers.  Cursors are relayed at the last committed
+  revision.  So every revision a client knows is in the store.
+* **A failed commit never lets copies diverge.**  Each write checks that the
+  document's stored revision is the one it follows, so once a write fails,
+  every later write of that document fails too (the store keeps a gap-free
+  prefix).  On the first failure the document is dropped from memory and its
+  peers are closed with 1011; they reconnect with ``?rev=`` (never newer than
+  the store, by the rule above), the document is reloaded from the store, and
+  each client resends its unacknowledged op -- same client id and seq, so it
+  is applied at most once.
+* **Dedupe.**  A resent op (same client id and seq) is acknowledged again with
+  its original revision (after that revision has committed) and not applied
+  twice; the dedupe table is in every snapshot and rebuilt from the log, so it
+  survives restarts.  A client keeps its client id across reconnects with
+  ``?client=``; an id is only handed to a connection of the user who had it.
+* **Snapshots** (``format`` 1, :meth:`DocumentState.to_snapshot` without the
+  log) are written every ``snapshot_every`` ops and when an idle document is
+  unloaded; the op log in the store keeps ``log_keep`` ops before the latest
+  revision (for catch-up) and at least every op after the latest snapshot (for
+  replay).  Loading = latest snapshot + the ops after it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import secrets
+import sqlite3
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Callable, Iterator, NamedTuple, Protocol
+
+import ujson
+
+from realtime import ot
+from realtime.auth import Identity
+from realtime.documents import (
+    SNAPSHOT_FORMAT,
+    DocumentError,
+    DocumentState,
+    LogEntry,
+    SnapshotError,
+    valid_doc_id,
+)
+from realtime.hub import Hub
+from realtime.limits import TokenBucket
+from realtime.protocol import Close, Outgoing, ProtocolError
+from realtime.storage.sqlite import Schema, SQLiteStore, StoreBusy, StoreClosed
+
+log = logging.getLogger("realtime.editing")
+
+DOCS_SCHEMA = Schema(
+    "docs",
+    [
+        """
+        CREATE TABLE docs(
+            id TEXT PRIMARY KEY,
+            rev INTEGER NOT NULL DEFAULT 0,
+            length INTEGER NOT NULL DEFAULT 0,
+            created INTEGER NOT NULL,
+            updated INTEGER NOT NULL
+        );
+        CREATE TABLE doc_ops(
+            doc TEXT NOT NULL,
+            rev INTEGER NOT NULL,
+            op TEXT NOT NULL,
+            client TEXT,
+            seq INTEGER,
+            user_id TEXT,
+            ts INTEGER NOT NULL,
+            PRIMARY KEY(doc, rev)
+        ) WITHOUT ROWID;
+        CREATE TABLE doc_snapshots(
+            doc TEXT NOT NULL,
+            rev INTEGER NOT NULL,
+            format INTEGER NOT NULL,
+            data TEXT NOT NULL,
+            ts INTEGER NOT NULL,
+            PRIMARY KEY(doc, rev)
+        ) WITHOUT ROWID
+        """
+    ],
+)
+
+COLORS = 8  # peers get colour indexes 0..7 (the page maps them to its palette)
+OWNERS_MAX = 10_000  # client id -> user id, per document, for ?client= reuse
+_CLIENT_ID = re.compile(r"c-[A-Za-z0-9_-]{4,40}")
+DOC_ID_RULE = "document ids are 1-64 characters: ASCII letters, digits, '_' or '-'"
+
+
+def valid_client_id(s: object) -> bool:
+    """A client id: ``c-`` then 4-40 of ``A-Z a-z 0-9 _ -`` (what the server hands out)."""
+    return type(s) is str and _CLIENT_ID.fullmatch(s) is not None
+
+
+def new_client_id() -> str:
+    return "c-" + secrets.token_urlsafe(8)
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def move_positions(
+    state: DocumentState, rev: int, positions: tuple[int, ...], upto: int
+) -> tuple[int, ...] | None:
+    """Move code-point ``positions`` in the text at ``rev`` to the text at ``upto``.
+
+    ``None`` when the log no longer reaches back to ``rev``.  Raises
+    ``DocumentError("bad_message")`` for a position outside the text at ``rev``.
+    Text inserted exactly at a position goes after it.
+    """
+    entries = state.ops_since(rev)
+    if entries is None:
+        return None
+    length = ot.lengths(entries[0].op)[0] if entries else len(state.text)
+    for p in positions:
+        if type(p) is not int or not 0 <= p <= length:
+            raise DocumentError(
+                "bad_message", f"cursor position {p!r} is outside the text at rev {rev} ({length} characters)"
+            )
+    for entry in entries:
+        if entry.rev > upto:
+            break
+        positions = tuple(ot.transform_index(p, entry.op) for p in positions)
+    return positions
+
+
+def pick_color(used: Iterator[int]) -> int:
+    """The least used colour index (lowest first on a tie)."""
+    counts = [0] * COLORS
+    for c in used:
+        counts[c % COLORS] += 1
+    return counts.index(min(counts))
+
+
+# -- storage (these run on the store's threads) -------------------------------------
+
+
+class TooManyDocuments(Exception):
+    pass
+
+
+class LogGap(Exception):
+    """A write for a revision that does not follow the stored one (an earlier write failed)."""
+
+
+@dataclass
+class Loaded:
+    rev: int
+    updated: int
+    snapshot: tuple[int, int, str] | None  # (rev, format, data)
+    ops: list[tuple[int, str, str | None, int | None, str | None]]  # (rev, op, client, seq, user)
+
+
+def _load_rows(doc_id: str, create: bool, max_docs: int, keep: int, conn: sqlite3.Connection) -> Loaded | None:
+    row = conn.execute("SELECT rev, updated FROM docs WHERE id=?", (doc_id,)).fetchone()
+    if row is None:
+        if not create:
+            return None
+        if max_docs > 0 and conn.execute("SELECT COUNT(*) FROM docs").fetchone()[0] >= max_docs:
+            raise TooManyDocuments()
+        ts = now_ms()
+        conn.execute(
+            "INSERT INTO docs(id, rev, length, created, updated) VALUES (?, 0, 0, ?, ?)", (doc_id, ts, ts)
+        )
+        return Loaded(0, ts, None, [])
+    rev, updated = row
+    snap = conn.execute(
+        "SELECT rev, format, data FROM doc_snapshots WHERE doc=? ORDER BY rev DESC LIMIT 1", (doc_id,)
+    ).fetchone()
+    snap_rev = snap[0] if snap else 0
+    start = max(0, min(snap_rev, rev) - keep)
+    ops = conn.execute(
+        "SELECT rev, op, client, seq, user_id FROM doc_ops WHERE doc=? AND rev>? ORDER BY rev", (doc_id, start)
+    ).fetchall()
+    return Loaded(rev, updated, tuple(snap) if snap else None, [tuple(r) for r in ops])  # type: ignore[misc]
+
+
+def _write_ops(
+    doc_id: str,
+    rows: list[tuple[Any, ...]],
+    length: int,
+    ts: int,
+    snapshots: list[tuple[int, str]],
+    keep: int,
+    conn: sqlite3.Connection,
+) -> None:
+    first, last = rows[0][1], rows[-1][1]
+    row = conn.execute("SELECT rev FROM docs WHERE id=?", (doc_id,)).fetchone()
+    if row is None or row[0] != first - 1:
+        raise LogGap(f"document {doc_id}: stored rev {row and row[0]}, writing {first}..{last}")
+    conn.executemany(
+        "INSERT INTO doc_ops(doc, rev, op, client, seq, user_id, ts) VALUES (?, ?, ?, ?, ?, ?, ?)", rows
+    )
+    conn.execute("UPDATE docs SET rev=?, length=?, updated=? WHERE id=?", (last, length, ts, doc_id))
+    if snapshots:
+        for rev, data in snapshots:
+            conn.execute(
+                "INSERT OR REPLACE INTO doc_snapshots(doc, rev, format, data, ts) VALUES (?, ?, ?, ?, ?)",
+                (doc_id, rev, SNAPSHOT_FORMAT, data, ts),
+            )
+        _trim(conn, doc_id, snapshots[-1][0], last, keep)
+
+
+def _write_snapshot(doc_id: str, rev: int, data: str, keep: int, conn: sqlite3.Connection) -> bool:
+    row = conn.execute("SELECT rev FROM docs WHERE id=?", (doc_id,)).fetchone()
+    if row is None or row[0] != rev:
+        return False  # the store holds something else: that snapshot would be wrong
+    conn.execute(
+        "INSERT OR REPLACE INTO doc_snapshots(doc, rev, format, data, ts) VALUES (?, ?, ?, ?, ?)",
+        (doc_id, rev, SNAPSHOT_FORMAT, data, now_ms()),
+    )
+    _trim(conn, doc_id, rev, rev, keep)
+    return True
+
+
+def _trim(conn: sqlite3.Connection, doc_id: str, snap_rev: int, last: int, keep: int) -> None:
+    """Keep the newest snapshot, every op after it, and ``keep`` ops before ``last``."""
+    conn.execute("DELETE FROM doc_snapshots WHERE doc=? AND rev<?", (doc_id, snap_rev))
+    conn.execute("DELETE FROM doc_ops WHERE doc=? AND rev<=?", (doc_id, min(snap_rev, last - keep)))
+
+
+def _list_rows(limit: int, conn: sqlite3.Connection) -> list[tuple[Any, ...]]:
+    return [
+        tuple(r)
+        for r in conn.execute(
+            "SELECT id, rev, length, created, updated FROM docs ORDER BY updated DESC, id LIMIT ?", (limit,)
+        ).fetchall()
+    ]
+
+
+def build_state(doc_id: str, loaded: Loaded, **limits: int) -> tuple[DocumentState, int, dict[str, str]]:
+    """The state a :class:`Loaded` describes: snapshot + the ops after it.
+
+    Returns ``(state, snapshot_rev, owners)`` where ``owners`` maps the client
+    ids seen in the loaded log to their user ids.  Raises
+    :class:`~realtime.documents.SnapshotError` when the stored data is
+    inconsistent (unknown format, a gap, an op that does not fit).
+    """
+    ops = [(rev, ujson.loads(op), client, seq, user) for rev, op, client, seq, user in loaded.ops]
+    snap_rev = 0
+    if loaded.snapshot is not None:
+        snap_rev, fmt, raw = loaded.snapshot
+        if fmt != SNAPSHOT_FORMAT:
+            raise SnapshotError(f"document {doc_id}: unsupported snapshot format {fmt!r}")
+        data = ujson.loads(raw)
+        if not isinstance(data, dict) or data.get("rev") != snap_rev:
+            raise SnapshotError(f"document {doc_id}: snapshot row does not match its revision")
+        data["log"] = [[rev, op, client, seq] for rev, op, client, seq, _ in ops if rev <= snap_rev]
+        state = DocumentState.from_snapshot(data, **limits)
+    else:
+        state = DocumentState(doc_id, "", 0, **limits)
+    try:
+        for rev, op, client, seq, _ in ops:
+            if rev > state.rev:
+                state.apply_entry(rev, op, client, seq)
+    except DocumentError as exc:
+        raise SnapshotError(f"document {doc_id}: stored log does not replay: {exc.message}") from None
+    if state.rev != loaded.rev:
+        raise SnapshotError(f"document {doc_id}: stored log ends at rev {state.rev}, the document is at {loaded.rev}")
+    owners = {client: user for _, _, client, _, user in ops if client and user}
+    return state, snap_rev, owners
+
+
+# -- live documents -----------------------------------------------------------------
+
+
+class Member(Protocol):
+    """A connection as the editing core sees it (handlers.editor's socket)."""
+
+    user: Identity
+
+    def deliver(self, out: Outgoing) -> None: ...
+
+    def send(self, obj: dict[str, Any]) -> None: ...
+
+    def close(self, code: int | None = None, reason: str | None = None) -> None: ...
+
+
+class Peer:
+    """One connection in one document: its client id, colour, limits, cursor.
+
+    It is the hub subscriber for the document's topic.  Until :meth:`release`
+    it holds what arrives (the snapshot is on its way); after that it drops
+    its own messages (its op comes back as an ``ack``) and ops its snapshot
+    already covered.
+    """
+
+    __slots__ = (
+        "member", "doc", "client_id", "user", "user_json", "color", "can_edit", "bucket",
+        "joined", "gone", "after_rev", "buffer", "cursor", "cursor_sent", "cursor_timer",
+    )
+
+    def __init__(self, member: Member, doc: LiveDoc, client_id: str, color: int, bucket: TokenBucket) -> None:
+        self.member = member
+        self.doc = doc
+        self.client_id = client_id
+        self.user = member.user
+        self.user_json = member.user.to_json()
+        self.color = color
+        self.can_edit = member.user.can("edit")
+        self.bucket = bucket
+        self.joined = False  # announced to the others
+        self.gone = False
+        self.after_rev = -1
+        self.buffer: list[Outgoing] | None = []
+        self.cursor: tuple[int, int, int] | None = None  # (committed rev, anchor, head)
+        self.cursor_sent = -1e18
+        self.cursor_timer: asyncio.TimerHandle | None = None
+
+    def deliver(self, out: Outgoing) -> None:
+        if self.buffer is not None:
+            self.buffer.append(out)
+            return
+        obj = out.obj
+        if obj is not None:
+            if obj.get("client") == self.client_id:
+                return
+            kind = obj.get("type")
+            if kind == "op":
+                if obj["rev"] <= self.after_rev:
+                    return
+            elif kind == "cursor" and obj["rev"] < self.after_rev:
+                return
+        self.member.deliver(out)
+
+    def release(self) -> None:
+        held, self.buffer = self.buffer or [], None
+        for out in held:
+            self.deliver(out)
+
+    def info(self) -> dict[str, Any]:
+        return {"client": self.client_id, "user": self.user_json, "color": self.color}
+
+    def __repr__(self) -> str:
+        return f"Peer({self.client_id!r}, doc={self.doc.id!r}, user={self.user.id!r})"
+
+
+class Pending(NamedTuple):
+    """An op applied in memory, not yet acknowledged."""
+
+    rev: int
+    op: list[Any]
+    peer: Peer | None
+    client: str | None
+    seq: int | None
+    user_id: str | None
+    length: int  # of the text after it
+
+
+class LiveDoc:
+    """An open document: its state, commit pipeline, peers and waiters."""
+
+    def __init__(self, state: DocumentState, snapshot_rev: int, owners: dict[str, str], updated: int) -> None:
+        self.state = state
+        self.id = state.doc_id
+        self.topic = "doc:" + state.doc_id
+        self.committed_rev = state.rev
+        self.snapshot_rev = snapshot_rev
+        self.updated = updated
+        self.peers: dict[str, Peer] = {}
+        self.owners: OrderedDict[str, str] = OrderedDict(owners)
+        self.batch: list[Pending] = []  # applied, not yet handed to the store
+        self.snapshots: list[tuple[int, str]] = []  # due with the batch
+        self.inflight: deque[Pending] = deque()  # handed to the store, not yet committed
+        self.waiters: dict[int, list[Callable[[BaseException | None], None]]] = {}
+        self.broken = False
+        self.writing = False  # a write of this document is with the store
+        self.last_write = -1e18  # loop time the last write was handed over
+        self.flush_handle: asyncio.Handle | asyncio.TimerHandle | None = None
+        self.evict_handle: asyncio.TimerHandle | None = None
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.peers or self.batch or self.inflight or self.waiters)
+
+    def announced(self) -> list[Peer]:
+        return [p for p in self.peers.values() if p.joined]
+
+    def when_committed(self, rev: int, fn: Callable[[BaseException | None], None]) -> None:
+        """Call ``fn(None)`` once ``rev`` has committed (now, if it has), ``fn(exc)`` if it never will."""
+        if rev <= self.committed_rev:
+            fn(None)
+        else:
+            self.waiters.setdefault(rev, []).append(fn)
+
+    async def until_committed(self, rev: int) -> None:
+        if rev <= self.committed_rev:
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        def done(exc: BaseException | None) -> None:
+            if not fut.done():
+                if exc is None:
+                    fut.set_result(None)
+                else:
+                    fut.set_exception(exc)
+
+        self.when_committed(rev, done)
+        await fut
+
+    def run_waiters(self, upto: int, exc: BaseException | None = None) -> None:
+        if not self.waiters:
+            return
+        due = [r for r in self.waiters if exc is not None or r <= upto]
+        for rev in sorted(due):
+            for fn in self.waiters.pop(rev):
+                try:
+                    fn(exc)
+                except Exception:
+                    log.exception("document %s: commit waiter failed", self.id)
+
+    def remember_owner(self, client_id: str, user_id: str) -> None:
+        self.owners[client_id] = user_id
+        self.owners.move_to_end(client_id)
+        while len(self.owners) > OWNERS_MAX:
+            self.owners.popitem(last=False)
+
+
+class Unavailable(Exception):
+    """The document failed to save: its peers reconnect and it is reloaded."""
+
+
+class EditingService:
+    """Documents, their durable op logs, peers and cursors, over a store and a hub."""
+
+    def __init__(
+        self,
+        store: SQLiteStore,
+        hub: Hub,
+        *,
+        max_doc_size: int = 200_000,
+        max_op_size: int = 10_000,
+        edit_rate: float = 15.0,
+        edit_burst: float = 30.0,
+        log_keep: int = 1000,
+        snapshot_every: int = 200,
+        max_docs: int = 10_000,
+        max_peers: int = 100,
+        idle_seconds: float = 30.0,
+        cursor_interval: float = 0.05,
+        commit_delay: float = 0.0,
+        max_message_bytes: int = 64 * 1024,
+        message_rate: float = 0.0,
+        message_burst: float = 0.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if log_keep < 1 or snapshot_every < 1:
+            raise ValueError("doc_log_keep and snapshot_every must be at least 1")
+        self.store = store
+        self.hub = hub
+        self.max_doc_size = max_doc_size
+        self.max_op_size = max_op_size
+        self.edit_rate = edit_rate
+        self.edit_burst = edit_burst
+        self.log_keep = log_keep
+        self.snapshot_every = snapshot_every
+        self.max_docs = max_docs
+        self.max_peers = max_peers
+        self.idle_seconds = idle_seconds
+        self.cursor_interval = cursor_interval
+        self.commit_delay = commit_delay
+        self.max_message_bytes = max_message_bytes
+        self.message_rate = message_rate
+        self.message_burst = message_burst
+        self.clock = clock
+        self.schemas = [DOCS_SCHEMA]
+        self.docs: dict[str, LiveDoc] = {}
+        self._loading: dict[str, tuple[asyncio.Future[LiveDoc | None], bool]] = {}
+        self._background: set[asyncio.Future[Any]] = set()
+        self._stopping = False
+        # counters for /metrics
+        self.ops_applied = 0
+        self.ops_duplicate = 0
+        self.ops_refused: dict[str, int] = {}
+        self.snapshots_written = 0
+        self.commit_failures = 0
+        self.docs_loaded = 0
+
+    @property
+    def limits(self) -> dict[str, Any]:
+        return {
+            "max_doc_size": self.max_doc_size,
+            "max_op_size": self.max_op_size,
+            "edit_rate": self.edit_rate,
+            "edit_burst": self.edit_burst,
+            "max_message_bytes": self.max_message_bytes,
+            "rate": self.message_rate,
+            "burst": self.message_burst,
+        }
+
+    def _state_limits(self) -> dict[str, int]:
+        return {"max_log": self.log_keep, "max_op_size": self.max_op_size, "max_doc_size": self.max_doc_size}
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._stopping = False
+
+    async def stop(self) -> None:
+        """Write what is queued, snapshot every open document, forget them."""
+        self._stopping = True
+        docs = list(self.docs.values())
+        for doc in docs:
+            if doc.evict_handle is not None:
+                doc.evict_handle.cancel()
+                doc.evict_handle = None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 5.0
+        while any(d.batch or d.writing for d in docs if not d.broken) and loop.time() < deadline:
+            for doc in docs:
+                self._flush(doc)
+            await asyncio.sleep(0.005)
+        for doc in docs:
+            for peer in list(doc.peers.values()):
+                self._cancel_cursor(peer)
+            if not doc.broken and doc.state.rev > doc.snapshot_rev:
+                self._save_snapshot(doc)
+        self.docs.clear()
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+
+    # -- loading -------------------------------------------------------------------
+
+    async def open_doc(self, doc_id: str, create: bool = True) -> LiveDoc | None:
+        """The live document, loaded from the store on first use.
+
+        ``create``: make a new empty document if there is none (refused past
+        ``max_docs`` with ``ProtocolError("too_large")``); otherwise ``None``
+        for a document that does not exist.
+        """
+        if not valid_doc_id(doc_id):
+            raise ProtocolError("bad_message", DOC_ID_RULE)
+        for _ in range(3):  # a non-creating load may be in flight when we need to create
+            doc = self.docs.get(doc_id)
+            if doc is not None:
+                return doc
+            pending = self._loading.get(doc_id)
+            if pending is None:
+                fut = asyncio.ensure_future(self._load(doc_id, create))
+                self._loading[doc_id] = (fut, create)
+                fut.add_done_callback(partial(self._loading_done, doc_id))
+                pending = (fut, create)
+            doc = await asyncio.shield(pending[0])
+            if doc is not None or not create or pending[1]:
+                return doc
+        raise ProtocolError("unavailable", "the document is being loaded; retry")
+
+    def _loading_done(self, doc_id: str, fut: asyncio.Future[Any]) -> None:
+        if self._loading.get(doc_id, (None,))[0] is fut:
+            del self._loading[doc_id]
+        if not fut.cancelled():
+            fut.exception()  # retrieved: the awaiting callers (if any) get it through shield()
+
+    async def _load(self, doc_id: str, create: bool) -> LiveDoc | None:
+        fn = partial(_load_rows, doc_id, create, self.max_docs, self.log_keep)
+        try:
+            loaded = await (self.store.write(fn) if create else self.store.read(fn))
+        except TooManyDocuments:
+            raise ProtocolError(
+                "too_large", f"this server already holds {self.max_docs} documents; open an existing one",
+                close=Close.POLICY) from None
+        except StoreBusy:
+            raise ProtocolError("unavailable", "the server is overloaded; retry shortly", close=Close.TRY_AGAIN)
+        if loaded is None:
+            return None
+        existing = self.docs.get(doc_id)
+        if existing is not None:
+            return existing
+        state, snap_rev, owners = build_state(doc_id, loaded, **self._state_limits())
+        doc = LiveDoc(state, snap_rev, owners, loaded.updated)
+        self.docs[doc_id] = doc
+        self.docs_loaded += 1
+        if not doc.peers:
+            self._schedule_evict(doc)
+        return doc
+
+    def _schedule_evict(self, doc: LiveDoc) -> None:
+        if doc.evict_handle is not None:
+            doc.evict_handle.cancel()
+        doc.evict_handle = asyncio.get_running_loop().call_later(self.idle_seconds, self._evict, doc)
+
+    def _evict(self, doc: LiveDoc) -> None:
+        doc.evict_handle = None
+        if self.docs.get(doc.id) is not doc:
+            return
+        if doc.busy:
+            if not doc.peers:
+                self._schedule_evict(doc)
+            return
+        del self.docs[doc.id]
+        if not doc.broken and doc.state.rev > doc.snapshot_rev:
+            self._save_snapshot(doc)
+
+    def _save_snapshot(self, doc: LiveDoc) -> None:
+        data = ujson.dumps(doc.state.to_snapshot(include_log=False), ensure_ascii=False)
+        try:
+            fut = self.store.write(partial(_write_snapshot, doc.id, doc.state.rev, data, self.log_keep))
+        except (StoreBusy, StoreClosed):
+            return  # only a shortcut for the next load: the log has everything
+        doc.snapshot_rev = doc.state.rev
+
+        def done(f: asyncio.Future[Any]) -> None:
+            self._background.discard(f)
+            if not f.cancelled() and f.exception() is None and f.result():
+                self.snapshots_written += 1
+
+        self._background.add(fut)
+        fut.add_done_callback(done)
+
+    # -- peers ---------------------------------------------------------------------
+
+    async def attach(self, member: Member, doc_id: str, want_client: str | None = None) -> Peer:
+        """Open (or create) ``doc_id`` and add ``member`` as a peer, not yet announced.
+
+        Then call :meth:`welcome`.  ``want_client`` (from ``?client=``) is the
+        client id the member had before a reconnect: it is reused when no one
+        else's connection holds it, so its resent op is recognised; otherwise
+        the member gets a fresh id.
+        """
+        doc = await self.open_doc(doc_id, create=True)
+        assert doc is not None
+        if len(doc.peers) >= self.max_peers:
+            raise ProtocolError(
+                "unavailable", f"this document already has {self.max_peers} people in it; try again later",
+                close=Close.TRY_AGAIN)
+        user = member.user
+        client_id = None
+        if want_client is not None and valid_client_id(want_client):
+            holder = doc.peers.get(want_client)
+            owner = doc.owners.get(want_client)
+            if (owner is None or owner == user.id) and (holder is None or holder.user.id == user.id):
+                client_id = want_client
+                if holder is not None:  # our own stale connection, not yet noticed as dead
+                    self.leave(holder)
+                    holder.member.close(Close.POLICY, "replaced by a newer connection of this client")
+        if client_id is None:
+            client_id = new_client_id()
+            while client_id in doc.peers or client_id in doc.owners:
+                client_id = new_client_id()
+        peer = Peer(member, doc, client_id, pick_color(p.color for p in doc.peers.values()),
+                    TokenBucket(self.edit_rate, self.edit_burst, self.clock))
+        doc.peers[client_id] = peer
+        doc.remember_owner(client_id, user.id)
+        if doc.evict_handle is not None:
+            doc.evict_handle.cancel()
+            doc.evict_handle = None
+        self.hub.subscribe(doc.topic, peer)
+        return peer
+
+    async def welcome(self, peer: Peer, since: int | None = None) -> None:
+        """Send the peer its starting point, announce it, release held messages.
+
+        With ``since`` (the rev the client had) and the log still holding every
+        op after it: an ``ops`` message with them.  Otherwise a ``snapshot``.
+        Either is sent once its revision has committed.
+        """
+        doc = peer.doc
+        state = doc.state
+        rev, text = state.rev, state.text
+        entries = state.ops_since(since) if since is not None else None
+        peers = []
+        for other in doc.announced():
+            info = other.info()
+            if other.cursor is not None:
+                moved = self._move(doc, other.cursor[0], other.cursor[1:], rev)
+                if moved is not None:
+                    info["cursor"] = {"anchor": moved[0], "head": moved[1]}
+            peers.append(info)
+        try:
+            await doc.until_committed(rev)
+        except Unavailable:
+            raise ProtocolError("unavailable", "the document could not be saved; reconnect",
+                                close=Close.SERVER_ERROR) from None
+        if peer.gone:
+            return
+        msg: dict[str, Any]
+        if entries is not None:
+            msg = {"type": "ops", "doc": doc.id, "rev": rev, "ops": [entry_json(e) for e in entries]}
+        else:
+            msg = {"type": "snapshot", "doc": doc.id, "rev": rev, "text": text}
+        msg.update(client=peer.client_id, user=peer.user_json, color=peer.color, peers=peers,
+                   readonly=not peer.can_edit, limits=self.limits)
+        peer.after_rev = rev
+        peer.member.send(msg)
+        peer.joined = True
+        self.hub.publish(doc.topic, {"type": "peer_joined", **peer.info()})
+        peer.release()
+
+    def leave(self, peer: Peer) -> None:
+        """Remove ``peer`` (idempotent); announce it if it was announced."""
+        if peer.gone:
+            return
+        peer.gone = True
+        doc = peer.doc
+        self.hub.unsubscribe(doc.topic, peer)
+        self._cancel_cursor(peer)
+        if doc.peers.get(peer.client_id) is peer:
+            del doc.peers[peer.client_id]
+        if peer.joined and not doc.broken:
+            self.hub.publish(doc.topic, {"type": "peer_left", "client": peer.client_id, "user": peer.user_json})
+        if not doc.peers and not doc.broken and self.docs.get(doc.id) is doc and not self._stopping:
+            self._schedule_evict(doc)
+
+    # -- edits -----------------------------------------------------------------------
+
+    def submit(self, peer: Peer, base_rev: Any, op: Any, seq: Any) -> None:
+        """Apply the peer's op in memory now; ack and broadcast once it has committed.
+
+        Raises :class:`~realtime.documents.DocumentError` (nothing changed):
+        ``bad_message``, ``conflict``, ``too_large``, ``rate_limited``,
+        ``forbidden`` or ``unavailable``.
+        """
+        doc = peer.doc
+        try:
+            if peer.gone or doc.broken:
+                raise DocumentError("unavailable", "the document is being reloaded; reconnect")
+            if not peer.joined:
+                raise DocumentError("conflict", "wait for the snapshot before sending ops")
+            if not peer.can_edit:
+                raise DocumentError("forbidden", "you may view this document but not edit it")
+            if not peer.bucket.take():
+                raise DocumentError(
+                    "rate_limited", f"more than {self.edit_rate:g} edits per second; resend this op shortly")
+            if self.store.pending >= self.store.max_pending // 2:
+                raise DocumentError("unavailable", "the server is overloaded; resend this op shortly")
+            result = doc.state.submit(base_rev, op, peer.client_id, seq)
+        except DocumentError as exc:
+            self.ops_refused[exc.code] = self.ops_refused.get(exc.code, 0) + 1
+            raise
+        if result.duplicate:
+            self.ops_duplicate += 1
+
+            def ack_again(exc: BaseException | None, rev: int = result.rev) -> None:
+                if exc is None and not peer.gone:
+                    peer.member.send({"type": "ack", "rev": rev, "seq": seq, "duplicate": True})
+
+            doc.when_committed(result.rev, ack_again)
+            return
+        assert result.op is not None
+        self._append(doc, Pending(result.rev, result.op, peer, peer.client_id, seq, peer.user.id,
+                                  len(doc.state.text)))
+
+    def _append(self, doc: LiveDoc, pending: Pending) -> None:
+        doc.batch.append(pending)
+        if pending.rev % self.snapshot_every == 0:
+            doc.snapshots.append(
+                (pending.rev, ujson.dumps(doc.state.to_snapshot(include_log=False), ensure_ascii=False)))
+            doc.snapshot_rev = pending.rev
+        if doc.flush_handle is None and not doc.writing:
+            self._schedule_flush(doc)
+
+    def _schedule_flush(self, doc: LiveDoc) -> None:
+        loop = asyncio.get_running_loop()
+        wait = doc.last_write + self.commit_delay - loop.time()
+        if wait > 0:
+            doc.flush_handle = loop.call_later(wait, self._flush, doc)
+        else:
+            doc.flush_handle = loop.call_soon(self._flush, doc)
+
+    def _flush(self, doc: LiveDoc) -> None:
+        """Hand the ops of ``doc`` applied so far to the store as one write.
+
+        One write per document is with the store at a time, and writes start
+        at least ``commit_delay`` apart: ops that arrive meanwhile go into the
+        next one.  Under load a write carries several ops, so their acks and
+        broadcasts go out together: one socket write per peer for several ops
+        instead of one each (that, not the commit, is most of the cost of an
+        op in a busy document).
+        """
+        if doc.flush_handle is not None:
+            doc.flush_handle.cancel()
+            doc.flush_handle = None
+        if doc.broken or not doc.batch or doc.writing:
+            return
+        batch, doc.batch = doc.batch, []
+        snapshots, doc.snapshots = doc.snapshots, []
+        ts = now_ms()
+        rows = [(doc.id, p.rev, ujson.dumps(p.op, ensure_ascii=False), p.client, p.seq, p.user_id, ts)
+                for p in batch]
+        fn = partial(_write_ops, doc.id, rows, batch[-1].length, ts, snapshots, self.log_keep)
+        try:
+            fut = self.store.write(fn)
+        except (StoreBusy, StoreClosed) as exc:
+            self._fail(doc, exc)
+            return
+        doc.inflight.extend(batch)
+        doc.updated = ts
+        doc.writing = True
+        doc.last_write = asyncio.get_running_loop().time()
+        fut.add_done_callback(partial(self._committed, doc, batch[-1].rev, len(snapshots)))
+
+    def _committed(self, doc: LiveDoc, last: int, snapshots: int, fut: asyncio.Future[None]) -> None:
+        doc.writing = False
+        if doc.broken:
+            return
+        exc = asyncio.CancelledError() if fut.cancelled() else fut.exception()
+        if exc is not None:
+            self._fail(doc, exc)
+            return
+        self.snapshots_written += snapshots
+        doc.committed_rev = max(doc.committed_rev, last)
+        publish = self.hub.publish
+        topic = doc.topic
+        while doc.inflight and doc.inflight[0].rev <= last:
+            p = doc.inflight.popleft()
+            if p.peer is not None and not p.peer.gone:
+                p.peer.member.send({"type": "ack", "rev": p.rev, "seq": p.seq})
+            publish(topic, {"type": "op", "rev": p.rev, "op": p.op, "client": p.client, "seq": p.seq})
+            self.ops_applied += 1
+        doc.run_waiters(doc.committed_rev)
+        if doc.batch and doc.flush_handle is None:
+            self._schedule_flush(doc)
+
+    def _fail(self, doc: LiveDoc, exc: BaseException) -> None:
+        """A write failed: drop the document from memory and close its peers (they resume)."""
+        self.commit_failures += 1
+        log.error("document %s: saving rev %d.. failed (%r); closing %d peers, reloading from the store",
+                  doc.id, doc.committed_rev + 1, exc, len(doc.peers))
+        doc.broken = True
+        if self.docs.get(doc.id) is doc:
+            del self.docs[doc.id]
+        for handle in (doc.flush_handle, doc.evict_handle):
+            if handle is not None:
+                handle.cancel()
+        doc.flush_handle = doc.evict_handle = None
+        doc.batch.clear()
+        doc.inflight.clear()
+        doc.run_waiters(doc.committed_rev, Unavailable(str(exc)))
+        for peer in list(doc.peers.values()):
+            self.leave(peer)
+            peer.member.close(Close.SERVER_ERROR, "the document could not be saved; reconnect")
+
+    # -- cursors ---------------------------------------------------------------------
+
+    def _move(self, doc: LiveDoc, rev: int, positions: tuple[int, ...], upto: int) -> tuple[int, ...] | None:
+        return move_positions(doc.state, rev, positions, upto)
+
+    def cursor(self, peer: Peer, rev: int, anchor: int, head: int) -> None:
+        """Relay the peer's selection to the others at the latest committed rev.
+
+        At most one relay per ``cursor_interval`` per peer; a newer selection
+        within the interval replaces the waiting one (sent at the interval's
+        end).  Raises :class:`ProtocolError` for a bad rev or range.
+        """
+        doc = peer.doc
+        if not peer.joined:
+            raise ProtocolError("conflict", "wait for the snapshot before sending cursors")
+        if rev > doc.committed_rev:
+            raise ProtocolError("conflict", f"rev {rev} is newer than the document (rev {doc.committed_rev})")
+        try:
+            moved = self._move(doc, rev, (anchor, head), doc.committed_rev)
+        except DocumentError as exc:
+            raise ProtocolError(exc.code, exc.message) from None
+        if moved is None:
+            raise ProtocolError("conflict", f"rev {rev} is too old for a cursor (oldest kept: {doc.state.log_start})")
+        peer.cursor = (doc.committed_rev, moved[0], moved[1])
+        if peer.cursor_timer is not None:
+            return
+        wait = peer.cursor_sent + self.cursor_interval - self.clock()
+        if wait <= 0:
+            self._relay_cursor(peer)
+        else:
+            peer.cursor_timer = asyncio.get_running_loop().call_later(wait, self._cursor_due, peer)
+
+    def _cursor_due(self, peer: Peer) -> None:
+        peer.cursor_timer = None
+        if not peer.gone and not peer.doc.broken:
+            self._relay_cursor(peer)
+
+    def _relay_cursor(self, peer: Peer) -> None:
+        doc = peer.doc
+        if peer.cursor is None:
+            return
+        rev, anchor, head = peer.cursor
+        if rev != doc.committed_rev:
+            moved = self._move(doc, rev, (anchor, head), doc.committed_rev)
+            if moved is None:
+                return
+            anchor, head = moved
+            peer.cursor = (doc.committed_rev, anchor, head)
+        peer.cursor_sent = self.clock()
+        self.hub.publish(doc.topic, {"type": "cursor", "client": peer.client_id, "user": peer.user_json,
+                                     "color": peer.color, "rev": doc.committed_rev, "anchor": anchor,
+                                     "head": head})
+
+    def _cancel_cursor(self, peer: Peer) -> None:
+        if peer.cursor_timer is not None:
+            peer.cursor_timer.cancel()
+            peer.cursor_timer = None
+
+    # -- reading (HTTP) ----------------------------------------------------------------
+
+    async def list_docs(self, limit: int = 1000) -> list[dict[str, Any]]:
+        """Stored documents, most recently edited first (committed values)."""
+        rows = await self.store.read(partial(_list_rows, limit))
+        out = []
+        for doc_id, rev, length, created, updated in rows:
+            live = self.docs.get(doc_id)
+            out.append({"id": doc_id, "rev": rev, "length": length, "created": created, "updated": updated,
+                        "peers": len(live.announced()) if live is not None else 0})
+        return out
+
+    async def get_doc(self, doc_id: str) -> dict[str, Any]:
+        """Text and rev of ``doc_id`` as last committed; ``ProtocolError("not_found")`` if it never existed."""
+        doc = await self.open_doc(doc_id, create=False)
+        if doc is None:
+            raise ProtocolError("not_found", f"no document named {doc_id}")
+        rev, text = doc.state.rev, doc.state.text
+        try:
+            await doc.until_committed(rev)
+        except Unavailable:
+            raise ProtocolError("unavailable", "the document is being reloaded; retry") from None
+        return {"id": doc_id, "rev": rev, "text": text, "length": len(text), "updated": doc.updated,
+                "peers": len(doc.announced())}
+
+    # -- metrics -----------------------------------------------------------------------
+
+    def metrics(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        yield GaugeMetricFamily("realtime_docs_open", "Documents loaded in memory", len(self.docs))
+        yield GaugeMetricFamily("realtime_doc_peers", "Connections editing a document",
+                                sum(len(d.peers) for d in self.docs.values()))
+        yield CounterMetricFamily("realtime_doc_ops_applied", "Edits committed and broadcast", self.ops_applied)
+        yield CounterMetricFamily("realtime_doc_ops_duplicate", "Resent edits acknowledged again",
+                                  self.ops_duplicate)
+        refused = CounterMetricFamily("realtime_doc_ops_refused", "Edits refused, by error code", labels=["code"])
+        for code, n in sorted(self.ops_refused.items()):
+            refused.add_metric([code], n)
+        yield refused
+        yield CounterMetricFamily("realtime_doc_snapshots_written", "Document snapshots written",
+                                  self.snapshots_written)
+        yield CounterMetricFamily("realtime_doc_commit_failures", "Document writes that failed (peers closed 1011)",
+                                  self.commit_failures)
+        yield CounterMetricFamily("realtime_docs_loaded", "Documents loaded from the store", self.docs_loaded)
+
+
+def entry_json(entry: LogEntry) -> dict[str, Any]:
+    return {"rev": entry.rev, "op": entry.op, "client": entry.client_id, "seq": entry.seq}
