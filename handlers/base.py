@@ -300,6 +300,14 @@ class BaseSocketHandler(tornado.websocket.WebSocketHandler):
             return None
         return self._guard(handler, msg)
 
+    def msg_ping(self, msg: dict[str, Any]) -> None:
+        """An application-level ping, on every endpoint, for clients that can't
+        see protocol pongs (browsers)."""
+        reply: dict[str, Any] = {"type": "pong"}
+        if "ref" in msg:
+            reply["ref"] = msg["ref"]
+        self.send(reply)
+
     def _guard(self, fn: Callable[..., Any], *args: Any) -> Awaitable[None] | None:
         """Run a handler; nothing escapes.  Coroutines run as tasks so one
         connection's messages pipeline, with at most ``max_inflight`` pending

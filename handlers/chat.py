@@ -87,10 +87,3 @@ class ChatSocketHandler(BaseSocketHandler):
             return
         self._typing_at[room] = now
         self.chat.typing(self.user, room)
-
-    def msg_ping(self, msg: dict[str, Any]) -> None:
-        """An application-level ping for clients that can't see protocol pongs."""
-        reply: dict[str, Any] = {"type": "pong"}
-        if "ref" in msg:
-            reply["ref"] = msg["ref"]
-        self.send(reply)

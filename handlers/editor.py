@@ -137,12 +137,6 @@ class EditorSocketHandler(BaseSocketHandler):
         assert rev is not None and anchor is not None and head is not None
         self.docs.cursor(peer, rev, anchor, head)
 
-    def msg_ping(self, msg: dict[str, Any]) -> None:
-        reply: dict[str, Any] = {"type": "pong"}
-        if "ref" in msg:
-            reply["ref"] = msg["ref"]
-        self.send(reply)
-
 
 class DocsAPI(JSONHandler):
     """``GET /api/docs``"""
