@@ -166,7 +166,8 @@ class BaseSocketHandler(tornado.websocket.WebSocketHandler):
     def get_compression_options(self) -> dict[str, Any] | None:
         return {} if self.cfg.websocket_compression else None
 
-    def _refuse(self, status: int, message: str) -> None:
+    def refuse(self, status: int, message: str) -> None:
+        """Answer the handshake with an HTTP error instead of an upgrade."""
         self.ctx.stats.refused(status)
         self.set_status(status)
         self.set_header("Content-Type", "application/json")
@@ -178,7 +179,7 @@ class BaseSocketHandler(tornado.websocket.WebSocketHandler):
         Done here rather than in an overridden ``get`` so that no extra
         coroutine frame stays alive for the life of every connection."""
         if self.ctx.shutting_down:
-            self._refuse(503, "server is shutting down")
+            self.refuse(503, "server is shutting down")
             return
         token = self.get_query_argument("token", None)
         auth_header = self.request.headers.get("Authorization", "")
@@ -190,11 +191,11 @@ class BaseSocketHandler(tornado.websocket.WebSocketHandler):
                 name=self.get_query_argument("name", None), session=session, token=token
             )
         except AuthError as e:
-            self._refuse(e.status, e.message)
+            self.refuse(e.status, e.message)
             return
         ip = self.ip = self.request.remote_ip or "?"
         if not self.ctx.conn_limit.acquire(ip):
-            self._refuse(429, "too many connections from this address")
+            self.refuse(429, "too many connections from this address")
             return
         self._ip_counted = True
 
@@ -393,9 +394,9 @@ class BaseSocketHandler(tornado.websocket.WebSocketHandler):
         if rt.outq_bytes + stream._total_write_index - stream._total_write_done_index > rt.cap:
             self.on_backlog(out)
             return
-        self._enqueue(out)
+        self.enqueue(out)
 
-    def _enqueue(self, out: Outgoing) -> None:
+    def enqueue(self, out: Outgoing) -> None:
         """Queue ``out`` for this iteration's flush, with no backlog check."""
         rt = self.rt
         data = out.frame if rt.fast else out.data

@@ -75,18 +75,18 @@ class EditorSocketHandler(BaseSocketHandler):
         and the upgrade: a bad one is HTTP 400 with a JSON body."""
         doc_id = self.path_args[0] if self.path_args else ""
         if not valid_doc_id(doc_id):
-            self._refuse(400, DOC_ID_RULE)
+            self.refuse(400, DOC_ID_RULE)
             return
         rev = self.get_query_argument("rev", "")
         if rev:
             if not _REV.fullmatch(rev):
-                self._refuse(400, "rev must be a non-negative integer")
+                self.refuse(400, "rev must be a non-negative integer")
                 return
             self.ed.since = int(rev)
         client = self.get_query_argument("client", "")
         if client:
             if not valid_client_id(client):
-                self._refuse(400, "client must be a client id this server handed out ('c-' and 4-40 of A-Z a-z 0-9 _ -)")
+                self.refuse(400, "client must be a client id this server handed out ('c-' and 4-40 of A-Z a-z 0-9 _ -)")
                 return
             self.ed.want_client = client
         super().prepare()

@@ -406,6 +406,15 @@ class Conflator:
         """Forget pending points of one sensor (the viewer unsubscribed)."""
         self._pending.pop(sensor_id, None)
 
+    def peek(self, sensor_ids: Iterable[str] | None = None) -> dict[str, list[Point]]:
+        """What :meth:`take` would return (for ``sensor_ids`` only, if given),
+        without forgetting it: used to carry a viewer's pending points over when
+        its subscription changes."""
+        pending = self._pending
+        if sensor_ids is None:
+            return {sid: p.points() for sid, p in pending.items()}
+        return {sid: pending[sid].points() for sid in sensor_ids if sid in pending}
+
     @property
     def pending_points(self) -> int:
         """Points the next :meth:`take` would return."""
@@ -926,7 +935,9 @@ class HostMetrics:
     def __init__(self, *, prefix: str = "host", rate_hz: float = 1.0,
                  clock: Callable[[], float] = time.monotonic, ps: Any = None) -> None:
         if ps is None:
-            import psutil as ps
+            import psutil
+
+            ps = psutil
         self._ps = ps
         self._clock = clock
         p = prefix

@@ -13,8 +13,6 @@ import shutil
 from collections.abc import Callable
 from typing import Any
 
-import pytest
-
 from tests.browser.conftest import PageHandle, ServerProcess
 
 try:

@@ -1,0 +1,126 @@
+"""Durability: device readings that got a 200 (or an ack) survive ``kill -9``."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+import websockets
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+KEY = "restart-test-key"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(port: int, data_dir: str) -> subprocess.Popen:
+    proc = subprocess.Popen(
+        [sys.executable, "server.py", "--port=%d" % port, "--address=127.0.0.1", "--data_dir=%s" % data_dir,
+         "--logging=warning", "--ingest_key=%s" % KEY, "--host_metrics=false", "--sensor_window=300",
+         "--simulated_sensors=id=sim.a hz=1 model=sine"],
+        cwd=ROOT,
+    )
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen("http://127.0.0.1:%d/healthz" % port, timeout=1) as r:
+                if r.status == 200:
+                    return proc
+        except (urllib.error.URLError, OSError):
+            if proc.poll() is not None:
+                raise RuntimeError("server exited with %s" % proc.returncode)
+            time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError("server did not start")
+
+
+def call(port: int, method: str, path: str, body=None, key: str | None = KEY):
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request("http://127.0.0.1:%d%s" % (port, path), data=data, method=method)
+    if key:
+        req.add_header("Authorization", "Bearer " + key)
+    try:
+        with urllib.request.urlopen(req, timeout=5) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"null")
+
+
+async def publish_over_ws(port: int, points: list[list[float]]) -> dict:
+    async with websockets.connect("ws://127.0.0.1:%d/ws/sensors?key=%s" % (port, KEY)) as ws:
+        json.loads(await ws.recv())  # welcome
+        await ws.send(json.dumps({"type": "publish", "sensor": "dev.ws", "points": points, "ref": 1}))
+        while True:
+            msg = json.loads(await asyncio.wait_for(ws.recv(), 5))
+            if msg["type"] in ("ack", "error"):
+                return msg
+
+
+@pytest.mark.slow
+def test_acknowledged_readings_and_metadata_survive_sigkill(tmp_path):
+    port = free_port()
+    data = str(tmp_path / "data")
+    proc = start_server(port, data)
+    try:
+        now = time.time()
+        assert call(port, "PUT", "/api/sensors/dev.http", {"label": "Boiler", "unit": "°C"})[0] == 201
+        sent = []
+        for i in range(20):
+            pts = [[round(now - 20 + i + j / 10, 3), float(i * 10 + j)] for j in range(10)]
+            status, body = call(port, "POST", "/api/sensors/dev.http/readings", pts)
+            assert (status, body["stored"]) == (200, 10)
+            sent += pts
+        ws_points = [[round(now - 1 + j / 10, 3), -float(j)] for j in range(5)]
+        ack = asyncio.run(publish_over_ws(port, ws_points))
+        assert ack == {"type": "ack", "sensor": "dev.ws", "stored": 5, "ref": 1}
+        # No graceful shutdown, no flush: the instant the last 200/ack is in.
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(5)
+
+        proc = start_server(port, data)
+        status, body = call(port, "GET", "/api/sensors/dev.http/readings?limit=10000", key=None)
+        assert status == 200
+        assert body["points"] == sent
+        status, body = call(port, "GET", "/api/sensors/dev.ws/readings", key=None)
+        assert body["points"] == ws_points
+        status, body = call(port, "GET", "/api/sensors", key=None)
+        listed = {s["id"]: s for s in body["sensors"]}
+        assert listed["dev.http"]["label"] == "Boiler" and listed["dev.http"]["unit"] == "°C"
+        assert listed["dev.http"]["latest"] == sent[-1]
+        assert "sim.a" in listed
+
+        # A viewer's backfill after the restart includes the stored readings.
+        async def backfill():
+            async with websockets.connect("ws://127.0.0.1:%d/ws/sensors" % port) as ws:
+                welcome = json.loads(await ws.recv())
+                assert "dev.ws" in {s["id"] for s in welcome["sensors"]}
+                await ws.send(json.dumps({"type": "subscribe", "sensors": ["dev.ws"], "backfill": 60}))
+                while True:
+                    msg = json.loads(await asyncio.wait_for(ws.recv(), 5))
+                    if msg["type"] == "backfill":
+                        return msg["points"]
+
+        assert asyncio.run(backfill()) == ws_points
+        # Deleting is durable too.
+        assert call(port, "DELETE", "/api/sensors/dev.ws")[0] == 200
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(5)
+        proc = start_server(port, data)
+        assert call(port, "GET", "/api/sensors/dev.ws", key=None)[0] == 404
+        assert call(port, "GET", "/api/sensors/dev.http", key=None)[0] == 200
+    finally:
+        proc.kill()
+        proc.wait(5)
