@@ -100,7 +100,9 @@ def _check_value(value: Any, depth: int) -> None:
                 raise ProtocolError("bad_json", "string contains a lone surrogate")
     elif t is float:
         if not math.isfinite(value):
-            raise ProtocolError("bad_json", "NaN and Infinity are not JSON")
+            # Not JSON either, but the usual cause is a sensor or a float that went
+            # bad: report it as a bad value, the way the apps report other bad values.
+            raise ProtocolError("bad_message", "NaN and Infinity are not valid numbers")
     elif t is dict:
         for k, v in value.items():
             _check_value(k, depth + 1)

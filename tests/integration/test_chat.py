@@ -171,7 +171,7 @@ async def test_rooms_per_connection_are_capped(connect, app_options):
 
 BAD = [
     ("{not json", "bad_json"),
-    ('{"type":"say","room":"lobby","text":NaN}', "bad_json"),
+    ('{"type":"say","room":"lobby","text":NaN}', "bad_message"),
     ('{"type":"say","room":"lobby","text":"\\ud800"}', "bad_json"),
     ("[1,2,3]", "bad_message"),
     ('{"type":"fly"}', "unknown_type"),

@@ -329,9 +329,9 @@ async def test_token_mode_a_publish_role_may_publish(connect, app, app_options, 
 
 def _bad_publishes():
     return [
-        ('{"type":"publish","sensor":"dev.bad","points":[[NOW, NaN]]}', "bad_json"),
-        ('{"type":"publish","sensor":"dev.bad","points":[[NOW, Infinity]]}', "bad_json"),
-        ('{"type":"publish","sensor":"dev.bad","points":[[NOW, 1e999]]}', "bad_json"),
+        ('{"type":"publish","sensor":"dev.bad","points":[[NOW, NaN]]}', "bad_message"),
+        ('{"type":"publish","sensor":"dev.bad","points":[[NOW, Infinity]]}', "bad_message"),
+        ('{"type":"publish","sensor":"dev.bad","points":[[NOW, 1e999]]}', "bad_message"),
         ('{"type":"publish","sensor":"dev.bad","points":[[NOW, "21.5"]]}', "bad_message"),
         ('{"type":"publish","sensor":"dev.bad","points":[["NOW", 1]]}', "bad_message"),
         ('{"type":"publish","sensor":"dev.bad","points":[[NOW, true]]}', "bad_message"),
@@ -437,8 +437,8 @@ async def test_http_ingest_needs_the_key(http_server, http_port):
 async def test_http_bad_bodies_are_refused_and_nothing_is_stored(http_server, http_port, app, app_options):
     now = time.time()
     cases = [
-        ("[[%r, NaN]]" % now, 400, "bad_json"),
-        ("[[%r, Infinity]]" % now, 400, "bad_json"),
+        ("[[%r, NaN]]" % now, 400, "bad_message"),
+        ("[[%r, Infinity]]" % now, 400, "bad_message"),
         ("not json", 400, "bad_json"),
         ("", 400, "bad_message"),
         ('"21.5"', 400, "bad_message"),
