@@ -382,6 +382,12 @@ async def drive(port: int, editors: int, rate: float, duration: float, warmup: f
     if server_cores and len(server_cores) < len(busy0):
         core_time = sum(busy1[c] - busy0[c] for c in server_cores)
         others = max(0.0, core_time - (cpu_server1 - cpu_server0)) / elapsed / len(server_cores) * 100
+    # ... and on the load generator's (this process's) core(s).
+    others_lg = None
+    gen_cores = sorted(c for c in os.sched_getaffinity(0) if c < len(busy0)) if server_cores else []
+    if gen_cores and len(gen_cores) < len(busy0) and not set(gen_cores) & set(server_cores):
+        core_time = sum(busy1[c] - busy0[c] for c in gen_cores)
+        others_lg = max(0.0, core_time - (cpu_own1 - cpu_own0)) / elapsed / len(gen_cores) * 100
     return {
         "editors": editors,
         "target_ops_per_s": rate,
@@ -397,6 +403,7 @@ async def drive(port: int, editors: int, rate: float, duration: float, warmup: f
         "server_cpu_pct": round((cpu_server1 - cpu_server0) / elapsed * 100, 1),
         "loadgen_cpu_pct": round((cpu_own1 - cpu_own0) / elapsed * 100, 1),
         "other_load_on_server_core_pct": None if others is None else round(others, 1),
+        "other_load_on_loadgen_core_pct": None if others_lg is None else round(others_lg, 1),
         "converged": converged,
         "final_rev": server_doc["rev"],
         "final_length": server_doc["length"],

@@ -103,6 +103,21 @@ def _cores() -> tuple[set[int] | None, set[int] | None]:
     return {avail[0]}, set(avail[1:])
 
 
+def _core_busy() -> list[float]:
+    """CPU seconds each core spent on anything but idling (all processes), from /proc/stat."""
+    return [t.user + t.nice + t.system + t.irq + t.softirq + getattr(t, "steal", 0.0)
+            for t in psutil.cpu_times(percpu=True)]
+
+
+def _other_pct(busy0: list[float], busy1: list[float], cores: list[int], ours: float, elapsed: float) -> float | None:
+    """Percent of ``cores`` (their mean) that processes other than ``ours`` CPU seconds used."""
+    cores = [c for c in cores if c < len(busy0)]
+    if not cores or len(cores) >= len(busy0) or elapsed <= 0:
+        return None  # not pinned apart: no core is ours alone
+    used = sum(busy1[c] - busy0[c] for c in cores)
+    return round(max(0.0, used - ours) / elapsed / len(cores) * 100, 1)
+
+
 def _cpu_busy() -> tuple[float, float]:
     """(busy seconds, total seconds) of the whole machine, from /proc/stat."""
     t = psutil.cpu_times()
@@ -306,13 +321,13 @@ async def _load(url: str, viewers: int, sensors: int, hz: float, warmup: float, 
     connect_s = time.monotonic() - t0
     await asyncio.sleep(warmup)
     me = psutil.Process()
-    cpu0_server, cpu0_me, busy0 = server.cpu(), me.cpu_times(), _cpu_busy()
+    cpu0_server, cpu0_me, busy0, cores0 = server.cpu(), me.cpu_times(), _cpu_busy(), _core_busy()
     t1 = time.monotonic()
     stats.measuring = True
     await asyncio.sleep(duration)
     stats.measuring = False
     elapsed = time.monotonic() - t1
-    cpu1_server, cpu1_me, busy1 = server.cpu(), me.cpu_times(), _cpu_busy()
+    cpu1_server, cpu1_me, busy1, cores1 = server.cpu(), me.cpu_times(), _cpu_busy(), _core_busy()
     for v in opened:
         v.close()
     await asyncio.sleep(0.2)
@@ -322,6 +337,11 @@ async def _load(url: str, viewers: int, sensors: int, hz: float, warmup: float, 
     machine_busy = busy1[0] - busy0[0]
     other = max(0.0, machine_busy - server_cpu - me_cpu)
     lat = sorted(stats.latencies)
+    try:
+        server_cores = sorted(server.ps.cpu_affinity())
+    except (psutil.Error, AttributeError):
+        server_cores = []
+    my_cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
     batches_per_s = stats.batches / elapsed if elapsed > 0 else 0.0
     return {
         "viewers": viewers,
@@ -342,6 +362,9 @@ async def _load(url: str, viewers: int, sensors: int, hz: float, warmup: float, 
         "latency_max_ms": round(1000 * lat[-1], 2) if lat else None,
         "loadgen_cpu_pct": round(100 * me_cpu / elapsed, 1),
         "other_cpu_pct": round(100 * other / elapsed, 1),
+        # the same, per role: other processes on the server's core(s) and on ours
+        "other_srv_core_pct": _other_pct(cores0, cores1, server_cores, server_cpu, elapsed),
+        "other_lg_core_pct": _other_pct(cores0, cores1, my_cores, me_cpu, elapsed),
         "errors": stats.errors,
         "error_text": stats.error_text,
         "closed_early": stats.closed,

@@ -16,6 +16,7 @@
  */
 
 import { RealtimeClient, bindStatus } from "./client.js";
+import { $, h, store } from "./dom.js";
 
 const ROOM_RE = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$/;
 const NAME_MAX = 32;
@@ -29,33 +30,6 @@ const KEYS = { name: "rt.chat.name", rooms: "rt.chat.rooms", active: "rt.chat.ac
 
 // -- small helpers -------------------------------------------------------------
 
-const $ = (id) => document.getElementById(id);
-
-function h(tag, className, text) {
-  const node = document.createElement(tag);
-  if (className) node.className = className;
-  if (text !== undefined && text !== null) node.textContent = text;
-  return node;
-}
-
-const store = {
-  get(key, fallback) {
-    try {
-      const raw = localStorage.getItem(key);
-      return raw === null ? fallback : JSON.parse(raw);
-    } catch (e) {
-      return fallback;
-    }
-  },
-  set(key, value) {
-    try {
-      if (value === null || value === undefined) localStorage.removeItem(key);
-      else localStorage.setItem(key, JSON.stringify(value));
-    } catch (e) {
-      /* private mode or full: the page still works, it just forgets */
-    }
-  },
-};
 
 function newCid() {
   const bytes = new Uint8Array(12);

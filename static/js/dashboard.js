@@ -16,6 +16,7 @@
 
 import { RealtimeClient, bindStatus } from "./client.js";
 import { LineChart, formatValue, startRenderLoop } from "./chart.js";
+import { $, h, store } from "./dom.js";
 
 const KEYS = { selection: "rt.dash.selection", rate: "rt.dash.rate", window: "rt.dash.window" };
 const RATES = [1, 2, 5, 10];
@@ -27,32 +28,6 @@ const SERIES = 6;
 
 // -- helpers ---------------------------------------------------------------------
 
-const $ = (id) => document.getElementById(id);
-
-function h(tag, className, text) {
-  const node = document.createElement(tag);
-  if (className) node.className = className;
-  if (text !== undefined && text !== null) node.textContent = text;
-  return node;
-}
-
-const store = {
-  get(key, fallback) {
-    try {
-      const raw = localStorage.getItem(key);
-      return raw === null ? fallback : JSON.parse(raw);
-    } catch (e) {
-      return fallback;
-    }
-  },
-  set(key, value) {
-    try {
-      localStorage.setItem(key, JSON.stringify(value));
-    } catch (e) {
-      /* private mode or full: the page still works, it just forgets */
-    }
-  },
-};
 
 // Colours go round the palette in the order sensors first appear (the server's order, so a
 // reload gives the same colours); a sensor keeps its colour for the life of the page.

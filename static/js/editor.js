@@ -30,6 +30,7 @@ import {
   transformIndex,
   utf16ToCp,
 } from "./ot.js";
+import { store } from "./dom.js";
 
 // Pacing, so that ops + cursors stay under the server's limits (sent with the snapshot):
 // at most 60 % of rate_limit for ops (and edit_rate), 30 % for cursors.
@@ -76,25 +77,6 @@ const held = []; // server messages held while an IME composition is open
 const peers = new Map(); // client id -> {client, user, color}
 const cursors = new Map(); // client id -> {anchor, head} in code points of the local text
 const stats = { opsSent: 0, acks: 0, remoteOps: 0, concurrent: 0, resent: 0, snapshots: 0, catchUps: 0 };
-
-const store = {
-  get(key, fallback) {
-    try {
-      const raw = localStorage.getItem(key);
-      return raw === null ? fallback : JSON.parse(raw);
-    } catch (e) {
-      return fallback;
-    }
-  },
-  set(key, value) {
-    try {
-      if (value) localStorage.setItem(key, JSON.stringify(value));
-      else localStorage.removeItem(key);
-    } catch (e) {
-      /* private mode */
-    }
-  },
-};
 
 // -- connection -------------------------------------------------------------------------
 

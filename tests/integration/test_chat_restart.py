@@ -6,40 +6,11 @@ import asyncio
 import json
 import os
 import signal
-import socket
-import subprocess
-import sys
-import time
 
 import pytest
 import websockets
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(port: int, data_dir: str) -> subprocess.Popen:
-    proc = subprocess.Popen(
-        [sys.executable, "server.py", "--port=%d" % port, "--address=127.0.0.1",
-         "--data_dir=%s" % data_dir, "--logging=warning", "--rate_limit=0"],
-        cwd=ROOT,
-    )
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return proc
-        except OSError:
-            if proc.poll() is not None:
-                raise RuntimeError("server exited with %s" % proc.returncode)
-            time.sleep(0.05)
-    proc.kill()
-    raise RuntimeError("server did not start")
+from tests.servers import free_port, start_server
 
 
 async def talk(port: int, n: int) -> list[int]:
@@ -72,14 +43,14 @@ async def history(port: int) -> dict:
 def test_acked_messages_survive_sigkill(tmp_path):
     port = free_port()
     data = str(tmp_path / "data")
-    proc = start_server(port, data)
+    proc = start_server(port, data, "--rate_limit=0")
     try:
         acked = asyncio.run(talk(port, 40))
         # Kill the instant the last ack is in: no graceful shutdown, no flush.
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(5)
         assert acked == list(range(1, 41))
-        proc = start_server(port, data)
+        proc = start_server(port, data, "--rate_limit=0")
         joined = asyncio.run(history(port))
         assert [m["seq"] for m in joined["messages"]] == list(range(1, 41))
         assert [m["text"] for m in joined["messages"]][-1] == "m39"
@@ -93,7 +64,7 @@ def test_acked_messages_survive_sigkill(tmp_path):
 @pytest.mark.slow
 def test_sigterm_closes_with_1001_and_exits_cleanly(tmp_path):
     port = free_port()
-    proc = start_server(port, str(tmp_path / "data"))
+    proc = start_server(port, str(tmp_path / "data"), "--rate_limit=0")
 
     async def wait_close():
         url = "ws://127.0.0.1:%d/ws/chat" % port

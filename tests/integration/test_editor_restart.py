@@ -7,10 +7,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
-import subprocess
-import sys
-import time
 import urllib.request
 from typing import Any
 
@@ -19,35 +15,11 @@ import websockets
 
 from realtime import ot
 from realtime.ot import OTClient
+from tests.servers import free_port, start_server
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-# Import the editor's options before the command line is parsed.
-BOOT = "import handlers.editor, server; server.main()"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+EDITOR_ARGS = ("--rate_limit=0", "--edit_rate=0", "--snapshot_every=7", "--doc_log_keep=10")
 
 
-def start_server(port: int, data_dir: str) -> subprocess.Popen:
-    proc = subprocess.Popen(
-        [sys.executable, "-c", BOOT, "--port=%d" % port, "--address=127.0.0.1", "--data_dir=%s" % data_dir,
-         "--logging=warning", "--rate_limit=0", "--edit_rate=0", "--snapshot_every=7", "--doc_log_keep=10"],
-        cwd=ROOT,
-    )
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return proc
-        except OSError:
-            if proc.poll() is not None:
-                raise RuntimeError("server exited with %s" % proc.returncode)
-            time.sleep(0.05)
-    proc.kill()
-    raise RuntimeError("server did not start")
 
 
 def get_doc(port: int, doc: str) -> dict[str, Any]:
@@ -98,14 +70,14 @@ async def edit(port: int, sess: str, n: int) -> tuple[list[str], str, OTClient]:
 def test_acked_edits_survive_sigkill_and_clients_resume(tmp_path):
     port = free_port()
     data = str(tmp_path / "data")
-    proc = start_server(port, data)
+    proc = start_server(port, data, *EDITOR_ARGS)
     try:
         sess = asyncio.run(session(port))
         texts, client_id, client = asyncio.run(edit(port, sess, 40))
         # Kill the instant the last ack is in: no graceful shutdown, no snapshot on exit.
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(5)
-        proc = start_server(port, data)
+        proc = start_server(port, data, *EDITOR_ARGS)
         doc = get_doc(port, "vault")
         assert (doc["rev"], doc["text"]) == (40, texts[-1])
 

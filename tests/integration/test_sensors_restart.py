@@ -6,9 +6,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -16,35 +13,13 @@ import urllib.request
 import pytest
 import websockets
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.servers import free_port, start_server
+
 KEY = "restart-test-key"
+SENSOR_ARGS = ("--ingest_key=%s" % KEY, "--host_metrics=false", "--sensor_window=300",
+               "--simulated_sensors=id=sim.a hz=1 model=sine")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(port: int, data_dir: str) -> subprocess.Popen:
-    proc = subprocess.Popen(
-        [sys.executable, "server.py", "--port=%d" % port, "--address=127.0.0.1", "--data_dir=%s" % data_dir,
-         "--logging=warning", "--ingest_key=%s" % KEY, "--host_metrics=false", "--sensor_window=300",
-         "--simulated_sensors=id=sim.a hz=1 model=sine"],
-        cwd=ROOT,
-    )
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen("http://127.0.0.1:%d/healthz" % port, timeout=1) as r:
-                if r.status == 200:
-                    return proc
-        except (urllib.error.URLError, OSError):
-            if proc.poll() is not None:
-                raise RuntimeError("server exited with %s" % proc.returncode)
-            time.sleep(0.05)
-    proc.kill()
-    raise RuntimeError("server did not start")
 
 
 def call(port: int, method: str, path: str, body=None, key: str | None = KEY):
@@ -73,7 +48,7 @@ async def publish_over_ws(port: int, points: list[list[float]]) -> dict:
 def test_acknowledged_readings_and_metadata_survive_sigkill(tmp_path):
     port = free_port()
     data = str(tmp_path / "data")
-    proc = start_server(port, data)
+    proc = start_server(port, data, *SENSOR_ARGS)
     try:
         now = time.time()
         assert call(port, "PUT", "/api/sensors/dev.http", {"label": "Boiler", "unit": "°C"})[0] == 201
@@ -90,7 +65,7 @@ def test_acknowledged_readings_and_metadata_survive_sigkill(tmp_path):
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(5)
 
-        proc = start_server(port, data)
+        proc = start_server(port, data, *SENSOR_ARGS)
         status, body = call(port, "GET", "/api/sensors/dev.http/readings?limit=10000", key=None)
         assert status == 200
         assert body["points"] == sent
@@ -118,7 +93,7 @@ def test_acknowledged_readings_and_metadata_survive_sigkill(tmp_path):
         assert call(port, "DELETE", "/api/sensors/dev.ws")[0] == 200
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(5)
-        proc = start_server(port, data)
+        proc = start_server(port, data, *SENSOR_ARGS)
         assert call(port, "GET", "/api/sensors/dev.ws", key=None)[0] == 404
         assert call(port, "GET", "/api/sensors/dev.http", key=None)[0] == 200
     finally:
