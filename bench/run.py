@@ -8,6 +8,7 @@ How to run (from the repository root; needs picows, uvloop, websockets, psutil -
     python bench/run.py --scenarios fanout,slow --servers tornado,server
     python bench/run.py --quick --no-write      # print only, leave docs/ and bench/results/ alone
     python bench/run.py --server-arg=--max_write_buffer=262144   # pass options to server.py
+    python bench/run.py --scenarios sensors,editor --servers server  # the two other apps only
 
 It prints a progress line on stderr while it runs, then markdown tables and the target
 ratios on stdout, and writes the same to docs/BENCHMARKS.md (with the command, the
@@ -40,6 +41,16 @@ Scenarios (``--scenarios``):
                   the kernel's socket buffers, ~4 MB per connection on loopback), run once
                   as a control and once with every fifth client no longer reading its
                   socket: server RSS growth and the fast clients' p99 against the control
+- ``sensors``     bench/sensors_scenario.py: 1,000 dashboards (200 with --quick) each
+                  watching 20 simulated sensors at 10 Hz; tick-to-receive p99 and server
+                  CPU per delivered batch
+- ``editor``      bench/editor_scenario.py: 50 editors on one document, 1,000 ops/s in
+                  total, acks only after a durable commit; applied ops/s and ack p99
+
+sensors and editor run last, against server.py only (the baselines are chat servers), each
+on its own fresh server that the scenario script starts itself, pinned the same way; the
+load generator's pool is stopped first and the scenario's clients run in this process on
+the load generator's core. ``--server-arg`` does not reach them.
 
 connect, idle, fanout and throughput share one set of connections; rooms and slow open
 their own. A full run starts a fresh server for each of the three groups; --quick runs
@@ -68,7 +79,9 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib
 import json
+import math
 import os
 import platform
 import re
@@ -90,11 +103,13 @@ if __package__ in (None, ""):
 from bench import procs, report
 from bench.latency import merged
 
-SCENARIOS = ["connect", "idle", "fanout", "throughput", "rooms", "slow"]
+SCENARIOS = ["connect", "idle", "fanout", "throughput", "rooms", "slow", "sensors", "editor"]
 ONE_ROOM = {"connect", "idle", "fanout", "throughput"}
+APPS = ["sensors", "editor"]  # server.py only, after the chat scenarios
 DEFAULT_SERVERS = ["tornado", "ws-loop", "ws-broadcast", "server"]
 SERVER_CORES = {0}
 LOADGEN_CORES = {1}
+ALL_CORES: set[int] = set()  # the runner's affinity before it pinned itself (the apps' scripts pin from it)
 
 
 @dataclass
@@ -623,16 +638,53 @@ class Bench:
                               if run["p99_ms"] and control["p99_ms"] else None))
         self.record("slow", name, run)
 
+    def apps(self) -> list[str]:
+        return [s for s in APPS if s in self.args.scenarios]
+
     def run(self) -> None:
-        self.progress = Progress(sum(len(self.groups(name)) for name in self.args.servers))
+        apps = self.apps()
+        self.progress = Progress(sum(len(self.groups(name)) for name in self.args.servers) + len(apps))
         if "server" in self.args.servers:
             self.discover_write_cap()
-        self.start_pool()
-        for name in self.args.servers:
-            self.run_system(name)
+        if any(self.groups(name) for name in self.args.servers):
+            self.start_pool()
+            for name in self.args.servers:
+                self.run_system(name)
         if self.pool:
             self.pool.close()
+            self.pool = None
+        for scenario in apps:
+            self.run_app(scenario)
         self.progress.done()
+
+    def run_app(self, scenario: str) -> None:
+        """One of the other apps' scenario scripts, against server.py only: the script starts
+        its own server on core 0 and runs its clients here, on the load generator's core."""
+        self.progress.next(f"server · {scenario}")
+        if "server" not in self.args.servers:
+            self.fail("server", [scenario], "not run: --servers does not include server")
+            return
+        if not os.path.exists(os.path.join(ROOT, "server.py")):
+            self.fail("server", [scenario], "not available: server.py does not exist yet")
+            return
+        if self.over_budget():
+            self.fail("server", [scenario], f"skipped: over the {self.profile.budget:.0f} s time budget")
+            return
+        self.wait_quiet()
+        self.progress.stage("running bench/{}_scenario.py{}".format(scenario, " --quick" if self.args.quick else ""))
+        module = importlib.import_module(f"bench.{scenario}_scenario")
+        pinned = os.sched_getaffinity(0) if ALL_CORES else None
+        try:
+            if ALL_CORES:  # the script pins its server to the first core and itself to the rest
+                os.sched_setaffinity(0, ALL_CORES)
+            raw = module.run(self.args.quick)
+        except Exception as exc:  # a failed scenario is a row with its error, not a failed run
+            self.fail("server", [scenario], f"failed: {type(exc).__name__}: {exc}"[:300])
+            return
+        finally:
+            if pinned:
+                os.sched_setaffinity(0, pinned)
+        self.record(scenario, "server", app_record(scenario, raw))
 
 
 def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -655,6 +707,45 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def _ms(us: float | None) -> float | None:
     return us / 1000 if us is not None else None
+
+
+def _num(value: Any) -> float | None:
+    """A measurement, or None for a missing or NaN one."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    return value
+
+
+def app_record(scenario: str, raw: dict[str, Any]) -> dict[str, Any]:
+    """A scenario script's result in the runner's vocabulary (the keys report.py reads:
+    rate, us_per_msg, p50_ms, p99_ms, srv_cpu_pct, lg_cpu_pct, other_*_core_pct), with
+    the script's own dict kept under ``raw``."""
+    if scenario == "sensors":
+        return {
+            "conns": raw["connected"], "viewers": raw["viewers"], "sensors": raw["sensors"], "hz": raw["hz"],
+            "rate": _num(raw["batches_per_s"]), "ideal": raw["ideal_batches_per_s"],
+            "us_per_msg": _num(raw["server_cpu_us_per_batch"]),
+            "p50_ms": _num(raw["latency_p50_ms"]), "p99_ms": _num(raw["latency_p99_ms"]),
+            "max_ms": _num(raw["latency_max_ms"]),
+            "srv_cpu_pct": raw["server_cpu_pct"], "lg_cpu_pct": raw["loadgen_cpu_pct"],
+            "other_srv_core_pct": raw.get("other_srv_core_pct"), "other_lg_core_pct": raw.get("other_lg_core_pct"),
+            "connect_failures": raw["connect_failures"], "first_failure": raw["first_failure"],
+            "errors": raw["errors"], "error_text": raw["error_text"], "closed_early": raw["closed_early"],
+            "duration_s": raw["duration_s"], "client": raw["client"], "pinned": raw["pinned"], "raw": raw}
+    if scenario == "editor":
+        return {
+            "conns": raw["editors"], "editors": raw["editors"], "offered": raw["target_ops_per_s"],
+            "rate": _num(raw["applied_ops_per_s"]), "applied": raw["applied_ops"], "edits": raw["edits"],
+            "us_per_msg": _num(raw["server_cpu_us_per_op"]),
+            "p50_ms": _num(raw["ack_p50_ms"]), "p99_ms": _num(raw["ack_p99_ms"]), "max_ms": _num(raw["ack_max_ms"]),
+            "srv_cpu_pct": raw["server_cpu_pct"], "lg_cpu_pct": raw["loadgen_cpu_pct"],
+            "other_srv_core_pct": raw.get("other_load_on_server_core_pct"),
+            "other_lg_core_pct": raw.get("other_load_on_loadgen_core_pct"),
+            "converged": raw["converged"], "durable": raw["durable"], "errors": raw["errors"],
+            "error_text": str(raw.get("first_error") or "")[:200], "disconnects": raw["disconnects"],
+            "final_rev": raw["final_rev"], "final_length": raw["final_length"],
+            "duration_s": raw["duration_s"], "client": raw["client"], "raw": raw}
+    raise ValueError(f"unknown app scenario {scenario!r}")
 
 
 # -- machine and output -----------------------------------------------------------
@@ -736,10 +827,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.wait_quiet is None:
         args.wait_quiet = 0.0 if args.quick else 180.0
     procs.install_cleanup()
-    global SERVER_CORES, LOADGEN_CORES
+    global SERVER_CORES, LOADGEN_CORES, ALL_CORES
     if (os.cpu_count() or 1) < 2:
         SERVER_CORES = LOADGEN_CORES = set()  # one core: nothing to pin apart
     else:
+        ALL_CORES = os.sched_getaffinity(0)
         os.sched_setaffinity(0, LOADGEN_CORES)  # the runner stays off the server's core
     command = "python bench/run.py" + "".join(" " + shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     meta = {"command": command, "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),

@@ -304,10 +304,7 @@ class BaseSocketHandler(tornado.websocket.WebSocketHandler):
     def msg_ping(self, msg: dict[str, Any]) -> None:
         """An application-level ping, on every endpoint, for clients that can't
         see protocol pongs (browsers)."""
-        reply: dict[str, Any] = {"type": "pong"}
-        if "ref" in msg:
-            reply["ref"] = msg["ref"]
-        self.send(reply)
+        self.reply(msg, {"type": "pong"})
 
     def _guard(self, fn: Callable[..., Any], *args: Any) -> Awaitable[None] | None:
         """Run a handler; nothing escapes.  Coroutines run as tasks so one
@@ -365,6 +362,12 @@ class BaseSocketHandler(tornado.websocket.WebSocketHandler):
     def send(self, obj: dict[str, Any]) -> None:
         """Encode and queue one message to this connection."""
         self.deliver(Outgoing(obj))
+
+    def reply(self, msg: dict[str, Any], obj: dict[str, Any]) -> None:
+        """Send ``obj`` as the answer to ``msg``: it carries ``msg``'s ``ref``, if any."""
+        if "ref" in msg:
+            obj["ref"] = msg["ref"]
+        self.send(obj)
 
     def reply_error(self, code: str, message: str, ref: Any = None) -> None:
         """Send an ``error`` message (not ``send_error``: that is Tornado's HTTP error page)."""

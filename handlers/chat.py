@@ -58,9 +58,7 @@ class ChatSocketHandler(BaseSocketHandler):
         sub = self.rooms.get(room)
         if sub is None or self._closing:
             return  # left or disconnected while history was read
-        if "ref" in msg:
-            reply["ref"] = msg["ref"]
-        self.send(reply)
+        self.reply(msg, reply)
         sub.release(reply["seq"])
 
     def msg_leave(self, msg: dict[str, Any]) -> None:

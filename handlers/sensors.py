@@ -182,18 +182,14 @@ class SensorSocketHandler(BaseSocketHandler):
         max_hz = get_number(msg, "max_hz", required=False)
         backfill = get_number(msg, "backfill", required=False, minimum=0) or 0.0
         reply, backfills = self.ctx.sensors.subscribe(self.viewer, msg.get("sensors"), max_hz, backfill)
-        if "ref" in msg:
-            reply["ref"] = msg["ref"]
-        self.send(reply)
+        self.reply(msg, reply)
         for b in backfills:
             self.send(b)
 
     def msg_unsubscribe(self, msg: dict[str, Any]) -> None:
         assert self.viewer is not None
         reply = self.ctx.sensors.unsubscribe(self.viewer, msg.get("sensors"))
-        if "ref" in msg:
-            reply["ref"] = msg["ref"]
-        self.send(reply)
+        self.reply(msg, reply)
 
     async def msg_publish(self, msg: dict[str, Any]) -> None:
         if self.viewer is None or not self.viewer.publisher:
@@ -209,9 +205,7 @@ class SensorSocketHandler(BaseSocketHandler):
             raise ProtocolError("bad_message", "'points' is required: [[t, value], ...] (t in unix seconds)")
         stored = await self.ctx.sensors.publish(sensor, raw)
         ack: dict[str, Any] = {"type": "ack", "sensor": sensor, "stored": stored}
-        if "ref" in msg:
-            ack["ref"] = msg["ref"]
-        self.send(ack)
+        self.reply(msg, ack)
 
 
 # -- HTTP ------------------------------------------------------------------------
