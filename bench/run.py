@@ -3,8 +3,8 @@
 How to run (from the repository root; needs picows, uvloop, websockets, psutil --
 ``pip install -e .[bench]``)::
 
-    python bench/run.py --quick                 # under a minute: 1,000 connections
-    python bench/run.py                         # full: 10,000 connections, ~10 minutes
+    python bench/run.py --quick                 # about a minute: 1,000 connections, 200 dashboards
+    python bench/run.py                         # full: 10,000 connections, 1,000 dashboards, ~10 minutes
     python bench/run.py --scenarios fanout,slow --servers tornado,server
     python bench/run.py --quick --no-write      # print only, leave docs/ and bench/results/ alone
     python bench/run.py --server-arg=--max_write_buffer=262144   # pass options to server.py
@@ -92,6 +92,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -427,6 +428,7 @@ class Bench:
         """Publish, wait for delivery, and turn both sides' counters into one result."""
         self.tag = (self.tag + 1) % 10000
         self.call("reset", 10, tag=f"{self.tag:04d}")
+        commits0 = store_commits(srv)
         meter = Meter(srv.child, self.pool)
         t0_ns = time.monotonic_ns()
         pubs = self.call("publish", publish["duration"] + 30, **publish)
@@ -442,6 +444,7 @@ class Bench:
         cpu = meter.stop()
         if not srv.child.alive():
             raise SessionError(f"server exited during the run: {srv.child.log_tail(2)}")
+        commits1 = store_commits(srv)
         delivered = sum(d["recv_fast"] + d["recv_stalled"] for d in drains)
         last_ns = max(d["last_recv_ns"] for d in drains)
         # Rate over the publishing time, or until the last arrival if that came later.
@@ -462,6 +465,7 @@ class Bench:
             error_text=next((d["error_text"] for d in drains if d["error_text"]), ""),
             disconnects=sum(d["disconnects"] for d in drains), close_codes=codes,
             stale=sum(d["stale"] for d in drains),
+            commits=commits1 - commits0 if commits0 is not None and commits1 is not None else None,
             inflight=windows[0] * sum(d["expected_fast"] for d in drains) / max(1, sum(published.values()))
             if windows else None)
 
@@ -685,6 +689,8 @@ class Bench:
             if pinned:
                 os.sched_setaffinity(0, pinned)
         self.record(scenario, "server", app_record(scenario, raw))
+        if not hasattr(self, "client_kind"):  # no chat scenario ran: name the scripts' client
+            self.client_kind = raw.get("client", "?")
 
 
 def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -697,12 +703,26 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     for key in ("published", "acks", "expected", "delivered", "lost", "dup", "errors", "disconnects", "stale"):
         out[key] = sum(r[key] for r in runs)
     out["error_text"] = next((r["error_text"] for r in runs if r["error_text"]), "")
+    commits = [r.get("commits") for r in runs]
+    out["commits"] = sum(commits) if commits and None not in commits else None  # type: ignore[arg-type]
     codes: dict[str, int] = {}
     for r in runs:
         for code, count in r["close_codes"].items():
             codes[code] = codes.get(code, 0) + count
     out["close_codes"] = codes
     return out
+
+
+def store_commits(srv: Running) -> int | None:
+    """server.py's count of SQLite commits so far (its /healthz), read outside measured
+    intervals; None for the baselines or when it cannot be read."""
+    if srv.name != "server":
+        return None
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{srv.port}/healthz", timeout=2) as resp:
+            return int(json.loads(resp.read())["store"]["commits"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _ms(us: float | None) -> float | None:
@@ -785,7 +805,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Run the benchmarks and print a table.",
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=f"servers: {', '.join(SERVERS)}\nscenarios: {', '.join(SCENARIOS)}")
-    parser.add_argument("--quick", action="store_true", help="small counts, under a minute")
+    parser.add_argument("--quick", action="store_true", help="small counts, about a minute")
     parser.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated subset")
     parser.add_argument("--servers", default=",".join(DEFAULT_SERVERS), help="comma-separated subset")
     parser.add_argument("--connections", type=int, help="override the profile's connection count")

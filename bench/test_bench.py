@@ -13,7 +13,7 @@ import pytest
 from bench import report
 from bench.latency import Histogram, bucket_of, bucket_value, merged
 from bench.loadgen import frame_type, parse_stamp, say_frame, text_pad
-from bench.run import PROFILES, parse_args, summarize
+from bench.run import PROFILES, app_record, parse_args, summarize
 
 
 def test_buckets_are_monotonic_contiguous_and_within_two_percent() -> None:
@@ -125,6 +125,84 @@ def test_targets_say_why_when_the_server_is_missing() -> None:
     assert "n/a (not available: server.py does not exist yet)" in line
 
 
+def sensors_raw(**over: object) -> dict:
+    base = {"viewers": 1000, "connected": 1000, "connect_failures": 0, "first_failure": "", "sensors": 20,
+            "hz": 10.0, "duration_s": 10.0, "connect_s": 2.0, "client": "picows + uvloop",
+            "batches_per_s": 10000.0, "ideal_batches_per_s": 10000.0, "server_cpu_pct": 30.0,
+            "server_cpu_us_per_batch": 30.0, "latency_p50_ms": 2.0, "latency_p99_ms": 8.0, "latency_max_ms": 12.0,
+            "loadgen_cpu_pct": 40.0, "other_cpu_pct": 3.0, "other_srv_core_pct": 1.0, "other_lg_core_pct": 2.0,
+            "errors": 0, "error_text": "", "closed_early": 0, "pinned": True, "verdict": "PASS"}
+    base.update(over)
+    return base
+
+
+def editor_raw(**over: object) -> dict:
+    base = {"editors": 50, "target_ops_per_s": 1000.0, "duration_s": 10.0, "applied_ops": 10000,
+            "applied_ops_per_s": 1000.0, "edits": 10000, "ack_samples": 10000, "ack_p50_ms": 3.0,
+            "ack_p99_ms": 6.0, "ack_max_ms": 20.0, "server_cpu_us_per_op": 450.0, "server_cpu_pct": 45.0,
+            "loadgen_cpu_pct": 35.0, "other_load_on_server_core_pct": 2.0, "other_load_on_loadgen_core_pct": 30.0,
+            "converged": True, "final_rev": 12000, "final_length": 2000, "errors": 0, "first_error": None,
+            "disconnects": 0, "client": "picows", "durable": "synchronous=FULL", "passed": True}
+    base.update(over)
+    return base
+
+
+def test_app_record_maps_the_scripts_results_to_the_report_keys() -> None:
+    r = app_record("sensors", sensors_raw(latency_p99_ms=float("nan")))
+    assert r["rate"] == 10000.0 and r["us_per_msg"] == 30.0 and r["srv_cpu_pct"] == 30.0
+    assert r["p99_ms"] is None  # NaN (no sample) is no measurement
+    e = app_record("editor", editor_raw())
+    assert e["rate"] == 1000.0 and e["p99_ms"] == 6.0 and e["other_lg_core_pct"] == 30.0
+    with pytest.raises(ValueError):
+        app_record("chat", {})
+
+
+def test_sensors_target_names_each_failed_criterion_and_the_viewer_count() -> None:
+    ok = report.sensors_target({"sensors": {"server": app_record("sensors", sensors_raw())}})
+    assert ok[0].endswith("MET") and "8.00 ms at 1,000 viewers" in ok[0] and len(ok) == 1
+    slow = app_record("sensors", sensors_raw(latency_p99_ms=80.0, batches_per_s=9000.0, server_cpu_pct=97.0))
+    lines = report.sensors_target({"sensors": {"server": slow}})
+    assert "NOT MET" in lines[0]
+    assert lines[1].startswith("  - limit: p99 80.0 ms, 9,000 of 10,000 batches/s delivered; the server's CPU: 97 %")
+    quick = app_record("sensors", sensors_raw(viewers=200, connected=200, ideal_batches_per_s=2000.0,
+                                              batches_per_s=2000.0))
+    line = report.sensors_target({"sensors": {"server": quick}})[0]
+    assert "(measured at 200 viewers; the target is for 1,000)" in line
+
+
+def test_editor_target_needs_rate_p99_convergence_and_durability() -> None:
+    line = report.editor_target({"editor": {"server": app_record("editor", editor_raw(applied_ops_per_s=995.0))}})
+    assert line[0].endswith("  MET")  # within the window's jitter
+    lagging = app_record("editor", editor_raw(applied_ops_per_s=700.0, ack_p99_ms=90.0, converged=False))
+    ok, failed = report.editor_check(lagging)
+    assert ok is False and failed == ["700 ops/s applied of 1,000 offered", "ack p99 90.0 ms",
+                                      "the copies did not converge"]
+    lines = report.editor_target({"editor": {"server": lagging}})
+    assert "NOT MET" in lines[0] and "edits every 50 ms" in lines[1]
+    assert "other processes took 30 % of the load generator's core" in lines[1]
+    assert report.editor_check(app_record("editor", editor_raw(durable="synchronous=NORMAL")))[0] is False
+
+
+def test_rooms_limit_line_gives_the_cost_per_say_and_commits() -> None:
+    results = fake_results(10.0, 60000.0, 12.0)
+    results["rooms"] = {
+        "tornado": dict(summarize([run_result(us_per_msg=50.0)]), conns=10000, rooms=1000, offered=8000),
+        "server": dict(summarize([dict(run_result(us_per_msg=60.0, published=4800), commits=4800)]),
+                       conns=10000, rooms=1000, offered=8000)}
+    lines = report.targets(results)
+    at = next(i for i, line in enumerate(lines) if "(rooms): 1.20x" in line)
+    assert lines[at].endswith("NOT MET")
+    limit = lines[at + 1]
+    assert "600 µs of server CPU per say against the Tornado demo's 500" in limit
+    assert "at 800 says/s each say had a commit of its own (1.0 says per commit)" in limit
+    assert "in the one big room" in limit and "0.25x" in limit
+
+
+def test_summarize_adds_commits_only_when_every_run_has_them() -> None:
+    assert summarize([dict(run_result(), commits=3), dict(run_result(), commits=4)])["commits"] == 7
+    assert summarize([dict(run_result(), commits=3), run_result()])["commits"] is None
+
+
 def test_render_writes_every_selected_table() -> None:
     args = parse_args(["--quick"])
     meta = {"command": "python bench/run.py --quick", "date": "today", "mode": "quick", "elapsed_s": 1,
@@ -134,9 +212,14 @@ def test_render_writes_every_selected_table() -> None:
             "profile": vars(PROFILES["quick"]), "pinning": {"server": [0], "loadgen": [1]}, "workers": 1,
             "concurrency": 100, "client": "picows + uvloop",
             "servers": {n: {"label": n, "note": "a note"} for n in args.servers}}
-    text = report.render(meta, fake_results(10.0, 60000.0, 12.0), args.scenarios, args.servers)
-    for heading in ("## Targets", "(`fanout`)", "(`throughput`)", "(`idle`)", "(`slow`)", "## Notes"):
+    results = fake_results(10.0, 60000.0, 12.0)
+    results["sensors"] = {"server": app_record("sensors", sensors_raw())}
+    results["editor"] = {"server": {"error": "failed: RuntimeError: server did not start"}}
+    text = report.render(meta, results, args.scenarios, args.servers)
+    for heading in ("## How to read this", "## This run", "## Targets", "(`fanout`)", "(`throughput`)",
+                    "(`idle`)", "(`slow`)", "Sensor dashboards: 1,000 viewers", "(`editor`)", "## Notes"):
         assert heading in text
+    assert "collaborative editing, one document: n/a (failed: RuntimeError: server did not start)" in text
     assert "not available: server.py does not exist yet" in text
 
 
