@@ -1,7 +1,7 @@
 """Benchmark scenario: many editors typing into one document at a steady rate.
 
     python bench/editor_scenario.py            # 50 editors, 1,000 ops/s in total, 10 s
-    python bench/editor_scenario.py --quick    # 3 s
+    python bench/editor_scenario.py --quick    # 2 s
     python bench/editor_scenario.py --editors=20 --rate=500 --duration=5 --json
 
 It starts ``server.py`` on a loopback port with a fresh data_dir and the default
@@ -417,7 +417,7 @@ async def drive(port: int, editors: int, rate: float, duration: float, warmup: f
 def run(quick: bool = False, *, editors: int = 50, rate: float = 1000.0, duration: float | None = None,
         p99_target_ms: float = 50.0) -> dict[str, Any]:
     """Run the scenario once; return the measurements and ``passed``."""
-    duration = duration if duration is not None else (3.0 if quick else 10.0)
+    duration = duration if duration is not None else (2.0 if quick else 10.0)
     warmup = 0.5 if quick else 1.0
     server_cores, gen_cores = cores()
     data_dir = tempfile.mkdtemp(prefix="editor-bench-")
@@ -491,7 +491,7 @@ def table(r: dict[str, Any]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="3 s instead of 10 s")
+    parser.add_argument("--quick", action="store_true", help="2 s instead of 10 s")
     parser.add_argument("--editors", type=int, default=50)
     parser.add_argument("--rate", type=float, default=1000.0, help="edits per second, all editors together")
     parser.add_argument("--duration", type=float, default=None, help="seconds measured")

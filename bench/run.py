@@ -144,7 +144,7 @@ PROFILES = {
     "quick": Profile(conns=1000, concurrency=100, reps=1, fanout_rate=8, fanout_secs=1.2,
                      throughput_secs=1.2, rooms_size=10, rooms_rate=800,
                      rooms_secs=1.2, slow_members=10, slow_rate=1000, slow_text=1800,
-                     slow_control_secs=0.8, slow_secs=3.5, settle=0.2, quiet=1.0, quiet_unacked=4.0,
+                     slow_control_secs=0.8, slow_secs=2.5, settle=0.2, quiet=1.0, quiet_unacked=3.0,
                      reuse_server=True,
                      budget=150),
     "full": Profile(conns=10000, concurrency=200, reps=3, fanout_rate=1, fanout_secs=8,

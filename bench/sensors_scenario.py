@@ -1,7 +1,7 @@
 """Benchmark scenario: many dashboards watching many sensors at 10 Hz.
 
     python bench/sensors_scenario.py             # 1,000 viewers x 20 sensors at 10 Hz, 10 s
-    python bench/sensors_scenario.py --quick     # 200 viewers, 5 s
+    python bench/sensors_scenario.py --quick     # 200 viewers, 3 s
     python bench/sensors_scenario.py --viewers 500 --duration 20 --json
 
 or from Python: ``bench.sensors_scenario.run(quick: bool) -> dict``.
@@ -379,7 +379,7 @@ def run(quick: bool = False, *, viewers: int | None = None, sensors: int = 20, h
         duration: float | None = None, warmup: float = 2.0) -> dict[str, Any]:
     """Run the scenario once; return its measurements (see the module docstring)."""
     viewers = viewers if viewers is not None else (200 if quick else TARGET_VIEWERS)
-    duration = duration if duration is not None else (5.0 if quick else 10.0)
+    duration = duration if duration is not None else (3.0 if quick else 10.0)
     server_cores, client_cores = _cores()
     _raise_nofile()
     old_affinity = None
@@ -445,7 +445,7 @@ def table(r: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="200 viewers for 5 s")
+    ap.add_argument("--quick", action="store_true", help="200 viewers for 3 s")
     ap.add_argument("--viewers", type=int, default=None)
     ap.add_argument("--sensors", type=int, default=20)
     ap.add_argument("--hz", type=float, default=10.0)
