@@ -284,16 +284,18 @@ class BaseSocketHandler(tornado.websocket.WebSocketHandler):
             return None
         self.ctx.stats.messages_in += 1
         verdict = self.flood.check()
-        if verdict != "ok":
-            if verdict == "flood":
-                self.close(Close.POLICY, "too many messages; slow down")
-            else:
-                self.reply_error("rate_limited", "too many messages; slow down")
+        if verdict == "flood":
+            self.close(Close.POLICY, "too many messages; slow down")
             return None
         try:
             msg = decode(message)
         except ProtocolError as e:
             self.reply_error(e.code, e.message)
+            return None
+        if verdict != "ok":
+            # Decoded first (frames are at most max_message_size) so that the
+            # error carries the refused message's ref: the client knows which to resend.
+            self.reply_error("rate_limited", "too many messages; slow down", msg.get("ref"))
             return None
         handler: Callable[[dict[str, Any]], Any] | None = getattr(self, "msg_" + msg["type"], None)
         if handler is None:

@@ -217,8 +217,12 @@ async def test_rate_limit_then_flood_close(connect, app_options):
     ann = await user(connect, "ann")
     for i in range(8):
         ann.send({"type": "ping", "ref": i})
-    kinds = [(await ann.recv())["type"] for _ in range(8)]
+    replies = [await ann.recv() for _ in range(8)]
+    kinds = [r["type"] for r in replies]
     assert kinds.count("pong") in (4, 5, 6) and "error" in kinds  # 5 (join used one) then rate_limited
+    refused = [r for r in replies if r["type"] == "error"]
+    assert all(r["code"] == "rate_limited" for r in refused)
+    assert [r["ref"] for r in refused] == list(range(8))[-len(refused):]  # which ones to resend
     for _ in range(30):
         ann.send({"type": "ping"})
     assert await ann.closed() == 1008
