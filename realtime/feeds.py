@@ -586,15 +586,13 @@ class RandomWalk:
         return min(max(lo + y, lo), hi)
 
 
-class NoisySine:
-    """``offset + amplitude * sin(2 pi (t / period_s + phase)) + noise * N(0, 1)``.
+class _Periodic:
+    """What the periodic models share: ``offset``, ``amplitude``, ``period_s``,
+    optional Gaussian noise that is a pure function of ``(seed, t)``.
+    Subclasses define ``shape(frac)`` in [-1, 1] for the phase ``frac`` in [0, 1)."""
 
-    A pure function of ``t`` for a given ``seed``.  Without noise the value lies
-    in ``[offset - |amplitude|, offset + |amplitude|]``.
-    """
-
-    def __init__(self, amplitude: float = 1.0, period_s: float = 60.0, offset: float = 0.0,
-                 noise: float = 0.0, seed: int | None = None, phase: float = 0.0) -> None:
+    def __init__(self, amplitude: float, period_s: float, offset: float, noise: float,
+                 seed: int | None, phase: float = 0.0) -> None:
         _check_finite(amplitude=amplitude, period_s=period_s, offset=offset, noise=noise, phase=phase)
         if period_s <= 0:
             raise ValueError("period must be > 0")
@@ -607,64 +605,57 @@ class NoisySine:
         self.phase = float(phase)
         self.seed = _seed_of(seed)
 
+    def shape(self, frac: float) -> float:
+        raise NotImplementedError
+
     def sample(self, t: float) -> float:
-        x = self.offset + self.amplitude * math.sin(2.0 * math.pi * (t / self.period_s + self.phase))
+        x = self.offset + self.amplitude * self.shape((t / self.period_s + self.phase) % 1.0)
         if self.noise:
             x += self.noise * _gauss(self.seed, t)
         return x
 
 
-class Sawtooth:
+class NoisySine(_Periodic):
+    """``offset + amplitude * sin(2 pi (t / period_s + phase)) + noise * N(0, 1)``.
+
+    A pure function of ``t`` for a given ``seed``.  Without noise the value lies
+    in ``[offset - |amplitude|, offset + |amplitude|]``.
+    """
+
+    def __init__(self, amplitude: float = 1.0, period_s: float = 60.0, offset: float = 0.0,
+                 noise: float = 0.0, seed: int | None = None, phase: float = 0.0) -> None:
+        super().__init__(amplitude, period_s, offset, noise, seed, phase)
+
+    def shape(self, frac: float) -> float:
+        return math.sin(2.0 * math.pi * frac)
+
+
+class Sawtooth(_Periodic):
     """Ramps from ``offset - amplitude`` up to ``offset + amplitude`` once per
     ``period_s``, then drops; plus optional noise.  Pure in ``t`` given ``seed``."""
 
     def __init__(self, amplitude: float = 1.0, period_s: float = 60.0, offset: float = 0.0,
                  noise: float = 0.0, seed: int | None = None) -> None:
-        _check_finite(amplitude=amplitude, period_s=period_s, offset=offset, noise=noise)
-        if period_s <= 0:
-            raise ValueError("period must be > 0")
-        if noise < 0:
-            raise ValueError("noise must be >= 0")
-        self.amplitude = float(amplitude)
-        self.period_s = float(period_s)
-        self.offset = float(offset)
-        self.noise = float(noise)
-        self.seed = _seed_of(seed)
+        super().__init__(amplitude, period_s, offset, noise, seed)
 
-    def sample(self, t: float) -> float:
-        frac = (t / self.period_s) % 1.0
-        x = self.offset + self.amplitude * (2.0 * frac - 1.0)
-        if self.noise:
-            x += self.noise * _gauss(self.seed, t)
-        return x
+    def shape(self, frac: float) -> float:
+        return 2.0 * frac - 1.0
 
 
-class Square:
+class Square(_Periodic):
     """``offset + amplitude`` for the first ``duty`` of each period, then
     ``offset - amplitude`` (an on/off load); plus optional noise.  Pure in ``t``."""
 
     def __init__(self, amplitude: float = 1.0, period_s: float = 60.0, offset: float = 0.0,
                  duty: float = 0.5, noise: float = 0.0, seed: int | None = None) -> None:
-        _check_finite(amplitude=amplitude, period_s=period_s, offset=offset, duty=duty, noise=noise)
-        if period_s <= 0:
-            raise ValueError("period must be > 0")
+        _check_finite(duty=duty)
         if not 0 <= duty <= 1:
             raise ValueError("duty must be in [0, 1]")
-        if noise < 0:
-            raise ValueError("noise must be >= 0")
-        self.amplitude = float(amplitude)
-        self.period_s = float(period_s)
-        self.offset = float(offset)
+        super().__init__(amplitude, period_s, offset, noise, seed)
         self.duty = float(duty)
-        self.noise = float(noise)
-        self.seed = _seed_of(seed)
 
-    def sample(self, t: float) -> float:
-        frac = (t / self.period_s) % 1.0
-        x = self.offset + (self.amplitude if frac < self.duty else -self.amplitude)
-        if self.noise:
-            x += self.noise * _gauss(self.seed, t)
-        return x
+    def shape(self, frac: float) -> float:
+        return 1.0 if frac < self.duty else -1.0
 
 
 # model name -> (class, {spec key: constructor argument}); "seed" is an int.

@@ -815,17 +815,22 @@ class SensorService:
             return 0
         info = sensor.info if sensor is not None else SensorInfo(sensor_id, sensor_id, "", 1.0, "device")
         write = _write_readings(sensor_id, points, (info.label, info.unit, info.rate_hz, now))
-        if sensor is None:
-            self._creating[sensor_id] = self._creating.get(sensor_id, 0) + 1
-            try:
-                await self._write(write)
-            finally:
-                self._release(sensor_id)
-        else:
-            await self._write(write)
+        await self._write_for(sensor_id, sensor is None, write)
         self.publishes += 1
         self._committed(sensor_id, info, points)
         return len(points)
+
+    async def _write_for(self, sensor_id: str, creating: bool, write: Any) -> None:
+        """Commit ``write``; while a write that creates ``sensor_id`` is in flight,
+        the id counts as being created, so max_sensors counts it too."""
+        if not creating:
+            await self._write(write)
+            return
+        self._creating[sensor_id] = self._creating.get(sensor_id, 0) + 1
+        try:
+            await self._write(write)
+        finally:
+            self._release(sensor_id)
 
     def _release(self, sensor_id: str) -> None:
         n = self._creating.get(sensor_id, 0) - 1
@@ -881,14 +886,7 @@ class SensorService:
                 " rate_hz=excluded.rate_hz, updated=excluded.updated",
                 (sensor_id, info.label, info.unit, info.rate_hz, now, now))
 
-        if sensor is None:
-            self._creating[sensor_id] = self._creating.get(sensor_id, 0) + 1
-            try:
-                await self._write(write)
-            finally:
-                self._release(sensor_id)
-        else:
-            await self._write(write)
+        await self._write_for(sensor_id, sensor is None, write)
         current = self._sensors.get(sensor_id)
         if current is None:
             current = self._add(info)
