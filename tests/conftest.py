@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import sys
 from typing import Any
@@ -124,3 +125,17 @@ def pytest_collection_modifyitems(config, items):
     """Browser tests run last: Playwright's sync API keeps an event loop running
     in the main thread, which the asyncio-based tests can't share."""
     items.sort(key=lambda item: "/browser/" in str(item.fspath).replace("\\", "/"))
+
+
+@pytest.fixture(autouse=True)
+def no_unexpected_error_logs(request, caplog):
+    """Fail a test whose server logged an error it did not expect (the way
+    Tornado's own tests use ExpectLog).  Mark a test ``expect_error_log`` when
+    the error is the point."""
+    caplog.set_level(logging.WARNING)
+    yield
+    if request.node.get_closest_marker("expect_error_log"):
+        return
+    errors = [r for r in caplog.get_records("call") + caplog.get_records("teardown")
+              if r.levelno >= logging.ERROR and r.name.startswith(("tornado", "realtime", "asyncio"))]
+    assert not errors, "unexpected error log: " + "; ".join(r.getMessage()[:200] for r in errors[:3])

@@ -320,6 +320,7 @@ async def test_shutdown_closes_sockets_with_1001(connect, app):
     assert await ann.closed() == 1001
 
 
+@pytest.mark.expect_error_log
 @pytest.mark.gen_test
 async def test_a_storage_failure_is_an_error_not_a_lost_ack(connect, app):
     """If the commit fails, the sender hears `unavailable` (and may retry with its

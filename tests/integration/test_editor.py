@@ -496,6 +496,7 @@ async def test_a_user_without_the_edit_role_can_read_but_not_edit(app, connect, 
 # -- durability inside one process -----------------------------------------------------
 
 
+@pytest.mark.expect_error_log
 @pytest.mark.gen_test
 async def test_a_failed_commit_closes_peers_and_the_resend_is_applied_once(connect, http_port, monkeypatch):
     session = await session_for(connect, "ann")

@@ -328,6 +328,7 @@ def test_a_joiner_gets_only_committed_state() -> None:
     asyncio.run(main())
 
 
+@pytest.mark.expect_error_log
 def test_a_failed_commit_closes_the_peers_and_drops_the_document() -> None:
     async def main() -> None:
         store = ManualStore()
