@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 Result = dict[str, Any]
@@ -43,6 +43,20 @@ def fmt_ms(value: Any) -> str:
 
 def fmt_ratio(value: Any) -> str:
     return DASH if value is None else f"{value:.2f}x"
+
+
+def measured(results: dict[str, Result], servers: list[str], ok: Callable[[Result], bool],
+             rows: list[list[str]], labels: dict[str, str], width: int) -> Iterator[tuple[str, Result]]:
+    """(name, result) of each server that ran and whose result passes ``ok``;
+    one that ran but failed gets an error row in ``rows`` instead."""
+    for name in servers:
+        r = results.get(name)
+        if r is None:
+            continue
+        if not ok(r):
+            rows.append(error_row(name, labels[name], r, width))
+            continue
+        yield name, r
 
 
 def md_table(headers: list[str], rows: Iterable[list[str]]) -> str:
@@ -110,13 +124,10 @@ def messages_table(results: dict[str, Result], servers: list[str], labels: dict[
         "delivered msgs/s", "srv CPU µs/msg", "vs tornado", "srv CPU %", "p50 ms", "p99 ms",
         "srv KiB/conn", "lost", "loadgen CPU %", "notes"]
     rows = []
-    for name in servers:
-        r = results.get(name)
-        if r is None:
-            continue
-        if "error" in r and r.get("rate") is None:
-            rows.append(error_row(name, labels[name], r, len(headers)))
-            continue
+    def ok(r: Result) -> bool:
+        return "error" not in r or r.get("rate") is not None
+
+    for name, r in measured(results, servers, ok, rows, labels, len(headers)):
         extra = fmt_num(r.get("offered")) if offered else fmt_num(r.get("inflight"))
         rows.append([labels[name], fmt_num(r.get("conns")), fmt_num(r.get("rooms")), extra,
                      fmt_num(r.get("rate")), fmt_num(r.get("us_per_msg"), 2),
@@ -131,13 +142,7 @@ def connect_table(results: dict[str, Result], servers: list[str], labels: dict[s
     headers = ["system", "conns", "handshakes/s", "srv CPU µs/handshake", "p50 ms", "p99 ms",
                "srv CPU %", "loadgen CPU %", "notes"]
     rows = []
-    for name in servers:
-        r = results.get(name)
-        if r is None:
-            continue
-        if r.get("rate") is None:
-            rows.append(error_row(name, labels[name], r, len(headers)))
-            continue
+    for name, r in measured(results, servers, lambda r: r.get("rate") is not None, rows, labels, len(headers)):
         notes = []
         if r.get("failed"):
             notes.append("{} failed ({})".format(fmt_num(r["failed"]), "; ".join(r.get("failures", []))[:120]))
@@ -151,13 +156,7 @@ def connect_table(results: dict[str, Result], servers: list[str], labels: dict[s
 def idle_table(results: dict[str, Result], servers: list[str], labels: dict[str, str]) -> str:
     headers = ["system", "conns", "RSS before MiB", "RSS after MiB", "KiB/conn", "notes"]
     rows = []
-    for name in servers:
-        r = results.get(name)
-        if r is None:
-            continue
-        if r.get("kib_per_conn") is None:
-            rows.append(error_row(name, labels[name], r, len(headers)))
-            continue
+    for name, r in measured(results, servers, lambda r: r.get("kib_per_conn") is not None, rows, labels, len(headers)):
         rows.append([labels[name], fmt_num(r["conns"]), fmt_num(r["rss_before"] / 2**20, 1),
                      fmt_num(r["rss_after"] / 2**20, 1), fmt_num(r["kib_per_conn"], 1), ""])
     return md_table(headers, rows)
@@ -168,13 +167,7 @@ def slow_table(results: dict[str, Result], servers: list[str], labels: dict[str,
                "fast p99 ms", "p99 no stalls", "p99 ratio", "RSS growth MiB", "bound MiB", "lost (fast)",
                "stalled closed", "loadgen CPU %", "notes"]
     rows = []
-    for name in servers:
-        r = results.get(name)
-        if r is None:
-            continue
-        if r.get("growth") is None:
-            rows.append(error_row(name, labels[name], r, len(headers)))
-            continue
+    for name, r in measured(results, servers, lambda r: r.get("growth") is not None, rows, labels, len(headers)):
         codes = ", ".join(f"{n}×{c}" for c, n in sorted(r.get("stalled_close_codes", {}).items()))
         notes = [n for n in run_notes(r, lossless_expected=False) if "disconnected" not in n]
         control = r.get("control", {})

@@ -399,6 +399,13 @@ class Bench:
         self.sample()
         self.progress.draw()
 
+    def connect_some(self, srv: Running, n: int) -> dict[str, Any]:
+        """:meth:`connect`, failing the session when not one connection succeeded."""
+        con = self.connect(srv, n)
+        if con["conns"] == 0:
+            raise SessionError("no connection succeeded: {}".format("; ".join(con["failures"])))
+        return con
+
     def connect(self, srv: Running, n: int) -> dict[str, Any]:
         w = self.args.workers
         timeout = max(30.0, n / 100)
@@ -558,9 +565,7 @@ class Bench:
         p = self.profile
         rss0 = srv.child.rss()
         self.progress.stage(f"connecting {p.conns}")
-        con = self.connect(srv, p.conns)
-        if con["conns"] == 0:
-            raise SessionError("no connection succeeded: {}".format("; ".join(con["failures"])))
+        con = self.connect_some(srv, p.conns)
         self.record("connect", name, con)
         time.sleep(p.settle)
         rss1 = srv.child.rss()
@@ -593,9 +598,7 @@ class Bench:
         p = self.profile
         rss0 = srv.child.rss()
         self.progress.stage(f"connecting {p.conns}")
-        con = self.connect(srv, p.conns)
-        if con["conns"] == 0:
-            raise SessionError("no connection succeeded: {}".format("; ".join(con["failures"])))
+        con = self.connect_some(srv, p.conns)
         self.progress.stage(f"joining rooms of {p.rooms_size}")
         joined = self.join("groups", p.rooms_size, con["conns"])
         time.sleep(p.settle)
@@ -612,9 +615,7 @@ class Bench:
         p = self.profile
         publish = {"mode": "rate", "rate": p.slow_rate, "total_publishers": 1, "text_len": p.slow_text}
         self.progress.stage(f"connecting {p.slow_members}")
-        con = self.connect(srv, p.slow_members)
-        if con["conns"] == 0:
-            raise SessionError("no connection succeeded: {}".format("; ".join(con["failures"])))
+        con = self.connect_some(srv, p.slow_members)
         joined = self.join("one", 1, con["conns"])
         time.sleep(p.settle)
         self.progress.stage("control run, every client reading")
