@@ -14,7 +14,6 @@ import asyncio
 import importlib
 import logging
 import os
-import secrets
 import signal
 import sys
 import time
@@ -33,7 +32,7 @@ import handlers.api as api
 import handlers.chat as chat_handlers
 import handlers.pages as pages
 from handlers.base import Flusher
-from realtime.auth import Authenticator
+from realtime.auth import Authenticator, load_or_create_secret
 from realtime.backplane import make_backplane
 from realtime.chat import CHAT_SCHEMA, ChatService
 from realtime.context import Context
@@ -125,17 +124,7 @@ def config_from_options(**overrides: Any) -> SimpleNamespace:
 def _cookie_secret(cfg: SimpleNamespace) -> bytes:
     if cfg.cookie_secret:
         return cfg.cookie_secret.encode("utf-8")
-    path = os.path.join(cfg.data_dir, "secret")
-    os.makedirs(cfg.data_dir, exist_ok=True)
-    try:
-        with open(path, "rb") as f:
-            return f.read().strip()
-    except FileNotFoundError:
-        secret = secrets.token_hex(32).encode("ascii")
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(secret)
-        return secret
+    return load_or_create_secret(os.path.join(cfg.data_dir, "secret")).encode("ascii")
 
 
 _SENSITIVE = {"token", "session", "key", "ingest_key", "access_token"}

@@ -28,11 +28,11 @@ from tornado.options import define, options
 
 from handlers.base import BaseSocketHandler, JSONHandler
 from handlers.pages import Page
-from realtime.auth import AuthError
+from realtime.auth import AuthError, load_or_create_secret
 from realtime.context import Context
 from realtime.feeds import DEFAULT_SIMULATED
 from realtime.protocol import Outgoing, ProtocolError, get_number, get_str
-from realtime.sensors import SensorConfig, SensorService, Viewer, load_or_create_key
+from realtime.sensors import SensorConfig, SensorService, Viewer
 
 log = logging.getLogger("realtime.sensors")
 
@@ -79,7 +79,7 @@ def sensor_config(cfg: Any) -> SensorConfig:
     key = _opt(cfg, "ingest_key")
     if not key:
         path = os.path.join(cfg.data_dir, "ingest_key")
-        key = load_or_create_key(path)
+        key = load_or_create_secret(path)
         log.info("sensor ingest key is in %s (send it as Authorization: Bearer <key>)", os.path.abspath(path))
     return SensorConfig(
         window_s=_opt(cfg, "sensor_window"),

@@ -21,6 +21,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import os
 import re
 import secrets
 import time
@@ -29,6 +30,24 @@ from dataclasses import dataclass, field
 from typing import Any
 
 NAME_MAX = 32
+
+
+def load_or_create_secret(path: str) -> str:
+    """The secret stored at ``path``; a new random one (file mode 0600) if the
+    file is absent or empty.  Used for the cookie secret and the ingest key."""
+    try:
+        with open(path, encoding="ascii") as f:
+            secret = f.read().strip()
+        if secret:
+            return secret
+    except FileNotFoundError:
+        pass
+    secret = secrets.token_urlsafe(32)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="ascii") as f:
+        f.write(secret + "\n")
+    return secret
 
 
 class AuthError(Exception):

@@ -35,8 +35,6 @@ import asyncio
 import hmac
 import logging
 import math
-import os
-import secrets
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -129,23 +127,6 @@ class SensorConfig:
                 raise ValueError("%s must be at least 1" % name)
         if self.max_sensors < 0 or self.expiry_s < 0 or self.max_future_s < 0:
             raise ValueError("max_sensors, sensor_expiry and ingest_max_future must be >= 0")
-
-
-def load_or_create_key(path: str) -> str:
-    """The ingest key stored at ``path``; a new random one (mode 0600) if absent."""
-    try:
-        with open(path, encoding="ascii") as f:
-            key = f.read().strip()
-        if key:
-            return key
-    except FileNotFoundError:
-        pass
-    key = secrets.token_urlsafe(24)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="ascii") as f:
-        f.write(key + "\n")
-    return key
 
 
 def thin(points: list[Point], n: int) -> list[Point]:

@@ -12,8 +12,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from realtime.auth import load_or_create_secret
 from realtime.feeds import Conflator
-from realtime.sensors import Fanout, SensorConfig, Viewer, load_or_create_key, thin
+from realtime.sensors import Fanout, SensorConfig, Viewer, thin
 
 T0 = 1_700_000_000.0
 
@@ -300,7 +301,7 @@ def test_sensor_config_refuses_nonsense(bad):
 
 def test_ingest_key_is_generated_once_private_and_reused(tmp_path):
     path = str(tmp_path / "d" / "ingest_key")
-    key = load_or_create_key(path)
+    key = load_or_create_secret(path)
     assert len(key) >= 32
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
-    assert load_or_create_key(path) == key
+    assert load_or_create_secret(path) == key
