@@ -206,11 +206,9 @@ def sensors_table(results: dict[str, Result], labels: dict[str, str]) -> str:
     headers = ["system", "viewers", "sensors x Hz", "delivered batches/s", "ideal batches/s",
                "srv CPU µs/batch", "srv CPU %", "p50 ms", "p99 ms", "max ms", "loadgen CPU %", "notes"]
     rows = []
-    for name, r in results.items():
-        label = labels.get(name, name)
-        if r.get("rate") is None:
-            rows.append(error_row(name, label, r, len(headers)))
-            continue
+    names = {name: labels.get(name, name) for name in results}
+    for name, r in measured(results, list(results), lambda r: r.get("rate") is not None, rows, names, len(headers)):
+        label = names[name]
         rows.append([label, fmt_num(r.get("conns")), "{} x {:g}".format(r.get("sensors"), r.get("hz")),
                      fmt_num(r.get("rate")), fmt_num(r.get("ideal")), fmt_num(r.get("us_per_msg"), 1),
                      fmt_num(r.get("srv_cpu_pct")), fmt_ms(r.get("p50_ms")), fmt_ms(r.get("p99_ms")),
@@ -222,11 +220,9 @@ def editor_table(results: dict[str, Result], labels: dict[str, str]) -> str:
     headers = ["system", "editors", "offered ops/s", "applied ops/s", "srv CPU µs/op", "srv CPU %",
                "ack p50 ms", "ack p99 ms", "ack max ms", "converged", "durable", "loadgen CPU %", "notes"]
     rows = []
-    for name, r in results.items():
-        label = labels.get(name, name)
-        if r.get("rate") is None:
-            rows.append(error_row(name, label, r, len(headers)))
-            continue
+    names = {name: labels.get(name, name) for name in results}
+    for name, r in measured(results, list(results), lambda r: r.get("rate") is not None, rows, names, len(headers)):
+        label = names[name]
         converged = (f"yes (rev {fmt_num(r.get('final_rev'))}, {fmt_num(r.get('final_length'))} chars)"
                      if r.get("converged") else "NO")
         rows.append([label, fmt_num(r.get("editors")), fmt_num(r.get("offered")), fmt_num(r.get("rate")),
