@@ -34,12 +34,13 @@ import handlers.pages as pages
 from handlers.base import Flusher
 from realtime.auth import Authenticator, load_or_create_secret
 from realtime.backplane import make_backplane
-from realtime.chat import CHAT_SCHEMA, ChatService
+from realtime.chat import ChatService
 from realtime.context import Context
 from realtime.hub import Hub
 from realtime.limits import ConnectionCounter
 from realtime.protocol import Close
 from realtime.storage.sqlite import SQLiteStore
+from realtime.storage.sqlite_repos import SQLiteStorage
 
 
 def _load_plugins() -> list[Any]:
@@ -156,8 +157,7 @@ class RealtimeApplication(tornado.web.Application):
     async def start(self) -> None:
         """Open storage and the backplane; call before serving."""
         ctx = self.ctx
-        schemas = [CHAT_SCHEMA] + [s for svc in ctx.services.values() for s in getattr(svc, "schemas", [])]
-        await ctx.store.open(schemas)
+        await ctx.storage.open()
         await ctx.hub.backplane.start()
         for svc in ctx.services.values():
             start = getattr(svc, "start", None)
@@ -180,7 +180,7 @@ class RealtimeApplication(tornado.web.Application):
             if stop is not None:
                 await stop()
         await ctx.hub.backplane.close()
-        await ctx.store.close()
+        await ctx.storage.close()
 
 
 def make_app(cfg: SimpleNamespace | None = None, **overrides: Any) -> RealtimeApplication:
@@ -194,11 +194,11 @@ def make_app(cfg: SimpleNamespace | None = None, **overrides: Any) -> RealtimeAp
                         commit_delay=cfg.commit_delay)
     hub = Hub(make_backplane(cfg.backplane))
     auth = Authenticator(_cookie_secret(cfg), mode=cfg.auth, jwt_secret=cfg.jwt_secret)
-    ctx = Context(cfg=cfg, hub=hub, store=store, auth=auth,
+    ctx = Context(cfg=cfg, hub=hub, store=store, storage=SQLiteStorage(store), auth=auth,
                   conn_limit=ConnectionCounter(cfg.max_connections_per_ip))
     ctx.flusher = Flusher()
     ctx.services["chat"] = ChatService(
-        store, hub, history_size=cfg.history_size, history_keep=cfg.history_keep,
+        ctx.storage.chat_log(keep=max(cfg.history_keep, cfg.history_size)), hub, history_size=cfg.history_size, history_keep=cfg.history_keep,
         max_text=cfg.max_text, max_rooms=cfg.max_rooms, members_max=cfg.members_max,
         presence_window=cfg.presence_window, typing_interval=cfg.typing_interval,
     )

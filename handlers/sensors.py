@@ -104,7 +104,8 @@ def sensor_config(cfg: Any) -> SensorConfig:
 
 def register(ctx: Context) -> list[Any]:
     """Build the sensor service into ``ctx.services["sensors"]``; return the routes."""
-    ctx.services["sensors"] = SensorService(ctx.store, sensor_config(ctx.cfg))
+    ctx.services["sensors"] = SensorService(ctx.storage.reading_store(), sensor_config(ctx.cfg),
+                                            hub=ctx.hub)
     kw = {"ctx": ctx}
     return [
         (r"/dashboard", DashboardPage, kw),

@@ -12,6 +12,7 @@ from realtime.auth import Authenticator
 from realtime.hub import Hub
 from realtime.limits import ConnectionCounter
 from realtime.storage.sqlite import SQLiteStore
+from realtime.storage.sqlite_repos import SQLiteStorage
 
 
 @dataclass
@@ -41,6 +42,7 @@ class Context:
     cfg: SimpleNamespace
     hub: Hub
     store: SQLiteStore
+    storage: SQLiteStorage  # hands each app its repository
     auth: Authenticator
     conn_limit: ConnectionCounter
     services: dict[str, Any] = field(default_factory=dict)
