@@ -571,7 +571,10 @@ class ChatService:
                "text": text, "ts": stored_ts}
         if cid is not None:
             msg["cid"] = cid
-        self.hub.publish(self.topic(name), msg, seq=seq)
+        if self.log.broadcasts:  # the other nodes have it from the log's append
+            self.hub.dispatch(self.topic(name), Outgoing(msg, seq=seq))
+        else:
+            self.hub.publish(self.topic(name), msg, seq=seq)
 
     def typing(self, user: Identity, name: str) -> None:
         self.hub.publish(self.topic(name), {"type": "typing", "room": name, "user": user.to_json()})

@@ -6,7 +6,7 @@ import itertools
 import time
 from dataclasses import dataclass, field
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, Callable
 
 from realtime.auth import Authenticator
 from realtime.hub import Hub
@@ -42,7 +42,8 @@ class Context:
     cfg: SimpleNamespace
     hub: Hub
     store: SQLiteStore
-    storage: SQLiteStorage  # hands each app its repository
+    storage: SQLiteStorage  # hands each app its repository (or RedisStorage in cluster mode)
+    secret: Callable[[str], str]  # generated secrets, shared by every node
     auth: Authenticator
     conn_limit: ConnectionCounter
     services: dict[str, Any] = field(default_factory=dict)

@@ -53,6 +53,10 @@ class Appended(NamedTuple):
 class ChatLog(Protocol):
     """Each room: an epoch, a gap-free sequence of messages, the newest ``keep`` kept."""
 
+    #: True when ``append`` itself sends the stored message to the other nodes
+    #: (atomically with storing it); the service then hands it only to this node.
+    broadcasts: bool
+
     async def open_room(self, room: str, recent: int) -> RoomRecord:
         """The room, created (with a fresh epoch) if it does not exist."""
 

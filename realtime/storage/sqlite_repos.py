@@ -81,6 +81,7 @@ class SQLiteChatLog:
     retry that races the first attempt is still caught."""
 
     schema = CHAT_SCHEMA
+    broadcasts = False  # the service publishes what it stored
 
     def __init__(self, store: SQLiteStore, keep: int) -> None:
         self.store = store
@@ -403,7 +404,7 @@ class SQLiteStorage:
         if schema not in self._schemas:
             self._schemas.append(schema)
 
-    def chat_log(self, keep: int) -> SQLiteChatLog:
+    def chat_log(self, keep: int, topic: Callable[[str], str] | None = None) -> SQLiteChatLog:
         self._uses(CHAT_SCHEMA)
         return SQLiteChatLog(self.store, keep)
 

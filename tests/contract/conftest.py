@@ -18,9 +18,25 @@ from realtime.backplane.memory import MemoryBackplane
 from realtime.hub import Hub
 from realtime.storage.sqlite import SQLiteStore
 from realtime.storage.sqlite_repos import SQLiteStorage
+from tests.redis_server import RedisServer
 
-STORAGES = ["sqlite"]
-BACKPLANES = ["memory"]
+STORAGES = ["sqlite", "redis"]
+BACKPLANES = ["memory", "redis"]
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: Any) -> Any:
+    server = RedisServer(str(tmp_path_factory.mktemp("redis"))).start()
+    yield server.url
+    server.stop()
+
+
+def _flush(url: str) -> None:
+    import redis as sync_redis
+
+    client = sync_redis.Redis.from_url(url)
+    client.flushdb()
+    client.close()
 
 
 def run(coro: Any, timeout: float = 10.0) -> Any:
@@ -30,6 +46,25 @@ def run(coro: Any, timeout: float = 10.0) -> Any:
 @pytest.fixture(params=STORAGES)
 def storage(request: pytest.FixtureRequest, tmp_path: Any) -> Callable[[], Any]:
     """``async with storage() as s``: a fresh, opened storage of one implementation."""
+
+    if request.param == "redis":
+        url = request.getfixturevalue("redis_url")
+        _flush(url)
+
+        @contextlib.asynccontextmanager
+        async def open_redis() -> AsyncIterator[Any]:
+            from realtime.backplane.redis import RedisBackplane
+            from realtime.storage.redis_repos import RedisStorage
+
+            bp = RedisBackplane(url)
+            Hub(bp)
+            await bp.start()
+            try:
+                yield RedisStorage(bp)
+            finally:
+                await bp.close()
+
+        return open_redis
 
     @contextlib.asynccontextmanager
     async def open_storage() -> AsyncIterator[Any]:
@@ -49,13 +84,18 @@ def storage(request: pytest.FixtureRequest, tmp_path: Any) -> Callable[[], Any]:
 class Nodes:
     """Hubs of one cluster: ``await nodes.hub()`` adds a node."""
 
-    multi_node = False
-
-    def __init__(self) -> None:
+    def __init__(self, redis_url: str | None = None) -> None:
         self.hubs: list[Hub] = []
+        self.redis_url = redis_url
+        self.multi_node = redis_url is not None
 
     async def hub(self) -> Hub:
-        hub = Hub(MemoryBackplane())
+        if self.redis_url is not None:
+            from realtime.backplane.redis import RedisBackplane
+
+            hub = Hub(RedisBackplane(self.redis_url))
+        else:
+            hub = Hub(MemoryBackplane())
         await hub.backplane.start()
         self.hubs.append(hub)
         return hub
@@ -69,9 +109,11 @@ class Nodes:
 def backplane(request: pytest.FixtureRequest) -> Callable[[], Any]:
     """``async with backplane() as nodes``: a cluster of hubs on one backplane."""
 
+    url = request.getfixturevalue("redis_url") if request.param == "redis" else None
+
     @contextlib.asynccontextmanager
     async def cluster() -> AsyncIterator[Nodes]:
-        nodes = Nodes()
+        nodes = Nodes(url)
         try:
             yield nodes
         finally:
