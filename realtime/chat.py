@@ -352,7 +352,8 @@ class RoomRelay:
             state = self.state
             assert state is not None
             try:
-                msgs = await svc.log.read(self.name, state.last_seq, upto - state.last_seq - 1, False)
+                msgs = await svc.log.read(self.name, state.last_seq, min(upto - state.last_seq - 1,
+                                                                         svc.history_keep), False)
             except StorageError as e:
                 log.warning("room %s: filling seqs %d..%d failed (%s); retrying", self.name,
                             state.last_seq + 1, upto - 1, e)
@@ -364,15 +365,24 @@ class RoomRelay:
                 if msg["seq"] == state.last_seq + 1:
                     state.committed(msg, svc.history_keep)
                     self._fan(Outgoing(msg, seq=msg["seq"]))
-            if state.last_seq < upto - 1:
+            if self.held and state.last_seq < upto - 1:
                 # Not in the log (trimmed, or another epoch): skip ahead rather than stall.
                 log.warning("room %s: seqs %d..%d are not in the log; skipping them", self.name,
                             state.last_seq + 1, upto - 1)
                 state.last_seq = upto - 1
+                state.recent.clear()  # the cache holds only an unbroken run of seqs
             break
         self.filling = None
         if not self.closed:
             self._drain()
+
+    def catch_up(self) -> None:
+        """After this node lost its subscription for a while: pass on what the
+        log has beyond the last message passed on."""
+        state = self.state
+        if state is None or self.filling is not None or self.closed:
+            return
+        self.filling = asyncio.ensure_future(self._fill(state.last_seq + 1 + self.service.history_keep))
 
     def close(self) -> None:
         self.closed = True
@@ -405,6 +415,14 @@ class ChatService:
         self.messages_stored = 0
         self.delivered = 0
         self.gaps_filled = 0
+        on_resync = getattr(hub.backplane, "on_resync", None)
+        if on_resync is not None:
+            on_resync(self.resync)
+
+    def resync(self) -> None:
+        """The backplane was cut off and is back: every room catches up from the log."""
+        for relay in list(self._relays.values()):
+            relay.catch_up()
 
     @staticmethod
     def topic(room: str) -> str:

@@ -16,6 +16,7 @@ sent, nor sent without being stored.
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import time
 from typing import Any, Callable
@@ -102,6 +103,8 @@ class RedisChatLog:
         self._topic = topic
         self._open = redis.register_script(_OPEN_ROOM)
         self._say = redis.register_script(_SAY)
+        self._queue: list[tuple[list[str], list[Any], asyncio.Future[Any]]] = []
+        self._flusher: asyncio.Future[None] | None = None
         # The service need not publish what this log's append already sent to the other nodes.
         self.broadcasts = channel is not None and topic is not None
 
@@ -163,11 +166,41 @@ class RedisChatLog:
             if cid is not None:
                 rest["cid"] = cid
             tail = "," + encode(rest)[1:]
-        result = await self._call(self._say(
-            keys=self.keys(room),
-            args=[user_id, name, text, ts, cid or "", self.keep, channel, head, body, tail]))
-        seq, stored_ts, dup = result
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._queue.append((self.keys(room), [user_id, name, text, ts, cid or "", self.keep, channel, head, body,
+                                              tail], fut))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.ensure_future(self._flush())
+        seq, stored_ts, dup = await fut
         return Appended(int(seq), int(stored_ts), bool(dup))
+
+    async def _flush(self) -> None:
+        """Send every queued ``say`` in one pipeline on one connection: Redis
+        runs them in the order they were said (a client's messages keep their
+        order) and, with ``appendfsync always``, a burst shares its fsyncs."""
+        while self._queue:
+            batch, self._queue = self._queue, []
+            try:
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    for keys, args, _ in batch:
+                        await self._say(keys=keys, args=args, client=pipe)
+                    results = await pipe.execute(raise_on_error=False)
+            except (RedisError, OSError) as e:
+                error = StorageError("Redis is unreachable: %s" % e)
+                for _, _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(error)
+                continue
+            for (_, _, fut), result in zip(batch, results):
+                if fut.done():
+                    continue
+                if isinstance(result, Exception):
+                    fut.set_exception(StorageError("Redis refused: %s" % result))
+                else:
+                    fut.set_result(result)
+            for _, _, fut in batch:
+                if not fut.done():
+                    fut.set_exception(StorageError("Redis gave no answer for this write"))
 
     async def read(self, room: str, after: int, limit: int, newest: bool) -> list[dict[str, Any]]:
         log = self.keys(room)[1]
