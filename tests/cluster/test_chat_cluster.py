@@ -39,7 +39,7 @@ def cluster(tmp_path: Any, redis: RedisServer) -> Any:
 
     def start(n: int, *args: str) -> list[int]:
         ports = []
-        for i in range(n):
+        for _ in range(n):
             port = free_port()
             procs.append(start_server(port, str(tmp_path / ("node%d" % len(procs))), "--backplane=" + redis.url,
                                       *args))
