@@ -16,13 +16,14 @@ import logging
 import os
 import secrets
 import signal
+import sqlite3
+import ssl
 import sys
 import time
-import urllib.parse
 from types import SimpleNamespace
 from typing import Any
 
-import tornado.httpserver
+import tornado.httputil
 import tornado.ioloop
 import tornado.log
 import tornado.netutil
@@ -32,7 +33,11 @@ from tornado.options import define, options, parse_command_line, parse_config_fi
 import handlers.api as api
 import handlers.chat as chat_handlers
 import handlers.pages as pages
+import realtime.redact
 from handlers.base import Flusher
+from handlers.gate import HostPolicy, RequestGate, local_host_names
+from handlers.listener import RealtimeHTTPServer, raise_open_file_limit
+from handlers.pages import StaticFiles
 from realtime.auth import Authenticator, load_or_create_secret
 from realtime.backplane import make_backplane
 from realtime.chat import ChatService
@@ -40,6 +45,7 @@ from realtime.context import Context
 from realtime.hub import Hub
 from realtime.limits import ConnectionCounter
 from realtime.protocol import Close
+from realtime.redact import redact_uri
 from realtime.storage.sqlite import SQLiteStore
 from realtime.storage.sqlite_repos import SQLiteStorage
 
@@ -81,9 +87,16 @@ define("certfile", default="", type=str, help="TLS certificate (PEM) for https:/
 define("keyfile", default="", type=str, help="TLS private key (PEM)")
 define("backlog", default=2048, type=int, help="listen backlog")
 define("shutdown_grace", default=3.0, type=float, help="seconds to let sockets close on SIGTERM/SIGINT before exiting")
+# What a client can hold before it is authenticated
+define("handshake_timeout", default=10.0, type=float, help="seconds a client has to send a whole request head (a WebSocket handshake; a TLS handshake first), and again its body; an idle keep-alive connection closes after as long")
+define("max_half_open_per_ip", default=64, type=int, help="connections from one address that have not sent a whole request head yet; past this, new ones from there are closed at once (0 = no limit)")
+define("max_header_size", default=16 * 1024, type=int, help="largest request head (request line and headers, tokens included) in bytes; bigger gets HTTP 431")
+define("max_body_size", default=64 * 1024, type=int, help="largest request body in bytes, on the route that takes the biggest (POST /api/sensors/<id>/readings); bigger is refused with 413 before it is read")
+define("allowed_hosts", default=[], type=str, multiple=True, help="Host names this server answers to, comma separated ('.example.com' = it and its subdomains, '*' = any); always: localhost, this machine's addresses and name, the hosts of allowed_origins")
 # Identity
 define("auth", default="open", type=str, help="'open' (guests with names) or 'token' (JWT HS256 from ?token= or Authorization: Bearer)")
-define("jwt_secret", default="", type=str, help="HS256 secret for token mode")
+define("jwt_secret", default="", type=str, help="HS256 secret for token mode (at least 32 random bytes; shorter is warned about at start)")
+define("max_token_lifetime", default=86400.0, type=float, help="seconds a token may still be valid when presented (exp - now); a token valid for longer is refused (0 = no limit)")
 # Every socket
 define("allowed_origins", default=[], type=str, multiple=True, help="browser origins allowed to connect, exact match, comma separated ('*' = any); default: same host only")
 define("max_message_size", default=64 * 1024, type=int, help="largest client frame in bytes (bigger: close 1009)")
@@ -117,10 +130,11 @@ def config_from_options(**overrides: Any) -> SimpleNamespace:
     if unknown:
         raise TypeError("unknown options: %s" % ", ".join(sorted(unknown)))
     values.update(overrides)
-    origins: list[str] = []
-    for item in values["allowed_origins"] or []:
-        origins.extend(o.strip() for o in item.split(",") if o.strip())
-    values["allowed_origins"] = origins
+    for name in ("allowed_origins", "allowed_hosts"):
+        items: list[str] = []
+        for item in values[name] or []:
+            items.extend(o.strip() for o in item.split(",") if o.strip())
+        values[name] = items
     return SimpleNamespace(**values)
 
 
@@ -140,41 +154,45 @@ def _secrets(cfg: SimpleNamespace) -> Any:
     return from_file
 
 
-_SENSITIVE = {"token", "session", "key", "ingest_key", "access_token"}
-
-
-def redact(uri: str) -> str:
-    """A request URI with credentials in the query string replaced by ``***``."""
-    path, sep, query = uri.partition("?")
-    if not sep:
-        return uri
-    parts = urllib.parse.parse_qsl(query, keep_blank_values=True)
-    safe = [(k, "***" if k.lower() in _SENSITIVE else v) for k, v in parts]
-    return path + "?" + urllib.parse.urlencode(safe, safe="*")
-
-
 def log_request(handler: tornado.web.RequestHandler) -> None:
     """Tornado's access log line, with tokens and sessions redacted."""
     status = handler.get_status()
     access = logging.getLogger("tornado.access")
     method = access.info if status < 400 else access.warning if status < 500 else access.error
     req = handler.request
-    method("%d %s %s (%s) %.2fms", status, req.method, redact(req.uri or ""), req.remote_ip,
+    method("%d %s %s (%s) %.2fms", status, req.method, redact_uri(req.uri or ""), req.remote_ip,
            1000.0 * req.request_time())
+
+
+class StartupError(Exception):
+    """The server cannot start; the message says why, in one line."""
 
 
 class RealtimeApplication(tornado.web.Application):
     ctx: Context
+    hosts: HostPolicy
+
+    def get_handler_delegate(self, request: tornado.httputil.HTTPServerRequest, target_class: type[Any],
+                             target_kwargs: dict[str, Any] | None = None, path_args: list[bytes] | None = None,
+                             path_kwargs: dict[str, bytes] | None = None) -> Any:
+        """Every request passes the gate (head size, Host, body size) first."""
+        inner = super().get_handler_delegate(request, target_class, target_kwargs, path_args, path_kwargs)
+        return RequestGate(inner, request, target_class, self.ctx.cfg, self.hosts, self.ctx.stats.request_refused)
 
     async def start(self) -> None:
-        """Open storage and the backplane; call before serving."""
+        """Open storage and the backplane; call before serving.  A database
+        that cannot be opened or written is a :class:`StartupError`."""
         ctx = self.ctx
-        await ctx.storage.open()
-        await ctx.hub.backplane.start()
-        for svc in ctx.services.values():
-            start = getattr(svc, "start", None)
-            if start is not None:
-                await start()
+        try:
+            await ctx.storage.open()
+            await ctx.hub.backplane.start()
+            for svc in ctx.services.values():
+                start = getattr(svc, "start", None)
+                if start is not None:
+                    await start()
+        except sqlite3.Error as e:
+            raise StartupError("database %s: %s (is it a SQLite file this user may write?)"
+                               % (ctx.store.path, e)) from None
 
     async def shutdown(self, grace: float = 3.0) -> None:
         """Close every socket with 1001, stop the services, flush storage."""
@@ -206,9 +224,11 @@ def make_app(cfg: SimpleNamespace | None = None, **overrides: Any) -> RealtimeAp
                         commit_delay=cfg.commit_delay)
     backplane = make_backplane(cfg.backplane)
     hub = Hub(backplane)
+    realtime.redact.install()
     secret = _secrets(cfg)
     cookie_secret = cfg.cookie_secret or secret("cookie")
-    auth = Authenticator(cookie_secret.encode("utf-8"), mode=cfg.auth, jwt_secret=cfg.jwt_secret)
+    auth = Authenticator(cookie_secret.encode("utf-8"), mode=cfg.auth, jwt_secret=cfg.jwt_secret,
+                         max_token_lifetime=cfg.max_token_lifetime)
     storage: Any = SQLiteStorage(store)
     if backplane.name == "redis":
         from realtime.storage.redis_repos import RedisStorage
@@ -241,6 +261,7 @@ def make_app(cfg: SimpleNamespace | None = None, **overrides: Any) -> RealtimeAp
         routes,
         template_path=os.path.join(ROOT, "templates"),
         static_path=os.path.join(ROOT, "static"),
+        static_handler_class=StaticFiles,
         cookie_secret=auth.signer._secret.decode("utf-8", "replace"),
         xsrf_cookies=False,
         debug=cfg.debug,
@@ -252,6 +273,7 @@ def make_app(cfg: SimpleNamespace | None = None, **overrides: Any) -> RealtimeAp
         default_handler_args=kw,
     )
     app.ctx = ctx
+    app.hosts = HostPolicy(cfg.allowed_hosts, local_host_names(cfg.address, cfg.allowed_origins))
     return app
 
 
@@ -329,13 +351,32 @@ def fork_workers(n: int) -> None:
     sys.exit(0)
 
 
-async def serve(cfg: SimpleNamespace, sockets: list[Any]) -> None:
+def tls_context(cfg: SimpleNamespace) -> ssl.SSLContext | None:
+    """The TLS context for ``--certfile``/``--keyfile``, checked now: a
+    mismatched or swapped pair would otherwise fail every handshake later."""
+    if not cfg.certfile:
+        if cfg.keyfile:
+            raise StartupError("--keyfile is set but --certfile is not")
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(cfg.certfile, cfg.keyfile or None)
+    except (ssl.SSLError, OSError) as e:
+        raise StartupError("cannot load --certfile=%s --keyfile=%s: %s (the certificate first, then its own "
+                           "private key)" % (cfg.certfile, cfg.keyfile, e)) from None
+    return context
+
+
+def make_server(app: RealtimeApplication, ssl_options: ssl.SSLContext | None = None) -> RealtimeHTTPServer:
+    """The HTTP server for ``app``, with the handshake deadline and connection limits."""
+    return RealtimeHTTPServer.for_app(app, app.ctx.cfg, ssl_options)
+
+
+async def serve(cfg: SimpleNamespace, sockets: list[Any], ssl_options: ssl.SSLContext | None = None) -> None:
+    soft, _hard = raise_open_file_limit()
     app = make_app(cfg)
     await app.start()
-    ssl_options = None
-    if cfg.certfile:
-        ssl_options = {"certfile": cfg.certfile, "keyfile": cfg.keyfile}
-    server = tornado.httpserver.HTTPServer(app, xheaders=cfg.xheaders, ssl_options=ssl_options)
+    server = make_server(app, ssl_options)
     server.add_sockets(sockets)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -343,8 +384,8 @@ async def serve(cfg: SimpleNamespace, sockets: list[Any]) -> None:
         loop.add_signal_handler(sig, stop.set)
     scheme = "https" if ssl_options else "http"
     host = cfg.address or "127.0.0.1"
-    log.info("listening on %s://%s:%d/ (data in %s, backplane %s)", scheme, host, cfg.port,
-             os.path.abspath(cfg.data_dir), cfg.backplane)
+    log.info("listening on %s://%s:%d/ (data in %s, backplane %s, open file limit %d)", scheme, host, cfg.port,
+             os.path.abspath(cfg.data_dir), cfg.backplane, soft)
     await stop.wait()
     log.info("shutting down")
     server.stop()
@@ -356,10 +397,12 @@ def main(argv: list[str] | None = None) -> None:
     parse_options(argv)
     try:
         cfg = config_from_options()
+        ssl_options = tls_context(cfg)
         sockets = bind(cfg)
-        asyncio.run(serve(cfg, sockets))
-    except (ValueError, OSError) as e:
-        # A bad option value, a port in use, Redis unreachable: one line, no traceback.
+        asyncio.run(serve(cfg, sockets, ssl_options))
+    except (ValueError, OSError, StartupError) as e:
+        # A bad option value, a port in use, Redis unreachable, an unusable
+        # database or TLS pair: say so in one line, no traceback.
         logging.getLogger("realtime.server").error("cannot start: %s", e)
         sys.exit(2)
 

@@ -46,6 +46,11 @@ class RoomMessagesAPI(JSONHandler):
 
 
 class HealthHandler(JSONHandler):
+    public = True  # for load balancers; says nothing about users or data
+
+    def head(self) -> None:
+        self.get()
+
     def get(self) -> None:
         ctx = self.ctx
         healthy = not ctx.shutting_down and getattr(ctx.hub.backplane, "healthy", True)
@@ -91,6 +96,12 @@ class _Collector:
         for status, n in sorted(st.handshakes_refused.items()):
             refused.add_metric([str(status)], n)
         yield refused
+        gate = CounterMetricFamily("realtime_requests_refused", "HTTP requests refused before their handler"
+                                   " (head too large, host not allowed, body too large), by status",
+                                   labels=["status"])
+        for status, n in sorted(st.requests_refused.items()):
+            gate.add_metric([str(status)], n)
+        yield gate
         yield CounterMetricFamily("realtime_store_commits", "SQLite transactions committed", ctx.store.commits)
         yield CounterMetricFamily("realtime_store_writes", "Writes committed", ctx.store.writes)
         yield GaugeMetricFamily("realtime_store_pending", "Writes waiting for commit", ctx.store.pending)
@@ -107,7 +118,9 @@ class _Collector:
 
 
 class MetricsHandler(JSONHandler):
-    """Prometheus text format."""
+    """Prometheus text format (restrict it in the proxy if it should not be public)."""
+
+    public = True
 
     def initialize(self, ctx: Any) -> None:  # type: ignore[override]
         super().initialize(ctx)
@@ -117,6 +130,9 @@ class MetricsHandler(JSONHandler):
             registry.register(_Collector(ctx))
             ctx.__dict__["_metrics_registry"] = registry
         self.registry = registry
+
+    def head(self) -> None:
+        self.get()
 
     def get(self) -> None:
         self.set_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")

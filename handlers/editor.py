@@ -170,6 +170,8 @@ class DocsPage(Page):
     title = "Documents"
 
     async def get(self, *args: str) -> None:  # type: ignore[override]
+        if not self.require_token():
+            return
         self.ensure_session()
         wanted = (self.get_query_argument("doc", "") or "").strip()
         error = ""
