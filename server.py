@@ -31,7 +31,7 @@ from tornado.options import define, options, parse_command_line, parse_config_fi
 import handlers.api as api
 import handlers.chat as chat_handlers
 import handlers.pages as pages
-from handlers.base import Flusher
+from handlers.writer import Flusher
 from realtime.auth import Authenticator, load_or_create_secret
 from realtime.backplane import make_backplane
 from realtime.chat import CHAT_SCHEMA, ChatService

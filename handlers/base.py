@@ -14,9 +14,10 @@ connection's unflushed bytes (the slow-consumer bound).
 
 Outgoing messages take a fast path: the frame is built once per message (see
 :class:`realtime.protocol.Outgoing`) and the same bytes are written to every
-recipient's stream, several messages of one loop iteration in one write.
-Connections with permessage-deflate, or a Tornado this code does not know, fall
-back to ``write_message``.
+recipient's stream, several messages of one loop iteration in one write
+(handlers/writer.py, which counts each connection's unflushed bytes with
+public IOStream API only).  With ``--fast_path=false`` or compression, messages
+go through ``write_message`` instead.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-from typing import Any, Awaitable, Callable
+from types import MappingProxyType
+from typing import Any, Awaitable, Callable, Mapping
 
 import tornado
 import tornado.httputil
@@ -33,6 +35,7 @@ import tornado.web
 import tornado.websocket
 from tornado.iostream import StreamClosedError
 
+from handlers.writer import MessageWriter, StreamWriter
 from realtime.auth import AuthError, Identity
 from realtime.context import Context
 from realtime.limits import FloodGuard
@@ -48,49 +51,29 @@ from realtime.protocol import (
 
 log = logging.getLogger("realtime.socket")
 
-# The fast path writes finished frames to the stream itself; it relies on the
-# shape of Tornado's WebSocketProtocol13 (``stream``, ``_compressor``), which
-# is stable across these versions.
-_FAST_PATH_TORNADO = tornado.version_info[:2] in {(6, 3), (6, 4), (6, 5), (6, 6)}
 SESSION_COOKIE = "rt_session"
-_NO_HEADERS = tornado.httputil.HTTPHeaders()
-_NO_ARGS: dict[str, list[bytes]] = {}
 
 
-class Flusher:
-    """Writes each connection's queued frames once per loop iteration.
+class _ShedHeaders(tornado.httputil.HTTPHeaders):
+    """No headers, and no way to add any: what a connection's request and
+    response headers become once the upgrade is done.  Being immutable, one
+    instance can stand in for every connection's."""
 
-    Many messages to one connection within an iteration become one
-    ``stream.write`` (one syscall) instead of one each.
-    """
+    def _refuse(self, *args: Any, **kwargs: Any) -> None:
+        raise TypeError("this connection's HTTP headers were released after the WebSocket upgrade")
 
-    def __init__(self) -> None:
-        self._dirty: list["BaseSocketHandler"] = []
-        self._scheduled = False
+    add = __setitem__ = __delitem__ = parse_line = _refuse  # type: ignore[assignment]
 
-    def mark(self, conn: "BaseSocketHandler") -> None:
-        self._dirty.append(conn)
-        if not self._scheduled:
-            self._scheduled = True
-            asyncio.get_running_loop().call_soon(self.flush)
 
-    def flush(self) -> None:
-        self._scheduled = False
-        dirty, self._dirty = self._dirty, []
-        for conn in dirty:
-            try:
-                conn._flush()
-            except Exception:
-                log.exception("flush failed")
-                conn.rt.outq = None
-                conn.rt.outq_bytes = 0
+_NO_HEADERS = _ShedHeaders()
+_NO_ARGS: Mapping[str, list[bytes]] = MappingProxyType({})
 
 
 class ConnState:
     """Everything the base keeps per connection, in slots."""
 
-    __slots__ = ("ctx", "user", "ip", "conn_id", "flood", "ip_counted", "opened", "closing", "fast",
-                 "inflight", "inflight_done", "tasks", "outq", "outq_bytes", "wfut", "waiting", "cap", "sock")
+    __slots__ = ("ctx", "user", "ip", "conn_id", "flood", "ip_counted", "opened", "closing",
+                 "inflight", "inflight_done", "tasks", "outq", "outq_bytes", "writer", "cap")
 
     def __init__(self, ctx: Context, flood: FloodGuard) -> None:
         self.ctx = ctx
@@ -101,16 +84,13 @@ class ConnState:
         self.ip_counted = False
         self.opened = False
         self.closing = False
-        self.fast = False
         self.inflight = 0
         self.inflight_done: asyncio.Event | None = None
         self.tasks: set[asyncio.Task[Any]] | None = None
         self.outq: list[bytes] | None = None  # frames waiting for this iteration's flush
         self.outq_bytes = 0
-        self.wfut: Any = None  # the last stream write, done when the kernel took it all
-        self.waiting = False  # a flush is parked until wfut is done
+        self.writer: StreamWriter | MessageWriter | None = None  # set at open (handlers/writer.py)
         self.cap: int = ctx.cfg.max_write_buffer
-        self.sock: Any = None  # the raw socket, for the fast path's direct send
 
 
 def _state(name: str) -> Any:
@@ -141,7 +121,6 @@ class BaseSocketHandler(tornado.websocket.WebSocketHandler):
     _ip_counted = _state("ip_counted")
     _opened = _state("opened")
     _closing = _state("closing")
-    _fast = _state("fast")
     _inflight = _state("inflight")
     _inflight_done = _state("inflight_done")
     _tasks = _state("tasks")
@@ -213,28 +192,27 @@ class BaseSocketHandler(tornado.websocket.WebSocketHandler):
         self._opened = True
         self.ctx.connections.add(self)
         self.ctx.stats.connections_total += 1
-        ws = self.ws_connection
-        self._fast = (
-            _FAST_PATH_TORNADO
-            and self.cfg.fast_path
-            and ws is not None
-            and getattr(ws, "_compressor", None) is None
-            and hasattr(ws, "stream")
-        )
-        if self._fast and type(ws.stream) is tornado.iostream.IOStream:  # type: ignore[union-attr]
-            # Plain TCP (not TLS): frames may go straight to the socket while
-            # the stream has nothing queued.
-            self.rt.sock = ws.stream.socket  # type: ignore[union-attr]
+        self.rt.writer = self._make_writer()
         self.set_nodelay(True)
         self._shed_handshake_state()
         return self._guard(self.opened, *args)
 
+    def _make_writer(self) -> StreamWriter | MessageWriter:
+        """Finished frames straight to the stream, unless compression (which
+        Tornado's protocol applies per connection) or ``--fast_path=false``
+        asks for ``write_message``."""
+        stream = getattr(self.ws_connection, "stream", None)
+        if self.cfg.fast_path and not self.cfg.websocket_compression and isinstance(stream, tornado.iostream.IOStream):
+            return StreamWriter(stream)
+        return MessageWriter(self)
+
     def _shed_handshake_state(self) -> None:
         """Drop what only the handshake needed (request and response headers,
-        parsed query and cookies); about 2 KiB per connection, kept for hours."""
+        parsed query and cookies); about 2 KiB per connection, kept for hours.
+        What replaces them is empty and immutable, so sharing it is safe."""
         req = self.request
         req.headers = _NO_HEADERS
-        req.query_arguments = req.arguments = req.body_arguments = _NO_ARGS
+        req.query_arguments = req.arguments = req.body_arguments = _NO_ARGS  # type: ignore[assignment]
         self._headers = _NO_HEADERS
 
     def opened(self, *args: str) -> Awaitable[None] | None:
@@ -378,11 +356,8 @@ class BaseSocketHandler(tornado.websocket.WebSocketHandler):
 
     def buffered_bytes(self) -> int:
         """Bytes queued for this client and not yet taken by the kernel."""
-        stream = getattr(self.ws_connection, "stream", None)
-        pending = self.rt.outq_bytes
-        if stream is not None:
-            pending += stream._total_write_index - stream._total_write_done_index
-        return pending
+        writer = self.rt.writer
+        return self.rt.outq_bytes + (writer.sent - writer.done if writer is not None else 0)
 
     def deliver(self, out: Outgoing) -> None:
         """Queue an encoded message; never blocks, never raises.
@@ -391,12 +366,11 @@ class BaseSocketHandler(tornado.websocket.WebSocketHandler):
         consumer: see :meth:`on_backlog`.
         """
         rt = self.rt
-        ws = self.ws_connection
-        if rt.closing or ws is None:
+        writer = rt.writer
+        if rt.closing or writer is None or self.ws_connection is None:
             return
         # buffered_bytes(), inlined: this runs once per recipient per message.
-        stream = ws.stream  # type: ignore[attr-defined]
-        if rt.outq_bytes + stream._total_write_index - stream._total_write_done_index > rt.cap:
+        if rt.outq_bytes + writer.sent - writer.done > rt.cap:
             self.on_backlog(out)
             return
         self.enqueue(out)
@@ -404,7 +378,8 @@ class BaseSocketHandler(tornado.websocket.WebSocketHandler):
     def enqueue(self, out: Outgoing) -> None:
         """Queue ``out`` for this iteration's flush, with no backlog check."""
         rt = self.rt
-        data = out.frame if rt.fast else out.data
+        assert rt.writer is not None
+        data = out.frame if rt.writer.frames else out.data
         if rt.outq is None:
             rt.outq = [data]
             rt.ctx.flusher.mark(self)
@@ -430,52 +405,29 @@ class BaseSocketHandler(tornado.websocket.WebSocketHandler):
         n = rt.outq_bytes
         rt.outq = None
         rt.outq_bytes = 0
-        if not q or rt.closing:
+        writer = rt.writer
+        if not q or rt.closing or writer is None:
             return
         ws = self.ws_connection
         if ws is None or ws.is_closing():
             return
-        if rt.fast and rt.wfut is not None and not rt.wfut.done():
+        if writer.busy():
             # The kernel has not taken the previous write: park these frames
             # (they still count toward max_write_buffer) until it has, rather
             # than pay a failing send() per message for a client that stalls.
             rt.outq = q
             rt.outq_bytes = n
-            if not rt.waiting:
-                rt.waiting = True
-                rt.wfut.add_done_callback(self._drained)
+            writer.on_drain = self._drained
             return
         stats = rt.ctx.stats
         stats.messages_out += len(q)
         stats.bytes_out += n
         try:
-            if rt.fast:
-                data = q[0] if len(q) == 1 else b"".join(q)
-                stream = ws.stream  # type: ignore[attr-defined]
-                sock = rt.sock
-                if sock is not None and not stream._write_buffer and not stream.closed():
-                    # Nothing queued in the stream: hand the bytes to the kernel
-                    # ourselves (what IOStream.write would do, minus its future
-                    # and buffer bookkeeping); only a remainder goes through it.
-                    try:
-                        sent = sock.send(data)
-                    except (BlockingIOError, InterruptedError):
-                        sent = 0
-                    except OSError:
-                        sent = 0  # let the stream see the error and close itself
-                    if sent == len(data):
-                        rt.wfut = None
-                        return
-                    data = data[sent:]
-                rt.wfut = stream.write(data)
-            else:
-                for data in q:
-                    ws.write_message(data)
+            writer.write_batch(q)
         except (StreamClosedError, tornado.websocket.WebSocketClosedError):
             pass
 
-    def _drained(self, _fut: Any) -> None:
-        self.rt.waiting = False
+    def _drained(self) -> None:
         if self.rt.outq and not self.rt.closing:
             self._flush()
 
