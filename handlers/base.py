@@ -35,6 +35,7 @@ import tornado.web
 import tornado.websocket
 from tornado.iostream import StreamClosedError
 
+from handlers.websocket import WireParams, WireProtocol
 from handlers.writer import MessageWriter, StreamWriter
 from realtime.auth import AuthError, Identity
 from realtime.context import Context
@@ -43,15 +44,19 @@ from realtime.protocol import (
     Close,
     Outgoing,
     ProtocolError,
+    WireFormat,
     close_reason,
     decode,
+    decode_msgpack,
     decode_value,
     error_message,
 )
+from realtime.wire import OP_BINARY, OP_TEXT, frame
 
 log = logging.getLogger("realtime.socket")
 
 SESSION_COOKIE = "rt_session"
+MSGPACK = "msgpack"  # the subprotocol for MessagePack binary frames
 
 
 class _ShedHeaders(tornado.httputil.HTTPHeaders):
@@ -73,7 +78,7 @@ class ConnState:
     """Everything the base keeps per connection, in slots."""
 
     __slots__ = ("ctx", "user", "ip", "conn_id", "flood", "ip_counted", "opened", "closing",
-                 "inflight", "inflight_done", "tasks", "outq", "outq_bytes", "writer", "cap")
+                 "inflight", "inflight_done", "tasks", "outq", "outq_bytes", "writer", "fmt", "cap")
 
     def __init__(self, ctx: Context, flood: FloodGuard) -> None:
         self.ctx = ctx
@@ -90,6 +95,7 @@ class ConnState:
         self.outq: list[bytes] | None = None  # frames waiting for this iteration's flush
         self.outq_bytes = 0
         self.writer: StreamWriter | MessageWriter | None = None  # set at open (handlers/writer.py)
+        self.fmt: WireFormat = ctx.formats.json  # JSON text or MessagePack binary, deflated or not
         self.cap: int = ctx.cfg.max_write_buffer
 
 
@@ -145,6 +151,20 @@ class BaseSocketHandler(tornado.websocket.WebSocketHandler):
     def get_compression_options(self) -> dict[str, Any] | None:
         return {} if self.cfg.websocket_compression else None
 
+    def select_subprotocol(self, subprotocols: list[str]) -> str | None:
+        """``msgpack``: the same messages as MessagePack binary frames."""
+        return MSGPACK if MSGPACK in subprotocols else None
+
+    def get_websocket_protocol(self) -> tornado.websocket.WebSocketProtocol | None:
+        """Our own frames (handlers/websocket.py) unless ``--fast_path=false``."""
+        if not self.cfg.fast_path or self.request.headers.get("Sec-WebSocket-Version") != "13":
+            return super().get_websocket_protocol()
+        ctx = self.rt.ctx
+        if ctx.wire_params is None:
+            ctx.wire_params = WireParams(self.max_message_size, self.ping_interval, self.ping_timeout,
+                                         compression=bool(self.cfg.websocket_compression), formats=ctx.formats)
+        return WireProtocol(self, ctx.wire_params)
+
     def refuse(self, status: int, message: str) -> None:
         """Answer the handshake with an HTTP error instead of an upgrade."""
         self.ctx.stats.refused(status)
@@ -192,19 +212,23 @@ class BaseSocketHandler(tornado.websocket.WebSocketHandler):
         self._opened = True
         self.ctx.connections.add(self)
         self.ctx.stats.connections_total += 1
-        self.rt.writer = self._make_writer()
+        self._setup_writer()
         self.set_nodelay(True)
         self._shed_handshake_state()
         return self._guard(self.opened, *args)
 
-    def _make_writer(self) -> StreamWriter | MessageWriter:
-        """Finished frames straight to the stream, unless compression (which
-        Tornado's protocol applies per connection) or ``--fast_path=false``
-        asks for ``write_message``."""
-        stream = getattr(self.ws_connection, "stream", None)
-        if self.cfg.fast_path and not self.cfg.websocket_compression and isinstance(stream, tornado.iostream.IOStream):
-            return StreamWriter(stream)
-        return MessageWriter(self)
+    def _setup_writer(self) -> None:
+        """Finished frames through our protocol's writer; with Tornado's own
+        protocol (``--fast_path=false``), whole messages via ``write_message``."""
+        rt = self.rt
+        ws = self.ws_connection
+        binary = ws is not None and ws.selected_subprotocol == MSGPACK
+        if isinstance(ws, WireProtocol) and ws.writer is not None:
+            rt.writer = ws.writer
+            rt.fmt = rt.ctx.formats.get(binary, ws.deflate_wbits)
+        else:
+            rt.writer = MessageWriter(self, binary)
+            rt.fmt = rt.ctx.formats.get(binary, None)
 
     def _shed_handshake_state(self) -> None:
         """Drop what only the handshake needed (request and response headers,
@@ -257,16 +281,19 @@ class BaseSocketHandler(tornado.websocket.WebSocketHandler):
     def on_message(self, message: str | bytes) -> Awaitable[None] | None:
         if self._closing:
             return None
-        if isinstance(message, bytes):
-            self.close(Close.UNSUPPORTED, "binary frames are not supported; send JSON text")
+        binary = not isinstance(message, str)
+        if binary != self.rt.fmt.binary:
+            if binary:
+                self.close(Close.UNSUPPORTED, "binary frames are not supported; send JSON text"
+                           " (or connect with the msgpack subprotocol)")
+            else:
+                self.close(Close.UNSUPPORTED, "this connection speaks MessagePack: send binary frames, not text")
             return None
-        self.ctx.stats.messages_in += 1
-        verdict = self.flood.check()
-        if verdict == "flood":
-            self.close(Close.POLICY, "too many messages; slow down")
+        verdict = self.admit()
+        if verdict is None:
             return None
         try:
-            msg = decode(message)
+            msg = decode_msgpack(message) if binary else decode(message)  # type: ignore[arg-type]
         except ProtocolError as e:
             self.reply_error(e.code, e.message)
             return None
@@ -280,6 +307,17 @@ class BaseSocketHandler(tornado.websocket.WebSocketHandler):
             self.reply_error("unknown_type", "unknown message type %r" % msg["type"][:40], msg.get("ref"))
             return None
         return self._guard(handler, msg)
+
+    def admit(self) -> str | None:
+        """Count one incoming message against the rate limit: ``"ok"``, another
+        verdict (answer ``rate_limited``), or None when the client kept
+        flooding and the connection is closed."""
+        self.ctx.stats.messages_in += 1
+        verdict = self.flood.check()
+        if verdict == "flood":
+            self.close(Close.POLICY, "too many messages; slow down")
+            return None
+        return verdict
 
     def msg_ping(self, msg: dict[str, Any]) -> None:
         """An application-level ping, on every endpoint, for clients that can't
@@ -379,7 +417,38 @@ class BaseSocketHandler(tornado.websocket.WebSocketHandler):
         """Queue ``out`` for this iteration's flush, with no backlog check."""
         rt = self.rt
         assert rt.writer is not None
-        data = out.frame if rt.writer.frames else out.data
+        fmt = rt.fmt
+        if rt.writer.frames:
+            data = out.frame if fmt.key == 0 else out.frame_for(fmt)
+        else:
+            data = out.packed if fmt.binary else out.data
+        self._queue(data)
+
+    def send_raw(self, payload: str | bytes) -> None:
+        """Send one message as it is, text or binary (the echo endpoint), behind
+        what is queued; the same backlog bound applies."""
+        rt = self.rt
+        writer = rt.writer
+        if rt.closing or writer is None or self.ws_connection is None:
+            return
+        binary = not isinstance(payload, str)
+        data: bytes = payload if binary else payload.encode("utf-8")  # type: ignore[assignment, union-attr]
+        if rt.outq_bytes + writer.sent - writer.done > rt.cap:
+            self.drop_slow_consumer()
+            return
+        if isinstance(writer, StreamWriter):
+            opcode = OP_BINARY if binary else OP_TEXT
+            deflater = rt.fmt.deflater
+            self._queue(frame(deflater.compress(data), opcode, rsv1=True) if deflater else frame(data, opcode))
+            return
+        self._flush()  # what was queued goes first
+        try:
+            writer.write_one(data, binary)
+        except (StreamClosedError, tornado.websocket.WebSocketClosedError):
+            pass
+
+    def _queue(self, data: bytes) -> None:
+        rt = self.rt
         if rt.outq is None:
             rt.outq = [data]
             rt.ctx.flusher.mark(self)
@@ -388,9 +457,11 @@ class BaseSocketHandler(tornado.websocket.WebSocketHandler):
         rt.outq_bytes += len(data)
 
     def on_backlog(self, out: Outgoing) -> None:
-        """The client is not reading: close with 1013 (it reconnects and resumes).
+        """The client is not reading: close with 1013 (it reconnects and resumes)."""
+        self.drop_slow_consumer()
 
-        The close frame queues behind the backlog, which a stalled client may
+    def drop_slow_consumer(self) -> None:
+        """Close with 1013.  The close frame queues behind the backlog, which a stalled client may
         never read, so the TCP connection is dropped a second later instead of
         after Tornado's 5 s close timeout: its buffers are freed promptly."""
         self.ctx.stats.error("slow_consumer")
@@ -475,6 +546,6 @@ class JSONHandler(tornado.web.RequestHandler):
 
 
 STATUS_FOR_CODE = {
-    "bad_json": 400, "bad_message": 400, "unknown_type": 400, "too_large": 413,
+    "bad_json": 400, "bad_msgpack": 400, "bad_message": 400, "unknown_type": 400, "too_large": 413,
     "rate_limited": 429, "forbidden": 403, "not_found": 404, "conflict": 409, "unavailable": 503,
 }

@@ -159,8 +159,10 @@ class MessageWriter(_Counted):
         return False  # write_message queues in order; nothing to park for
 
     def write_batch(self, items: list[bytes]) -> None:
-        ws = self.handler.ws_connection
         for data in items:
-            fut = ws.write_message(data, binary=self.binary)
-            self.sent += len(data)
-            fut.add_done_callback(functools.partial(self._written, self.sent))
+            self.write_one(data, self.binary)
+
+    def write_one(self, data: bytes, binary: bool) -> None:
+        fut = self.handler.ws_connection.write_message(data, binary=binary)
+        self.sent += len(data)
+        fut.add_done_callback(functools.partial(self._written, self.sent))

@@ -11,6 +11,7 @@ from typing import Any
 from realtime.auth import Authenticator
 from realtime.hub import Hub
 from realtime.limits import ConnectionCounter
+from realtime.protocol import Formats
 from realtime.storage.sqlite import SQLiteStore
 
 
@@ -48,7 +49,9 @@ class Context:
     stats: Stats = field(default_factory=Stats)
     started: float = field(default_factory=time.time)
     shutting_down: bool = False
-    flusher: Any = None  # handlers.base.Flusher, set by make_app
+    flusher: Any = None  # handlers.writer.Flusher, set by make_app
+    formats: Formats = field(default_factory=Formats)  # wire formats and their compressors
+    wire_params: Any = None  # handlers.websocket.WireParams, made by the first connection
     _ids: Any = field(default_factory=lambda: itertools.count(1))
 
     def next_id(self) -> int:
