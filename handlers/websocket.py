@@ -202,7 +202,7 @@ class WireProtocol(WebSocketProtocol):
     def _close_after_queued(self, code: int | None, reason: str | None = None) -> None:
         """Close through the handler, so the replies it queued for frames that
         came before this one go out first, then our close frame."""
-        if self.handler.ws_connection is self:
+        if getattr(self.handler, "ws_connection", None) is self:
             self.handler.close(code, reason)
         self.close(code, reason)  # a no-op if the handler just did it
 
