@@ -32,12 +32,13 @@ from tornado.options import define, options, parse_command_line, parse_config_fi
 
 import handlers.api as api
 import handlers.chat as chat_handlers
+import handlers.echo as echo
 import handlers.pages as pages
 import realtime.redact
-from handlers.base import Flusher
 from handlers.gate import HostPolicy, RequestGate, local_host_names
 from handlers.listener import RealtimeHTTPServer, raise_open_file_limit
 from handlers.pages import StaticFiles
+from handlers.writer import Flusher
 from realtime.auth import Authenticator, load_or_create_secret
 from realtime.backplane import make_backplane
 from realtime.chat import ChatService
@@ -251,6 +252,7 @@ def make_app(cfg: SimpleNamespace | None = None, **overrides: Any) -> RealtimeAp
         (r"/", pages.IndexPage, kw),
         (r"/chat", pages.ChatPage, kw),
         (r"/ws/chat", chat_handlers.ChatSocketHandler, kw),
+        (r"/ws/echo", echo.EchoSocketHandler, kw),
         (r"/api/rooms", api.RoomsAPI, kw),
         (r"/api/rooms/([^/]+)/messages", api.RoomMessagesAPI, kw),
         (r"/healthz", api.HealthHandler, kw),
