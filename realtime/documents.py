@@ -10,7 +10,8 @@ Revisions: ``rev`` is the number of ops applied so far (a new document is at
 rev 0).  The op that took the document from ``r - 1`` to ``r`` is logged as
 ``LogEntry(rev=r, ...)``.  A client's op is based on the rev it has seen; the
 server transforms it over every logged op after that rev (see the tie-break in
-:mod:`realtime.ot`: logged ops win), applies it and logs it.
+:mod:`realtime.ot`: ``transform(incoming, logged)``, so on a tie the incoming
+op's insert goes first, as in ot.js and ShareDB), applies it and logs it.
 
 Only the last ``max_log`` entries stay in memory: an op based on an older rev
 is refused with ``conflict`` and that client must reload the document.
@@ -228,7 +229,7 @@ class DocumentState:
 
         try:
             for entry in islice(self._log, base_rev - start, None):
-                op = ot.transform(entry.op, op)[1]
+                op = ot.transform(op, entry.op)[0]  # the incoming op first on a tie
             size, new_size = ot.lengths(op)
         except OTError as exc:
             raise DocumentError("bad_message", f"the edit does not fit rev {base_rev}: {exc}") from None

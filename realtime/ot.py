@@ -28,20 +28,25 @@ the wrong place.  ``compose`` and ``transform`` enforce the same rule.
 Normal form
 -----------
 ``check``, ``compose`` and ``transform`` return ops in normal form: no zero or
-empty components, adjacent components of the same kind merged, and the
-trailing retain kept (the whole-document rule needs it).  Normalising never
-reorders components: ``[-1, "x"]`` and ``["x", -1]`` edit the same text but
-tie differently against a concurrent insert, and the server's copy of a
-client's op must transform exactly like the client's own copy.  The other
-functions accept any valid op, normal or not.
+empty components, adjacent components of the same kind merged, an insert
+next to a delete placed **before** it (``[-1, "x"]`` becomes ``["x", -1]``),
+and the trailing retain kept (the whole-document rule needs it).  Between two
+retains there is thus at most one insert followed by at most one delete.
+This is ot.js's canonical form (its ``TextOperation`` builder reorders the same
+way), and it matters: ``[-1, "x"]`` and ``["x", -1]`` edit the same text but tie
+differently against a concurrent insert, so the server's copy of an op must
+be in exactly the form its author transforms.  The other functions accept any
+valid op, normal or not.
 
 Tie-break
 ---------
 When ``a`` and ``b`` insert at the same position, ``transform(a, b)`` puts
-**a's text first**.  The server calls ``transform(logged, incoming)`` -- the op
-already in its log is ``a`` -- and a client calls ``transform(server_op,
-own_pending)``.  Either way the op that is earlier in the server's order wins,
-which is what makes every copy converge.
+**a's text first**.  The convention of ot.js and ShareDB decides which op is
+``a``: the op being submitted.  The server runs ``transform(incoming,
+logged)`` and applies the first half; a client runs ``transform(own_pending,
+server_op)``, keeps the first half as its new pending op and applies the
+second.  So on a tie the op that reaches the server *later* goes first, on
+every copy, which is what makes them converge.
 """
 
 from __future__ import annotations
@@ -79,8 +84,8 @@ class OTError(ValueError):
 
 
 # -- building ops in normal form --------------------------------------------
-# These appenders keep ``out`` in normal form as long as it already is.  They
-# merge but never reorder: order decides ties in transform (see module doc).
+# These appenders keep ``out`` in normal form as long as it already is: they
+# merge, and put an insert before an adjacent delete (see module doc).
 
 
 def _retain(out: Op, n: int) -> None:
@@ -93,10 +98,19 @@ def _retain(out: Op, n: int) -> None:
 
 
 def _insert(out: Op, s: str) -> None:
-    if out and type(out[-1]) is str:
-        out[-1] += s
-    else:
-        out.append(s)
+    """Append an insert; next to a delete it goes before it (normal form)."""
+    if out:
+        last = out[-1]
+        if type(last) is str:
+            out[-1] = last + s
+            return
+        if type(last) is int and last < 0:
+            if len(out) > 1 and type(out[-2]) is str:
+                out[-2] += s
+            else:
+                out.insert(len(out) - 1, s)
+            return
+    out.append(s)
 
 
 def _delete(out: Op, n: int) -> None:
@@ -165,15 +179,17 @@ def check(op: object) -> Op:
 
     Raises :class:`OTError` unless ``op`` is a list (or tuple) whose items are
     non-zero ``int`` (never ``bool``) or non-empty ``str`` without lone
-    surrogates.  The result applies, composes and transforms exactly like
-    ``op`` (only adjacent same-kind components are merged).  Does not look at
-    any document: length checks happen in :func:`apply`, :func:`compose` and
+    surrogates.  The result has the same effect as ``op``: adjacent
+    same-kind components are merged, and the inserts and deletes between two
+    retains become one insert followed by one delete.  Does not look at any
+    document: length checks happen in :func:`apply`, :func:`compose` and
     :func:`transform`.
     """
     if type(op) is not list and type(op) is not tuple:
         raise OTError("an operation must be a list of components")
     out: Op = []
-    run: list[str] = []  # adjacent inserts, joined once (no quadratic +=)
+    run: list[str] = []  # the inserts since the last retain, joined once
+    deleted = 0  # and the characters deleted since then
     for i, c in enumerate(op):
         t = type(c)
         if t is str and c and _well_formed(c):
@@ -181,16 +197,27 @@ def check(op: object) -> Op:
             continue
         if t is not int or c == 0:
             raise _bad_component(i, c)
-        if run:
-            out.append("".join(run))
+        if c < 0:
+            deleted -= c
+            continue
+        if run or deleted:
+            _flush_gap(out, run, deleted)
             run = []
-        if out and type(out[-1]) is int and (out[-1] > 0) == (c > 0):
-            out[-1] += c
+            deleted = 0
+            out.append(c)
+        elif out:
+            out[-1] += c  # only retains can precede a retain here
         else:
             out.append(c)
+    _flush_gap(out, run, deleted)
+    return out
+
+
+def _flush_gap(out: Op, run: list[str], deleted: int) -> None:
     if run:
         out.append("".join(run))
-    return out
+    if deleted:
+        out.append(-deleted)
 
 
 def base_length(op: Op) -> int:
@@ -331,8 +358,9 @@ def transform(a: Op, b: Op) -> tuple[Op, Op]:
 
     Returns ``(a_prime, b_prime)`` such that
     ``apply(apply(s, a), b_prime) == apply(apply(s, b), a_prime)``.
-    Tie-break: inserts at the same position put ``a``'s text first, so pass the
-    op that is earlier in the server's order as ``a``.  Raises
+    Tie-break: inserts at the same position put ``a``'s text first; pass the
+    op being submitted (the server's incoming op, a client's own pending op)
+    as ``a``, as ot.js and ShareDB do.  Raises
     :class:`OTError` if ``base_length(a) != base_length(b)`` or a component is
     invalid.  Both results are in normal form.
     """
@@ -492,7 +520,13 @@ class OTClient:
         return "awaiting_confirm" if self.buffer is None else "awaiting_with_buffer"
 
     def apply_client(self, op: Op) -> bool:
-        """Record a local edit (already applied locally).  True: send :meth:`pending` now."""
+        """Record a local edit (already applied locally).  True: send :meth:`pending` now.
+
+        The op is kept (and sent) in normal form: the form the server
+        transforms, so both copies tie alike.  Raises :class:`OTError` for an
+        invalid op.
+        """
+        op = check(op)
         if self.outstanding is None:
             self.outstanding = op
             self.outstanding_seq = self.next_seq
@@ -502,13 +536,18 @@ class OTClient:
         return False
 
     def apply_server(self, op: Op) -> Op:
-        """Take another client's op from the server; return it transformed for the local text."""
+        """Take another client's op from the server; return it transformed for the local text.
+
+        Our own unacknowledged edits are the submitted side: ``transform(own,
+        server_op)``, so on a tie our insert goes first -- as it will on the
+        server, which receives our op after this one.
+        """
         self.rev += 1
         if self.outstanding is None:
             return op
-        op, self.outstanding = transform(op, self.outstanding)
+        self.outstanding, op = transform(self.outstanding, op)
         if self.buffer is not None:
-            op, self.buffer = transform(op, self.buffer)
+            self.buffer, op = transform(self.buffer, op)
         return op
 
     def server_ack(self, seq: int | None = None) -> Op | None:

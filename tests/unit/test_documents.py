@@ -67,25 +67,27 @@ def test_constructor_rejects_bad_arguments() -> None:
 def test_submit_at_current_rev() -> None:
     doc = DocumentState("doc", "a😀b")
     result = doc.submit(0, [1, -1, "🎉", 1], "c1", 1)
-    assert result == SubmitResult(1, [1, -1, "🎉", 1], False)
+    assert result == SubmitResult(1, [1, "🎉", -1, 1], False)  # in normal form: insert first
     assert doc.text == "a🎉b" and doc.rev == 1
-    assert doc.log == [LogEntry(1, [1, -1, "🎉", 1], "c1", 1)]
+    assert doc.log == [LogEntry(1, [1, "🎉", -1, 1], "c1", 1)]
 
 
 def test_submit_transforms_over_the_log() -> None:
     doc = make_doc()
-    # Based on rev 1 ("hello"): insert "!" at the end; " world" came first.
+    # Based on rev 1 ("hello"): insert "!" at the end, where " world" went first.
+    # The incoming insert goes first on the tie (ot.js and ShareDB's rule:
+    # transform(incoming, logged)).
     result = doc.submit(1, [5, "!"], "a", 2)
-    assert result.rev == 3 and result.op == [11, "!"]
-    assert doc.text == "hello world!"
-    # Based on rev 0 (""): concurrent insert at 0 goes after the logged ones.
+    assert result.rev == 3 and result.op == [5, "!", 6]
+    assert doc.text == "hello! world"
+    # Based on rev 0 (""): it goes before every logged insert at 0.
     result = doc.submit(0, ["X"], "c", 1)
-    assert result.op == [12, "X"] and doc.text == "hello world!X"
+    assert result.op == ["X", 12] and doc.text == "Xhello! world"
 
 
 def test_submit_normalizes_the_op() -> None:
     doc = DocumentState("doc", "abc")
-    assert doc.submit(0, [1, 1, -1, "x", "y"]).op == [2, -1, "xy"]  # merged, not reordered
+    assert doc.submit(0, [1, 1, -1, "x", "y"]).op == [2, "xy", -1]  # merged, insert first
 
 
 def test_noop_is_applied_and_counted() -> None:
@@ -137,7 +139,7 @@ def test_ops_without_client_are_never_duplicates() -> None:
 def test_prepare_changes_nothing() -> None:
     doc = make_doc()
     before = state_of(doc)
-    assert doc.prepare(1, [5, "!"], "a", 2) == SubmitResult(3, [11, "!"], False)
+    assert doc.prepare(1, [5, "!"], "a", 2) == SubmitResult(3, [5, "!", 6], False)
     assert state_of(doc) == before
 
 
@@ -182,7 +184,7 @@ def test_too_old_base_is_a_conflict() -> None:
         doc.submit(0, ["x"], "c", 1)
     assert info.value.code == "conflict"
     assert state_of(doc) == before
-    assert doc.submit(1, [5, "!"]).op == [11, "!"]  # rev 1 is still in the window... was
+    assert doc.submit(1, [5, "!"]).op == [5, "!", 6]  # rev 1 is still in the window... was
     assert doc.log_start == 2
 
 
@@ -271,7 +273,7 @@ def test_snapshot_round_trip() -> None:
     assert again.doc_id == "doc" and again.log == doc.log and again.log_start == 0
     # It behaves the same: dedupe and transform from an old rev both work.
     assert again.submit(1, ["😀", 5], "a", 2) == SubmitResult(3, ["😀", 11], True)
-    assert again.submit(0, ["!"]).op == [12, "!"]  # logged inserts at 0 came first
+    assert again.submit(0, ["!"]).op == ["!", 12]  # the incoming insert at 0 goes first
 
 
 def test_snapshot_without_log_or_older_fields() -> None:
@@ -467,11 +469,11 @@ def test_simulation_example_with_concurrent_inserts() -> None:
     sim.edit(a, ["A"])
     sim.edit(b, ["B"])
     sim.edit(a, [1, "a"])  # buffered
-    sim.deliver_up(b, 0)  # B first: B wins the tie at position 0
-    sim.deliver_up(a, 0)
+    sim.deliver_up(b, 0)  # B reaches the server first ...
+    sim.deliver_up(a, 0)  # ... so A, submitted later, goes first on the tie at 0
     sim.drain()
     sim.assert_converged()
-    assert sim.doc.text == "BAa"
+    assert sim.doc.text == "AaB"
 
 
 def test_simulation_resend_after_lost_ack_is_not_applied_twice() -> None:

@@ -65,9 +65,11 @@ def doc_with(*ops: list[Any], text: str = "") -> DocumentState:
 def test_move_positions_through_the_log() -> None:
     doc = doc_with(["hello world"], ["¡", 11], [7, -5, "there"])  # rev 3: "¡hello there"
     assert doc.text == "¡hello there"
+    assert doc.log[-1].op == [7, "there", -5]  # normal form: the insert goes first
     # Text inserted exactly at a position goes after it: (0 stays before "¡").
-    assert move_positions(doc, 1, (0, 1, 11), 3) == (0, 2, 7)
-    assert move_positions(doc, 1, (6, 9), 3) == (7, 7)  # inside deleted text: where it was
+    assert move_positions(doc, 1, (0, 1, 11), 3) == (0, 2, 12)
+    # Inside the replaced "world": at the end of "there", which was inserted before it
+    assert move_positions(doc, 1, (6, 9), 3) == (7, 12)
     assert move_positions(doc, 1, (6,), 2) == (7,)  # only up to rev 2
     assert move_positions(doc, 3, (12,), 3) == (12,)
     with pytest.raises(DocumentError) as e:
@@ -278,7 +280,7 @@ def test_acks_and_broadcasts_only_after_commit_in_rev_order() -> None:
         bob, bob_m = await joined(svc, store, "bob")
         assert ann_m.types() == ["snapshot", "peer_joined"] and bob_m.types() == ["snapshot"]
         svc.submit(ann, 0, ["a"], 1)
-        svc.submit(bob, 0, ["b"], 1)  # concurrent: transformed after ann's
+        svc.submit(bob, 0, ["b"], 1)  # concurrent: transformed over ann's, goes first on the tie
         await asyncio.sleep(0)
         assert len(store.queue) == 1 and ann_m.types()[-1] == "peer_joined"  # nothing acked yet
         svc.submit(ann, 1, [1, "c"], 2)  # while the first write is with the store: next batch
@@ -287,7 +289,7 @@ def test_acks_and_broadcasts_only_after_commit_in_rev_order() -> None:
         await store.commit()
         assert [m for m in ann_m.got[2:]] == [
             {"type": "ack", "rev": 1, "seq": 1},
-            {"type": "op", "rev": 2, "op": [1, "b"], "client": bob.client_id, "seq": 1},
+            {"type": "op", "rev": 2, "op": ["b", 1], "client": bob.client_id, "seq": 1},
         ]
         assert bob_m.got[1:] == [
             {"type": "op", "rev": 1, "op": ["a"], "client": ann.client_id, "seq": 1},
@@ -301,7 +303,7 @@ def test_acks_and_broadcasts_only_after_commit_in_rev_order() -> None:
         # A resend is acknowledged again (its rev has committed) and not applied.
         svc.submit(ann, 1, [1, "c"], 2)
         assert ann_m.got[-1] == {"type": "ack", "rev": 3, "seq": 2, "duplicate": True}
-        assert svc.docs["d"].state.text == "abc" and not store.queue
+        assert svc.docs["d"].state.text == "bac" and not store.queue
 
     asyncio.run(main())
 
