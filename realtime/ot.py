@@ -51,7 +51,7 @@ every copy, which is what makes them converge.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 __all__ = [
     "Component",
@@ -73,6 +73,7 @@ __all__ = [
 
 Component = int | str
 Op = list  # list[Component]; kept loose so JSON-decoded lists type-check
+Size = Callable[[str], int]  # how long inserted text is: len (code points) or units.utf16_length
 
 
 class OTError(ValueError):
@@ -145,11 +146,12 @@ def _well_formed(s: str) -> bool:
     return True
 
 
-def lengths(op: Op) -> tuple[int, int]:
+def lengths(op: Op, size: Size = len) -> tuple[int, int]:
     """Return ``(base_length(op), target_length(op))`` in one pass.
 
-    Raises :class:`OTError` on a component of the wrong type (it does not look
-    for lone surrogates: that is :func:`check`'s job).
+    ``size`` measures inserted text (see :func:`transform`).  Raises
+    :class:`OTError` on a component of the wrong type (it does not look for
+    lone surrogates: that is :func:`check`'s job).
     """
     if type(op) is not list and type(op) is not tuple:
         raise OTError("an operation must be a list of components")
@@ -165,7 +167,7 @@ def lengths(op: Op) -> tuple[int, int]:
             else:
                 raise _bad_component(i, c)
         elif t is str and c:
-            target += len(c)
+            target += size(c)
         else:
             raise _bad_component(i, c)
     return base, target
@@ -353,7 +355,7 @@ def compose(a: Op, b: Op) -> Op:
     return out
 
 
-def transform(a: Op, b: Op) -> tuple[Op, Op]:
+def transform(a: Op, b: Op, size: Size = len) -> tuple[Op, Op]:
     """Transform two concurrent ops on the same document against each other.
 
     Returns ``(a_prime, b_prime)`` such that
@@ -363,6 +365,11 @@ def transform(a: Op, b: Op) -> tuple[Op, Op]:
     as ``a``, as ot.js and ShareDB do.  Raises
     :class:`OTError` if ``base_length(a) != base_length(b)`` or a component is
     invalid.  Both results are in normal form.
+
+    ``size`` measures inserted text: ``len`` for ops counted in code points
+    (everywhere in this module), :func:`realtime.units.utf16_length` for the
+    same ops counted in UTF-16 code units (the server transforms those for
+    clients that chose them).
     """
     if lengths(a)[0] != lengths(b)[0]:
         raise OTError(
@@ -377,11 +384,11 @@ def transform(a: Op, b: Op) -> tuple[Op, Op]:
     while ca is not None or cb is not None:
         if type(ca) is str:  # a's insert first: the tie-break
             _insert(a2, ca)
-            _retain(b2, len(ca))
+            _retain(b2, size(ca))
             ca = next(ia, None)
             continue
         if type(cb) is str:
-            _retain(a2, len(cb))
+            _retain(a2, size(cb))
             _insert(b2, cb)
             cb = next(ib, None)
             continue
@@ -412,7 +419,7 @@ def transform(a: Op, b: Op) -> tuple[Op, Op]:
     return a2, b2
 
 
-def transform_index(index: int, op: Op, *, own: bool = False) -> int:
+def transform_index(index: int, op: Op, *, own: bool = False, size: Size = len) -> int:
     """Move a cursor position through ``op``.
 
     ``index`` is a code-point position in the document before ``op`` (``0 <=
@@ -420,11 +427,12 @@ def transform_index(index: int, op: Op, *, own: bool = False) -> int:
     position inside deleted text moves to where the deletion was.  Text
     inserted exactly at ``index`` goes before the cursor when ``own`` is true
     (the cursor belongs to the op's author, who just typed it) and after it
-    otherwise.  Raises :class:`OTError` for a bad op or index.
+    otherwise.  ``size`` measures inserted text (see :func:`transform`).
+    Raises :class:`OTError` for a bad op or index.
     """
-    size = lengths(op)[0]
-    if type(index) is not int or not 0 <= index <= size:
-        raise OTError(f"cursor position {index!r} is outside a document of {size} characters")
+    base = lengths(op)[0]
+    if type(index) is not int or not 0 <= index <= base:
+        raise OTError(f"cursor position {index!r} is outside a document of {base} characters")
     pos = 0
     moved = index
     for c in op:
@@ -432,7 +440,7 @@ def transform_index(index: int, op: Op, *, own: bool = False) -> int:
             break
         if type(c) is str:
             if pos < index or own:
-                moved += len(c)
+                moved += size(c)
         elif c > 0:
             pos += c
         else:
