@@ -14,6 +14,7 @@ import asyncio
 import importlib
 import logging
 import os
+import secrets
 import signal
 import sqlite3
 import ssl
@@ -39,13 +40,14 @@ from handlers.listener import RealtimeHTTPServer, raise_open_file_limit
 from handlers.pages import StaticFiles
 from realtime.auth import Authenticator, load_or_create_secret
 from realtime.backplane import make_backplane
-from realtime.chat import CHAT_SCHEMA, ChatService
+from realtime.chat import ChatService
 from realtime.context import Context
 from realtime.hub import Hub
 from realtime.limits import ConnectionCounter
 from realtime.protocol import Close
 from realtime.redact import redact_uri
 from realtime.storage.sqlite import SQLiteStore
+from realtime.storage.sqlite_repos import SQLiteStorage
 
 
 def _load_plugins() -> list[Any]:
@@ -77,8 +79,9 @@ define("address", default="", type=str, help="address to bind ('' = all interfac
 define("config", default="", type=str, help="path to a config file (tornado.options syntax); the command line wins")
 define("data_dir", default="./data", type=str, help="where the SQLite database and the cookie secret live")
 define("debug", default=False, type=bool, help="Tornado debug mode (autoreload, tracebacks in pages); never in production")
-define("cookie_secret", default="", type=str, help="secret for signed sessions; default: generated once into data_dir/secret")
-define("backplane", default="memory", type=str, help="fan-out between processes: 'memory' (one process; the only one in this version)")
+define("cookie_secret", default="", type=str, help="secret for signed sessions; default: generated once into data_dir/secret (or into Redis in cluster mode)")
+define("backplane", default="memory", type=str, help="'memory' (one process, SQLite) or redis://host:port/db (cluster mode: fan-out, history and secrets in Redis)")
+define("processes", default=1, type=int, help="worker processes sharing the port (0 = one per core); more than 1 needs a Redis backplane")
 define("xheaders", default=False, type=bool, help="trust X-Real-Ip / X-Forwarded-For (only behind a proxy you run)")
 define("certfile", default="", type=str, help="TLS certificate (PEM) for https:// and wss://")
 define("keyfile", default="", type=str, help="TLS private key (PEM)")
@@ -135,10 +138,20 @@ def config_from_options(**overrides: Any) -> SimpleNamespace:
     return SimpleNamespace(**values)
 
 
-def _cookie_secret(cfg: SimpleNamespace) -> bytes:
-    if cfg.cookie_secret:
-        return cfg.cookie_secret.encode("utf-8")
-    return load_or_create_secret(os.path.join(cfg.data_dir, "secret")).encode("ascii")
+def _secrets(cfg: SimpleNamespace) -> Any:
+    """``secret(name)``: a generated secret, the same for every node of a
+    cluster (kept in Redis) or for every restart of one process (a file in
+    data_dir)."""
+    if cfg.backplane.startswith(("redis://", "rediss://", "unix://")):
+        from realtime.storage.redis_repos import shared_secret
+
+        return lambda name: shared_secret(cfg.backplane, name, lambda: secrets.token_urlsafe(32))
+    files = {"cookie": "secret"}
+
+    def from_file(name: str) -> str:
+        return load_or_create_secret(os.path.join(cfg.data_dir, files.get(name) or name))
+
+    return from_file
 
 
 def log_request(handler: tornado.web.RequestHandler) -> None:
@@ -170,9 +183,8 @@ class RealtimeApplication(tornado.web.Application):
         """Open storage and the backplane; call before serving.  A database
         that cannot be opened or written is a :class:`StartupError`."""
         ctx = self.ctx
-        schemas = [CHAT_SCHEMA] + [s for svc in ctx.services.values() for s in getattr(svc, "schemas", [])]
         try:
-            await ctx.store.open(schemas)
+            await ctx.storage.open()
             await ctx.hub.backplane.start()
             for svc in ctx.services.values():
                 start = getattr(svc, "start", None)
@@ -198,7 +210,7 @@ class RealtimeApplication(tornado.web.Application):
             if stop is not None:
                 await stop()
         await ctx.hub.backplane.close()
-        await ctx.store.close()
+        await ctx.storage.close()
 
 
 def make_app(cfg: SimpleNamespace | None = None, **overrides: Any) -> RealtimeApplication:
@@ -210,15 +222,23 @@ def make_app(cfg: SimpleNamespace | None = None, **overrides: Any) -> RealtimeAp
     os.makedirs(cfg.data_dir, exist_ok=True)
     store = SQLiteStore(os.path.join(cfg.data_dir, "realtime.sqlite3"), synchronous=cfg.sqlite_synchronous,
                         commit_delay=cfg.commit_delay)
-    hub = Hub(make_backplane(cfg.backplane))
+    backplane = make_backplane(cfg.backplane)
+    hub = Hub(backplane)
     realtime.redact.install()
-    auth = Authenticator(_cookie_secret(cfg), mode=cfg.auth, jwt_secret=cfg.jwt_secret,
+    secret = _secrets(cfg)
+    cookie_secret = cfg.cookie_secret or secret("cookie")
+    auth = Authenticator(cookie_secret.encode("utf-8"), mode=cfg.auth, jwt_secret=cfg.jwt_secret,
                          max_token_lifetime=cfg.max_token_lifetime)
-    ctx = Context(cfg=cfg, hub=hub, store=store, auth=auth,
+    storage: Any = SQLiteStorage(store)
+    if backplane.name == "redis":
+        from realtime.storage.redis_repos import RedisStorage
+
+        storage = RedisStorage(backplane)
+    ctx = Context(cfg=cfg, hub=hub, store=store, storage=storage, secret=secret, auth=auth,
                   conn_limit=ConnectionCounter(cfg.max_connections_per_ip))
     ctx.flusher = Flusher()
     ctx.services["chat"] = ChatService(
-        store, hub, history_size=cfg.history_size, history_keep=cfg.history_keep,
+        ctx.storage.chat_log(keep=max(cfg.history_keep, cfg.history_size), topic=ChatService.topic), hub, history_size=cfg.history_size, history_keep=cfg.history_keep,
         max_text=cfg.max_text, max_rooms=cfg.max_rooms, members_max=cfg.members_max,
         presence_window=cfg.presence_window, typing_interval=cfg.typing_interval,
     )
@@ -268,6 +288,69 @@ def parse_options(argv: list[str] | None = None) -> None:
     options.run_parse_callbacks()
 
 
+def bind(cfg: SimpleNamespace) -> list[Any]:
+    """The listening sockets; with ``--processes`` other than 1, fork the workers
+    here (before any event loop exists), each serving the same sockets."""
+    is_redis = cfg.backplane.startswith(("redis://", "rediss://", "unix://"))
+    if cfg.processes != 1 and not is_redis:
+        raise ValueError("--processes=%d needs a shared backplane: add --backplane=redis://host:6379/0 "
+                         "(with the memory backplane each process would be a separate server)" % cfg.processes)
+    sockets = tornado.netutil.bind_sockets(cfg.port, cfg.address or None, backlog=cfg.backlog)
+    if cfg.processes != 1:
+        fork_workers(cfg.processes or os.cpu_count() or 1)
+    return sockets
+
+
+def fork_workers(n: int) -> None:
+    """Fork ``n`` workers and return in each of them.  The parent never
+    returns: it restarts a worker that dies (a crash, ``kill -9``), forwards
+    SIGTERM/SIGINT to every worker (each closes its sockets with 1001 and
+    flushes), and exits 0 once they all have."""
+    children: dict[int, int] = {}
+
+    def spawn(i: int) -> bool:
+        pid = os.fork()
+        if pid == 0:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            return True
+        children[pid] = i
+        return False
+
+    for i in range(n):
+        if spawn(i):
+            return
+    stopping = False
+
+    def forward(sig: int, _frame: Any) -> None:
+        nonlocal stopping
+        stopping = True
+        for pid in list(children):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    log.info("started %d workers: %s", n, " ".join(map(str, children)))
+    while children:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            break
+        i = children.pop(pid, -1)
+        if i < 0:
+            continue
+        code = os.waitstatus_to_exitcode(status)
+        if not stopping and code != 0:
+            log.warning("worker %d (pid %d) exited with %d; starting another", i, pid, code)
+            time.sleep(0.5)
+            if spawn(i):
+                return
+    sys.exit(0)
+
+
 def tls_context(cfg: SimpleNamespace) -> ssl.SSLContext | None:
     """The TLS context for ``--certfile``/``--keyfile``, checked now: a
     mismatched or swapped pair would otherwise fail every handshake later."""
@@ -289,13 +372,10 @@ def make_server(app: RealtimeApplication, ssl_options: ssl.SSLContext | None = N
     return RealtimeHTTPServer.for_app(app, app.ctx.cfg, ssl_options)
 
 
-async def serve() -> None:
-    cfg = config_from_options()
+async def serve(cfg: SimpleNamespace, sockets: list[Any], ssl_options: ssl.SSLContext | None = None) -> None:
     soft, _hard = raise_open_file_limit()
-    ssl_options = tls_context(cfg)
     app = make_app(cfg)
     await app.start()
-    sockets = tornado.netutil.bind_sockets(cfg.port, cfg.address or None, backlog=cfg.backlog)
     server = make_server(app, ssl_options)
     server.add_sockets(sockets)
     stop = asyncio.Event()
@@ -316,10 +396,13 @@ async def serve() -> None:
 def main(argv: list[str] | None = None) -> None:
     parse_options(argv)
     try:
-        asyncio.run(serve())
+        cfg = config_from_options()
+        ssl_options = tls_context(cfg)
+        sockets = bind(cfg)
+        asyncio.run(serve(cfg, sockets, ssl_options))
     except (ValueError, OSError, StartupError) as e:
-        # A bad option value, a port in use, an unusable database or TLS
-        # pair: say so in one line, no traceback.
+        # A bad option value, a port in use, Redis unreachable, an unusable
+        # database or TLS pair: say so in one line, no traceback.
         logging.getLogger("realtime.server").error("cannot start: %s", e)
         sys.exit(2)
 

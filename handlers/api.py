@@ -61,6 +61,7 @@ class HealthHandler(JSONHandler):
             "connections": len(ctx.connections),
             "uptime": round(time.time() - ctx.started, 3),
             "backplane": getattr(ctx.hub.backplane, "name", "memory"),
+            **({"reason": getattr(ctx.hub.backplane, "reason", "")} if not healthy and not ctx.shutting_down else {}),
             "store": {"pending_writes": ctx.store.pending, "commits": ctx.store.commits},
         })
 

@@ -77,9 +77,13 @@ def _opt(cfg: Any, name: str) -> Any:
     return getattr(cfg, name) if hasattr(cfg, name) else getattr(options, name)
 
 
-def sensor_config(cfg: Any) -> SensorConfig:
+def sensor_config(cfg: Any, secret: Any = None) -> SensorConfig:
+    """``secret(name)`` gives a generated secret (a file in data_dir, or the
+    cluster's in Redis); used for the ingest key when none is configured."""
     key = _opt(cfg, "ingest_key")
-    if not key:
+    if not key and secret is not None:
+        key = secret("ingest_key")
+    elif not key:
         path = os.path.join(cfg.data_dir, "ingest_key")
         key = load_or_create_secret(path)
         log.info("sensor ingest key is in %s (send it as Authorization: Bearer <key>)", os.path.abspath(path))
@@ -106,7 +110,8 @@ def sensor_config(cfg: Any) -> SensorConfig:
 
 def register(ctx: Context) -> list[Any]:
     """Build the sensor service into ``ctx.services["sensors"]``; return the routes."""
-    ctx.services["sensors"] = SensorService(ctx.store, sensor_config(ctx.cfg))
+    ctx.services["sensors"] = SensorService(ctx.storage.reading_store(), sensor_config(ctx.cfg, ctx.secret),
+                                            hub=ctx.hub)
     kw = {"ctx": ctx}
     return [
         (r"/dashboard", DashboardPage, kw),

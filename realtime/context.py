@@ -6,12 +6,13 @@ import itertools
 import time
 from dataclasses import dataclass, field
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, Callable
 
 from realtime.auth import Authenticator
 from realtime.hub import Hub
 from realtime.limits import ConnectionCounter
 from realtime.storage.sqlite import SQLiteStore
+from realtime.storage.sqlite_repos import SQLiteStorage
 
 # The close codes RFC 6455 defines (1004 is reserved) and the ones this server sends.
 METRIC_CLOSE_CODES = frozenset({1000, 1001, 1002, 1003, 1005, 1006, 1007, 1008, 1009, 1010, 1011, 1012, 1013,
@@ -53,6 +54,8 @@ class Context:
     cfg: SimpleNamespace
     hub: Hub
     store: SQLiteStore
+    storage: SQLiteStorage  # hands each app its repository (or RedisStorage in cluster mode)
+    secret: Callable[[str], str]  # generated secrets, shared by every node
     auth: Authenticator
     conn_limit: ConnectionCounter
     services: dict[str, Any] = field(default_factory=dict)

@@ -157,27 +157,44 @@ class Outgoing:
     """One message, encoded once, handed to every recipient.
 
     ``text`` is the JSON; ``data`` its UTF-8 bytes; ``frame`` the finished
-    WebSocket frame, built on first use and then shared.
+    WebSocket frame, built on first use and then shared.  ``kind`` (the
+    message's ``type``), ``seq`` (an ordering number: a chat seq, a document
+    rev) and ``client`` (the editor client it came from) are what subscribers
+    filter on; they travel in a backplane's envelope, so a message that came
+    from another node has them too.  ``obj`` is decoded from the text on first
+    use when the message arrived as text.
     """
 
-    __slots__ = ("obj", "text", "data", "_frame", "seq")
+    __slots__ = ("_obj", "text", "data", "_frame", "seq", "client", "kind")
 
-    def __init__(self, obj: Any, seq: int | None = None) -> None:
-        self.obj = obj
+    def __init__(self, obj: Any, seq: int | None = None, client: str | None = None) -> None:
+        self._obj = obj
         self.text = encode(obj)
         self.data = self.text.encode("utf-8")
         self._frame: bytes | None = None
-        self.seq = seq  # a sequence number subscribers may dedupe on (chat messages)
+        self.seq = seq
+        self.client = client
+        self.kind: str | None = obj.get("type") if type(obj) is dict else None
 
     @classmethod
-    def from_text(cls, text: str, seq: int | None = None) -> "Outgoing":
+    def from_text(cls, text: str, seq: int | None = None, client: str | None = None,
+                  kind: str | None = None) -> "Outgoing":
+        """A message already encoded (received from another node)."""
         out = cls.__new__(cls)
-        out.obj = None
+        out._obj = None
         out.text = text
         out.data = text.encode("utf-8")
         out._frame = None
         out.seq = seq
+        out.client = client
+        out.kind = kind
         return out
+
+    @property
+    def obj(self) -> Any:
+        if self._obj is None:
+            self._obj = ujson.loads(self.text)
+        return self._obj
 
     @property
     def frame(self) -> bytes:

@@ -33,6 +33,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, TypeVar
 
+from realtime.storage.base import StoreBusy, StoreClosed
+
+__all__ = ["Schema", "SQLiteStore", "StoreBusy", "StoreClosed"]
+
 log = logging.getLogger("realtime.storage")
 
 T = TypeVar("T")
@@ -48,14 +52,6 @@ class Schema:
     @property
     def version(self) -> int:
         return len(self.migrations)
-
-
-class StoreBusy(Exception):
-    """Too many writes are waiting: the caller should refuse, not queue more."""
-
-
-class StoreClosed(Exception):
-    pass
 
 
 _STOP = object()
