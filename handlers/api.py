@@ -52,17 +52,26 @@ class HealthHandler(JSONHandler):
         self.get()
 
     def get(self) -> None:
+        """503 while shutting down, while the backplane is unreachable, and
+        while writes to the store fail (disk full, I/O error): ``reason`` says which."""
         ctx = self.ctx
-        healthy = not ctx.shutting_down and getattr(ctx.hub.backplane, "healthy", True)
+        backplane_ok = getattr(ctx.hub.backplane, "healthy", True)
+        write_error = getattr(ctx.storage, "degraded", None)
+        healthy = not ctx.shutting_down and backplane_ok and write_error is None
         if not healthy:
             self.set_status(503)
+        reason = {}
+        if not healthy and not ctx.shutting_down:
+            reason = {"reason": getattr(ctx.hub.backplane, "reason", "") if not backplane_ok
+                      else "writes to the store fail: %s" % write_error}
         self.finish({
             "status": "ok" if healthy else ("shutting_down" if ctx.shutting_down else "degraded"),
             "connections": len(ctx.connections),
             "uptime": round(time.time() - ctx.started, 3),
             "backplane": getattr(ctx.hub.backplane, "name", "memory"),
-            **({"reason": getattr(ctx.hub.backplane, "reason", "")} if not healthy and not ctx.shutting_down else {}),
-            "store": {"pending_writes": ctx.store.pending, "commits": ctx.store.commits},
+            **reason,
+            "store": {"pending_writes": ctx.store.pending, "commits": ctx.store.commits,
+                      "write_error": write_error},
         })
 
 

@@ -22,7 +22,7 @@ _PARAM_RE = re.compile(
     r"(?i)(?<![A-Za-z0-9_])(%s)(=|%%3D)([^&\s'\"<>#;,)\]]+)" % "|".join(SENSITIVE_PARAMS)
 )
 _HEADER_RE = re.compile(
-    r"(?i)((?:authorization|x-ingest-key)['\"]?\s*[:=,]\s*['\"]?(?:bearer\s+)?)([^\s'\",;]+)"
+    r"(?i)((?:authorization|x-ingest-key)['\"]?\s*[:=,]\s*['\"]?(?:bearer\s+)?)(?!bearer\b)([^\s'\",;()<>]+)"
 )
 _BEARER_RE = re.compile(r"(?i)(bearer\s+)([A-Za-z0-9._~+/=-]{8,})")
 _COOKIE_RE = re.compile(r"(?i)(rt_session=)([^\s;'\",]+)")

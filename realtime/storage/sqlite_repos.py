@@ -416,6 +416,11 @@ class SQLiteStorage:
         self._uses(SENSORS_SCHEMA)
         return SQLiteReadingStore(self.store)
 
+    @property
+    def degraded(self) -> str | None:
+        """Why writes fail right now (the database's error), or None."""
+        return self.store.write_error
+
     async def open(self) -> None:
         """Create or migrate the tables of the repositories handed out."""
         await self.store.open(self._schemas)

@@ -340,3 +340,47 @@ def test_a_short_jwt_secret_is_warned_about(tmp_path, caplog):
     caplog.clear()
     server.make_app(data_dir=str(tmp_path), auth="token", jwt_secret=SECRET)
     assert not any("jwt_secret" in r.getMessage() for r in caplog.records)
+
+
+# -- 5. storage errors in sensors ----------------------------------------------------
+
+
+async def fill_the_disk(app, full: bool) -> None:
+    """Simulate a full disk: SQLite refuses to grow the file past its current pages."""
+    def pragma(conn):
+        pages = conn.execute("PRAGMA page_count").fetchone()[0]
+        conn.execute("PRAGMA max_page_count=%d" % (pages if full else 2**30))
+
+    await app.ctx.store.write(pragma)
+
+
+@pytest.mark.gen_test(timeout=30)
+@pytest.mark.expect_error_log  # "sqlite commit failed: database or disk is full", and the 503s
+@pytest.mark.parametrize("app_options", [dict(SENSOR_BASE)])
+async def test_a_full_disk_makes_sensor_writes_unavailable_and_healthz_degraded(connect, http_port, app,
+                                                                            app_options, caplog):
+    """Issue: with the data_dir full a device publish got 'internal server error', a 1011 close and a
+    traceback; POST/PUT answered 500; /healthz said ok."""
+    http = AsyncHTTPClient()
+    dev = await connect("/ws/sensors", key=KEY)
+    await dev.expect("welcome")
+    now = time.time()
+    await fill_the_disk(app, True)
+    points = [[now - 10 + i * 0.005, float(i)] for i in range(1000)]
+    dev.send({"type": "publish", "sensor": "dev.full", "points": points, "ref": 1})
+    err = await dev.expect("error", skip=("sensor_added", "readings"))
+    assert err["code"] == "unavailable" and err["ref"] == 1
+    resp = await http.fetch(HTTPRequest("http://127.0.0.1:%d/api/sensors/dev.full/readings" % http_port,
+                                        method="POST", body=json.dumps(points),
+                                        headers={"Authorization": "Bearer " + KEY}), raise_error=False)
+    assert resp.code == 503 and json.loads(resp.body)["error"] == "unavailable"
+    health = await http.fetch("http://127.0.0.1:%d/healthz" % http_port, raise_error=False)
+    body = json.loads(health.body)
+    assert health.code == 503 and body["status"] == "degraded" and "full" in body["reason"]
+    # The device's connection stayed open; once there is room again, all is well.
+    await fill_the_disk(app, False)
+    dev.send({"type": "publish", "sensor": "dev.full", "points": points, "ref": 2})
+    assert (await dev.expect("ack", skip=("sensor_added", "readings")))["stored"] == 1000
+    health = await http.fetch("http://127.0.0.1:%d/healthz" % http_port)
+    assert json.loads(health.body)["status"] == "ok"
+    assert "Traceback" not in caplog.text
