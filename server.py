@@ -109,8 +109,11 @@ define("max_write_buffer", default=1024 * 1024, type=int, help="unflushed bytes 
 define("max_inflight", default=32, type=int, help="messages per connection being processed at once before reading pauses")
 define("ping_interval", default=20.0, type=float, help="seconds between WebSocket pings (0 = off)")
 define("ping_timeout", default=20.0, type=float, help="close a connection whose pong is this late (seconds)")
-define("websocket_compression", default=False, type=bool, help="offer permessage-deflate (costs CPU and memory per connection)")
-define("fast_path", default=True, type=bool, help="write pre-built frames to streams (falls back to write_message when off)")
+define("websocket_compression", default=False, type=bool,
+       help="accept permessage-deflate, without context takeover: each message is compressed once for all its recipients")
+define("fast_path", default=True, type=bool,
+       help="serve WebSockets with our own frames, built once per message (off: Tornado's protocol and write_message,"
+            " which compresses per connection)")
 # Storage
 define("sqlite_synchronous", default="FULL", type=str, help="SQLite synchronous pragma: FULL (fsync every commit) or NORMAL")
 define("commit_delay", default=0.0, type=float, help="seconds the writer waits after a write so that more share its commit (0 = commit at once)")
