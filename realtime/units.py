@@ -7,8 +7,8 @@ Plane (``"😀"``, ``"𝔸"``) is a *surrogate pair* of two units.  An editing
 connection chooses its units (``?units=utf16``); the server converts at the
 edge, against the text the positions refer to.
 
-* :class:`TextUnits` knows where one text's astral characters are and maps
-  positions and ops between the two counts.  A UTF-16 position between the
+* :class:`TextUnits` maps one text's positions and ops between the two
+  counts.  A UTF-16 position between the
   two halves of a pair has no code-point equivalent: :class:`SplitError`.
 * Ops keep their shape when converted: the same components in the same order,
   the same inserted strings, only the retain and delete counts change.  So a
@@ -18,9 +18,6 @@ edge, against the text the positions refer to.
 """
 
 from __future__ import annotations
-
-import re
-from bisect import bisect_left
 
 from realtime.ot import Op, OTError, Size, lengths
 
@@ -38,9 +35,6 @@ __all__ = [
 CODEPOINT = "codepoint"
 UTF16 = "utf16"
 UNITS = (CODEPOINT, UTF16)
-
-_ASTRAL = re.compile("[\U00010000-\U0010ffff]")
-
 
 class SplitError(OTError):
     """A UTF-16 position falls between the two halves of a surrogate pair."""
@@ -74,47 +68,69 @@ def same_shape(op: Op, other: Op) -> bool:
 class TextUnits:
     """One text's positions in code points and in UTF-16 code units.
 
-    Built once per text (a scan for astral characters, skipped for ASCII or
-    when ``length16`` says there are none), then each conversion costs a
-    binary search.  Errors are :class:`~realtime.ot.OTError` (position or op
-    length outside the text) or :class:`SplitError` (a UTF-16 position inside
-    a surrogate pair), each with a sentence a person can read.
+    For a text with astral characters it keeps a mask, one byte per code
+    point (zero for a BMP character), built once; a conversion then counts
+    zero bytes in C, over the stretch of text before the position.  Nothing
+    is built for a text without astral characters (``length16`` says so when
+    the caller knows it).  Errors are :class:`~realtime.ot.OTError` (position
+    or op length outside the text) or :class:`SplitError` (a UTF-16 position
+    inside a surrogate pair), each with a sentence a person can read.
     """
 
-    __slots__ = ("text", "length", "length16", "_cp", "_u16")
+    __slots__ = ("text", "length", "length16", "_mask")
 
     def __init__(self, text: str, length16: int | None = None) -> None:
         self.text = text
         self.length = len(text)
-        if length16 is None:
-            length16 = utf16_length(text)
-        astral = [m.start() for m in _ASTRAL.finditer(text)] if length16 != self.length else []
-        self._cp = astral  # code-point index of each astral character
-        self._u16 = [p + k for k, p in enumerate(astral)]  # the UTF-16 index of its first half
-        self.length16 = self.length + len(astral)
+        self.length16 = utf16_length(text) if length16 is None else length16
+        self._mask: bytes | None = None
 
     @property
     def same(self) -> bool:
         """True when both counts agree everywhere (no astral characters)."""
-        return not self._cp
+        return self.length16 == self.length
+
+    def _astral(self, start: int, end: int) -> int:
+        """How many of the code points ``start .. end - 1`` are astral."""
+        if self._mask is None:
+            # The third byte of a UTF-32 code unit is non-zero exactly for U+10000 and up.
+            self._mask = self.text.encode("utf-32-le")[2::4]
+        return end - start - self._mask.count(0, start, end)
 
     def to_utf16(self, index: int) -> int:
         """The UTF-16 position of code-point position ``index``."""
         if type(index) is not int or not 0 <= index <= self.length:
             raise OTError(f"position {index!r} is outside a text of {self.length} characters")
-        return index + bisect_left(self._cp, index)
+        return index if self.same else index + self._astral(0, index)
 
     def from_utf16(self, index16: int) -> int:
         """The code-point position of UTF-16 position ``index16``; :class:`SplitError` inside a pair."""
         if type(index16) is not int or not 0 <= index16 <= self.length16:
             raise OTError(f"position {index16!r} is outside a text of {self.length16} UTF-16 code units")
-        k = bisect_left(self._u16, index16)
-        if k and self._u16[k - 1] == index16 - 1:
-            ch = self.text[self._cp[k - 1]]
+        return index16 if self.same else self._advance(0, index16)
+
+    def _advance(self, start: int, units: int) -> int:
+        """The code-point position ``units`` UTF-16 code units after code-point position ``start``.
+
+        A binary search for the last position at most ``units`` away, each
+        probe counting from the last one below: the counts add up to one pass.
+        """
+        lo, at_lo = start, 0
+        hi = min(start + units, self.length)
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            at_mid = at_lo + mid - lo + self._astral(lo, mid)
+            if at_mid <= units:
+                lo, at_lo = mid, at_mid
+            else:
+                hi = mid - 1
+        if at_lo != units:  # the next character is a pair: ``units`` ends inside it
+            ch = self.text[lo]
             raise SplitError(
-                f"UTF-16 position {index16} is inside {ch!r} (U+{ord(ch):04X}, a surrogate pair)"
+                f"UTF-16 position {self.to_utf16(start) + units} is inside {ch!r} "
+                f"(U+{ord(ch):04X}, a surrogate pair)"
             )
-        return index16 - k
+        return lo
 
     def op_to_utf16(self, op: Op) -> Op:
         """``op`` (code points, for this text) counted in UTF-16 code units.
@@ -127,21 +143,18 @@ class TextUnits:
             raise OTError(
                 f"the operation is for a document of {base} characters, but this one has {self.length}"
             )
-        if not self._cp:
+        if self.same:
             return op
-        cp = self._cp
         out: Op = []
         pos = 0
-        below = 0  # astral characters before pos
         for c in op:
             if type(c) is str:
                 out.append(c)
                 continue
             end = pos + (c if c > 0 else -c)
-            below_end = bisect_left(cp, end, below)
-            width = end - pos + below_end - below
+            width = end - pos + self._astral(pos, end)
             out.append(width if c > 0 else -width)
-            pos, below = end, below_end
+            pos = end
         return out
 
     def op_from_utf16(self, op16: Op) -> Op:
@@ -156,19 +169,18 @@ class TextUnits:
             raise OTError(
                 f"the operation is for a document of {base} UTF-16 code units, but this one has {self.length16}"
             )
-        if not self._cp:
+        if self.same:
             return op16
         out: Op = []
-        pos16 = pos = 0
+        pos = 0
         for c in op16:
             if type(c) is str:
                 out.append(c)
                 continue
-            end16 = pos16 + (c if c > 0 else -c)
             try:
-                end = self.from_utf16(end16)
+                end = self._advance(pos, c if c > 0 else -c)
             except SplitError as exc:
                 raise SplitError(f"the edit would split a character: {exc}") from None
             out.append(end - pos if c > 0 else pos - end)
-            pos16, pos = end16, end
+            pos = end
         return out
