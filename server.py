@@ -32,12 +32,13 @@ from tornado.options import define, options, parse_command_line, parse_config_fi
 
 import handlers.api as api
 import handlers.chat as chat_handlers
+import handlers.echo as echo
 import handlers.pages as pages
 import realtime.redact
-from handlers.base import Flusher
 from handlers.gate import HostPolicy, RequestGate, local_host_names
 from handlers.listener import RealtimeHTTPServer, raise_open_file_limit
 from handlers.pages import StaticFiles
+from handlers.writer import Flusher
 from realtime.auth import Authenticator, load_or_create_secret
 from realtime.backplane import make_backplane
 from realtime.chat import ChatService
@@ -108,8 +109,11 @@ define("max_write_buffer", default=1024 * 1024, type=int, help="unflushed bytes 
 define("max_inflight", default=32, type=int, help="messages per connection being processed at once before reading pauses")
 define("ping_interval", default=20.0, type=float, help="seconds between WebSocket pings (0 = off)")
 define("ping_timeout", default=20.0, type=float, help="close a connection whose pong is this late (seconds)")
-define("websocket_compression", default=False, type=bool, help="offer permessage-deflate (costs CPU and memory per connection)")
-define("fast_path", default=True, type=bool, help="write pre-built frames to streams (falls back to write_message when off)")
+define("websocket_compression", default=False, type=bool,
+       help="accept permessage-deflate, without context takeover: each message is compressed once for all its recipients")
+define("fast_path", default=True, type=bool,
+       help="serve WebSockets with our own frames, built once per message (off: Tornado's protocol and write_message,"
+            " which compresses per connection)")
 # Storage
 define("sqlite_synchronous", default="FULL", type=str, help="SQLite synchronous pragma: FULL (fsync every commit) or NORMAL")
 define("commit_delay", default=0.0, type=float, help="seconds the writer waits after a write so that more share its commit (0 = commit at once)")
@@ -253,6 +257,7 @@ def make_app(cfg: SimpleNamespace | None = None, **overrides: Any) -> RealtimeAp
         (r"/", pages.IndexPage, kw),
         (r"/chat", pages.ChatPage, kw),
         (r"/ws/chat", chat_handlers.ChatSocketHandler, kw),
+        (r"/ws/echo", echo.EchoSocketHandler, kw),
         (r"/api/rooms", api.RoomsAPI, kw),
         (r"/api/rooms/([^/]+)/messages", api.RoomMessagesAPI, kw),
         (r"/healthz", api.HealthHandler, kw),

@@ -11,6 +11,7 @@ from typing import Any, Callable
 from realtime.auth import Authenticator
 from realtime.hub import Hub
 from realtime.limits import ConnectionCounter
+from realtime.protocol import Formats
 from realtime.storage.sqlite import SQLiteStore
 from realtime.storage.sqlite_repos import SQLiteStorage
 
@@ -63,7 +64,9 @@ class Context:
     stats: Stats = field(default_factory=Stats)
     started: float = field(default_factory=time.time)
     shutting_down: bool = False
-    flusher: Any = None  # handlers.base.Flusher, set by make_app
+    flusher: Any = None  # handlers.writer.Flusher, set by make_app
+    formats: Formats = field(default_factory=Formats)  # wire formats and their compressors
+    wire_params: Any = None  # handlers.websocket.WireParams, made by the first connection
     _ids: Any = field(default_factory=lambda: itertools.count(1))
 
     def next_id(self) -> int:
