@@ -97,7 +97,7 @@ class _Collector:
             errors.add_metric([code], n)
         yield errors
         closes = CounterMetricFamily("realtime_closes", "Connections closed, by close code", labels=["code"])
-        for code, n in sorted(st.closes.items()):
+        for code, n in sorted(st.closes.items(), key=lambda kv: str(kv[0])):
             closes.add_metric([str(code)], n)
         yield closes
         refused = CounterMetricFamily("realtime_handshakes_refused", "Handshakes refused, by HTTP status",

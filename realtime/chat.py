@@ -36,7 +36,7 @@ from typing import Any, Callable, Protocol
 from realtime.auth import Identity
 from realtime.hub import Hub
 from realtime.protocol import Outgoing, ProtocolError, has_control_chars
-from realtime.storage.base import ChatLog, PresenceStore, RoomRecord, StorageError, StoreBusy
+from realtime.storage.base import ChatLog, PresenceStore, RoomRecord, StorageError, StoreBusy, TooManyRooms
 
 log = logging.getLogger("realtime.chat")
 
@@ -430,7 +430,7 @@ class RoomRelay:
         try:
             await svc.hub.subscribe(self.topic, self)
             try:
-                record = await svc.log.open_room(self.name, svc.history_size)
+                record = await svc.log.open_room(self.name, svc.history_size, svc.max_rooms_total)
             except BaseException:
                 svc.hub.unsubscribe(self.topic, self)
                 raise
@@ -540,10 +540,12 @@ class ChatService:
     def __init__(self, log: ChatLog, hub: Hub, *, history_size: int = 50,
                  history_keep: int = 1000, max_text: int = 2000, max_rooms: int = 20,
                  members_max: int = 100, presence_window: float = 0.1,
-                 presence_diff_max: int = 50, typing_interval: float = 1.0,
+                 presence_diff_max: int = 50, typing_interval: float = 1.0, max_rooms_total: int = 0,
                  presence_store: PresenceStore | None = None, node_id: str = "",
                  presence_ttl: float = 15.0) -> None:
         self.log = log
+        self.max_rooms_total = max_rooms_total  # rooms stored at most (0 = no limit)
+        self.rooms_reclaimed = 0
         self.hub = hub
         self.history_size = history_size
         self.history_keep = max(history_keep, history_size)
@@ -592,12 +594,14 @@ class ChatService:
             return await asyncio.shield(relay.ready)
         try:
             if create:
-                record = await self.log.open_room(name, self.history_size)
+                record = await self.log.open_room(name, self.history_size, self.max_rooms_total)
             else:
                 found = await self.log.find_room(name, self.history_size)
                 if found is None:
                     raise ProtocolError("not_found", "no room named %s" % name)
                 record = found
+        except TooManyRooms as e:
+            raise ProtocolError("too_large", "%s; join an existing one" % e) from None
         except StorageError:
             raise ProtocolError("unavailable", "the room could not be read; retry shortly")
         return self.room_state(name, record)
@@ -652,6 +656,8 @@ class ChatService:
         except BaseException as e:
             subs.pop(name, None)
             self._drop(relay, sub)
+            if isinstance(e, TooManyRooms):
+                raise ProtocolError("too_large", "%s; join an existing one" % e)
             if isinstance(e, StorageError):
                 raise ProtocolError("unavailable", "the room could not be opened; retry shortly")
             raise
@@ -676,6 +682,19 @@ class ChatService:
         if not relay.members and self._relays.get(relay.name) is relay:
             del self._relays[relay.name]
             relay.close()
+            if relay.state is not None and relay.state.last_seq == 0:
+                # Its last member left and nothing was said: a room created by
+                # joining alone is not kept (rooms cost storage, and are capped).
+                asyncio.ensure_future(self._reclaim(relay.name))
+
+    async def _reclaim(self, name: str) -> None:
+        if name in self._relays:
+            return  # joined again meanwhile
+        try:
+            if await self.log.drop_if_empty(name):
+                self.rooms_reclaimed += 1
+        except StorageError as e:
+            log.warning("could not remove the empty room %s: %s", name, e)
 
     def leave(self, member: Member, subs: dict[str, RoomSubscription], name: str) -> bool:
         sub = subs.pop(name, None)

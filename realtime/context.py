@@ -29,7 +29,7 @@ class Stats:
     messages_out: int = 0
     bytes_out: int = 0
     errors: dict[str, int] = field(default_factory=dict)
-    closes: dict[str, int] = field(default_factory=dict)
+    closes: dict[int | str, int] = field(default_factory=dict)
     handshakes_refused: dict[int, int] = field(default_factory=dict)
     requests_refused: dict[int, int] = field(default_factory=dict)
 
@@ -40,7 +40,7 @@ class Stats:
         """Counted by code; a code outside :data:`METRIC_CLOSE_CODES` (a
         client may send any number) counts as ``other``, so that clients
         cannot add series to /metrics."""
-        key = str(code) if code in METRIC_CLOSE_CODES else "other"
+        key: int | str = code if code in METRIC_CLOSE_CODES else "other"
         self.closes[key] = self.closes.get(key, 0) + 1
 
     def refused(self, status: int) -> None:

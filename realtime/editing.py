@@ -509,8 +509,23 @@ class EditingService:
                 self._schedule_evict(doc)
             return
         del self.docs[doc.id]
-        if not doc.broken and doc.state.rev > doc.snapshot_rev:
+        if not doc.broken and doc.state.rev == 0:
+            # Opened and never edited: not kept, so empty documents cannot
+            # fill max_docs (the next open creates it afresh).
+            self._background_task(self.log.drop_if_empty(doc.id))
+        elif not doc.broken and doc.state.rev > doc.snapshot_rev:
             self._save_snapshot(doc)
+
+    def _background_task(self, coro: Any) -> None:
+        fut = asyncio.ensure_future(coro)
+        self._background.add(fut)
+
+        def done(f: asyncio.Future[Any]) -> None:
+            self._background.discard(f)
+            if not f.cancelled() and f.exception() is not None:
+                log.warning("could not remove an empty document: %s", f.exception())
+
+        fut.add_done_callback(done)
 
     def _save_snapshot(self, doc: LiveDoc) -> None:
         data = ujson.dumps(doc.state.to_snapshot(include_log=False), ensure_ascii=False)

@@ -50,6 +50,10 @@ class Appended(NamedTuple):
     duplicate: bool  # the cid was used before: seq/ts are the first attempt's
 
 
+class TooManyRooms(StorageError):
+    pass
+
+
 class ChatLog(Protocol):
     """Each room: an epoch, a gap-free sequence of messages, the newest ``keep`` kept."""
 
@@ -57,8 +61,14 @@ class ChatLog(Protocol):
     #: (atomically with storing it); the service then hands it only to this node.
     broadcasts: bool
 
-    async def open_room(self, room: str, recent: int) -> RoomRecord:
-        """The room, created (with a fresh epoch) if it does not exist."""
+    async def open_room(self, room: str, recent: int, max_rooms: int = 0) -> RoomRecord:
+        """The room, created (with a fresh epoch) if it does not exist
+        (:class:`TooManyRooms` if ``max_rooms`` rooms exist already; 0 = no limit)."""
+
+    async def drop_if_empty(self, room: str) -> bool:
+        """Remove the room if no message was ever said in it (its last member
+        left); whether it was removed.  A store shared by several nodes may
+        keep it (another node may have members) and return False."""
 
     async def find_room(self, room: str, recent: int) -> RoomRecord | None:
         """The room, or None if it was never created (nothing is created)."""
@@ -73,7 +83,8 @@ class ChatLog(Protocol):
         of them (``newest``) or the oldest."""
 
     async def rooms(self, limit: int) -> list[tuple[str, int]]:
-        """``(name, last_seq)`` of stored rooms."""
+        """``(name, last_seq)`` of stored rooms, the most recently active
+        (created or said in) first."""
 
 
 def message_json(room: str, seq: int, user_id: str, name: str, text: str, ts: int,
@@ -154,6 +165,9 @@ class DocumentLog(Protocol):
 
     async def list(self, limit: int) -> list[tuple[str, int, int, int, int]]:
         """``(id, rev, length, created, updated)``, most recently edited first."""
+
+    async def drop_if_empty(self, doc_id: str) -> bool:
+        """Remove the document if it was never edited (revision 0); whether it was."""
 
 
 # -- sensors ------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ from realtime.storage.base import (
     StorageError,
     StoredOp,
     TooManyDocuments,
+    TooManyRooms,
     message_json,
 )
 
@@ -103,7 +104,7 @@ class RedisChatLog:
         self._topic = topic
         self._open = redis.register_script(_OPEN_ROOM)
         self._say = redis.register_script(_SAY)
-        self._queue: list[tuple[list[str], list[Any], asyncio.Future[Any]]] = []
+        self._queue: list[tuple[str, list[str], list[Any], asyncio.Future[Any]]] = []
         self._flusher: asyncio.Future[None] | None = None
         # The service need not publish what this log's append already sent to the other nodes.
         self.broadcasts = channel is not None and topic is not None
@@ -138,10 +139,14 @@ class RedisChatLog:
         return RoomRecord(epoch, last_seq, max(oldest, last_seq - self.keep + 1),
                           self._messages(room, newest[::-1]))
 
-    async def open_room(self, room: str, recent: int) -> RoomRecord:
+    async def open_room(self, room: str, recent: int, max_rooms: int = 0) -> RoomRecord:
         now = time.time()
+        if max_rooms > 0 and await self._call(self.redis.zscore(ROOMS_KEY, room)) is None:
+            if await self._call(self.redis.zcard(ROOMS_KEY)) >= max_rooms:
+                raise TooManyRooms("this server holds at most %d rooms" % max_rooms)
         epoch, seq = await self._call(self._open(keys=self.keys(room)[:1], args=[secrets.token_hex(8), now]))
-        await self._call(self.redis.zadd(ROOMS_KEY, {room: 0}, nx=True))
+        # Scored by activity (creation, then each message): rooms() lists the liveliest first.
+        await self._call(self.redis.zadd(ROOMS_KEY, {room: now}, nx=True))
         return await self._record(room, _text(epoch), int(seq), recent)
 
     async def find_room(self, room: str, recent: int) -> RoomRecord | None:
@@ -149,6 +154,10 @@ class RedisChatLog:
         if epoch is None:
             return None
         return await self._record(room, _text(epoch), int(seq), recent)
+
+    async def drop_if_empty(self, room: str) -> bool:
+        """Kept: members on other nodes may still be in it (the cap counts it)."""
+        return False
 
     async def append(self, room: str, user_id: str, name: str, text: str, ts: int,
                      cid: str | None) -> Appended:
@@ -167,8 +176,8 @@ class RedisChatLog:
                 rest["cid"] = cid
             tail = "," + encode(rest)[1:]
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._queue.append((self.keys(room), [user_id, name, text, ts, cid or "", self.keep, channel, head, body,
-                                              tail], fut))
+        self._queue.append((room, self.keys(room), [user_id, name, text, ts, cid or "", self.keep, channel, head,
+                                                    body, tail], fut))
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.ensure_future(self._flush())
         seq, stored_ts, dup = await fut
@@ -182,23 +191,24 @@ class RedisChatLog:
             batch, self._queue = self._queue, []
             try:
                 async with self.redis.pipeline(transaction=False) as pipe:
-                    for keys, args, _ in batch:
+                    for room, keys, args, _ in batch:
                         await self._say(keys=keys, args=args, client=pipe)
-                    results = await pipe.execute(raise_on_error=False)
+                        pipe.zadd(ROOMS_KEY, {room: args[3] / 1000.0}, xx=True, gt=True)
+                    results = (await pipe.execute(raise_on_error=False))[::2]
             except (RedisError, OSError) as e:
                 error = StorageError("Redis is unreachable: %s" % e)
-                for _, _, fut in batch:
+                for *_, fut in batch:
                     if not fut.done():
                         fut.set_exception(error)
                 continue
-            for (_, _, fut), result in zip(batch, results):
+            for (*_, fut), result in zip(batch, results):
                 if fut.done():
                     continue
                 if isinstance(result, Exception):
                     fut.set_exception(StorageError("Redis refused: %s" % result))
                 else:
                     fut.set_result(result)
-            for _, _, fut in batch:
+            for *_, fut in batch:
                 if not fut.done():
                     fut.set_exception(StorageError("Redis gave no answer for this write"))
 
@@ -213,7 +223,7 @@ class RedisChatLog:
         return self._messages(room, entries)
 
     async def rooms(self, limit: int) -> list[tuple[str, int]]:
-        names = [_text(n) for n in await self._call(self.redis.zrange(ROOMS_KEY, 0, limit - 1))]
+        names = [_text(n) for n in await self._call(self.redis.zrevrange(ROOMS_KEY, 0, limit - 1))]
         if not names:
             return []
         async with self.redis.pipeline(transaction=False) as pipe:
@@ -495,6 +505,10 @@ class RedisDocumentLog:
 
     async def save_snapshot(self, doc_id: str, rev: int, data: str, keep: int) -> bool:
         return bool(await self._call(self._snapshot(keys=self.keys(doc_id), args=[rev, data, keep])))
+
+    async def drop_if_empty(self, doc_id: str) -> bool:
+        """Kept: another node may have it open (``max_docs`` counts it)."""
+        return False
 
     async def list(self, limit: int) -> list[tuple[str, int, int, int, int]]:
         ids = [_text(i) for i in await self._call(self.redis.zrevrange(DOCS_KEY, 0, limit - 1))]

@@ -25,6 +25,7 @@ from realtime.storage.base import (
     StorageError,
     StoredOp,
     TooManyDocuments,
+    TooManyRooms,
     message_json,
 )
 from realtime.storage.sqlite import Schema, SQLiteStore
@@ -64,7 +65,14 @@ CHAT_SCHEMA = Schema(
             PRIMARY KEY(room, seq)
         ) WITHOUT ROWID;
         CREATE UNIQUE INDEX messages_cid ON messages(room, user_id, cid) WHERE cid IS NOT NULL
+        """,
+        # 2: rooms are listed by activity (the newest message, else creation)
         """
+        ALTER TABLE rooms ADD COLUMN active REAL NOT NULL DEFAULT 0;
+        UPDATE rooms SET active = COALESCE((SELECT MAX(m.ts) / 1000.0 FROM messages m WHERE m.room = rooms.name),
+                                            created);
+        CREATE INDEX rooms_active ON rooms(active)
+        """,
     ],
 )
 
@@ -99,11 +107,15 @@ class SQLiteChatLog:
         ).fetchall()
         return RoomRecord(epoch, last_seq, max(oldest, last_seq - self.keep + 1), _messages(room, rows[::-1]))
 
-    async def open_room(self, room: str, recent: int) -> RoomRecord:
+    async def open_room(self, room: str, recent: int, max_rooms: int = 0) -> RoomRecord:
         def load(conn: sqlite3.Connection) -> RoomRecord:
+            if max_rooms > 0 and conn.execute("SELECT 1 FROM rooms WHERE name=?", (room,)).fetchone() is None:
+                if conn.execute("SELECT COUNT(*) FROM rooms").fetchone()[0] >= max_rooms:
+                    raise TooManyRooms("this server holds at most %d rooms" % max_rooms)
+            now = time.time()
             conn.execute(
-                "INSERT OR IGNORE INTO rooms(name, epoch, last_seq, created) VALUES (?, ?, 0, ?)",
-                (room, secrets.token_hex(8), time.time()),
+                "INSERT OR IGNORE INTO rooms(name, epoch, last_seq, created, active) VALUES (?, ?, 0, ?, ?)",
+                (room, secrets.token_hex(8), now, now),
             )
             record = self._record(conn, room, recent)
             assert record is not None
@@ -113,6 +125,12 @@ class SQLiteChatLog:
 
     async def find_room(self, room: str, recent: int) -> RoomRecord | None:
         return await _durable(self.store.read(partial(self._record, room=room, recent=recent)))
+
+    async def drop_if_empty(self, room: str) -> bool:
+        def drop(conn: sqlite3.Connection) -> bool:
+            return conn.execute("DELETE FROM rooms WHERE name=? AND last_seq=0", (room,)).rowcount > 0
+
+        return await _durable(self.store.write(drop))
 
     async def append(self, room: str, user_id: str, name: str, text: str, ts: int,
                      cid: str | None) -> Appended:
@@ -126,7 +144,7 @@ class SQLiteChatLog:
                 if row is not None:
                     return Appended(row[0], row[1], True)
             found = conn.execute(
-                "UPDATE rooms SET last_seq=last_seq+1 WHERE name=? RETURNING last_seq", (room,)
+                "UPDATE rooms SET last_seq=last_seq+1, active=? WHERE name=? RETURNING last_seq", (ts / 1000.0, room)
             ).fetchone()
             if found is None:
                 raise StorageError("room %s does not exist" % room)
@@ -156,7 +174,7 @@ class SQLiteChatLog:
     async def rooms(self, limit: int) -> list[tuple[str, int]]:
         def read(conn: sqlite3.Connection) -> list[tuple[str, int]]:
             return [(r[0], r[1]) for r in conn.execute(
-                "SELECT name, last_seq FROM rooms ORDER BY name LIMIT ?", (limit,)).fetchall()]
+                "SELECT name, last_seq FROM rooms ORDER BY active DESC, name LIMIT ?", (limit,)).fetchall()]
 
         return await _durable(self.store.read(read))
 
@@ -297,6 +315,16 @@ class SQLiteDocumentLog:
                 (limit,)).fetchall()]
 
         return await _durable(self.store.read(read))
+
+    async def drop_if_empty(self, doc_id: str) -> bool:
+        def drop(conn: sqlite3.Connection) -> bool:
+            if conn.execute("DELETE FROM docs WHERE id=? AND rev=0", (doc_id,)).rowcount == 0:
+                return False
+            conn.execute("DELETE FROM doc_snapshots WHERE doc=?", (doc_id,))
+            conn.execute("DELETE FROM doc_ops WHERE doc=?", (doc_id,))
+            return True
+
+        return await _durable(self.store.write(drop))
 
 
 # -- sensors ----------------------------------------------------------------------------

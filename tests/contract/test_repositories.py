@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import pytest
 
-from realtime.storage.base import LogGap, SensorRow, StoredOp, TooManyDocuments
+from realtime.storage.base import LogGap, SensorRow, StoredOp, TooManyDocuments, TooManyRooms
 from tests.contract.conftest import run
 
 # -- chat -----------------------------------------------------------------------------
@@ -25,6 +26,27 @@ def test_a_room_is_created_once_with_one_epoch(storage: Any) -> None:
             other = await log.open_room("s", 10)
             assert other.epoch != first.epoch
             assert sorted(await log.rooms(10)) == [("r", 0), ("s", 0)]
+
+    run(main())
+
+
+def test_rooms_are_listed_by_activity_and_capped(storage: Any) -> None:
+    async def main() -> None:
+        async with storage() as s:
+            log = s.chat_log(keep=5)
+            for room in ("a", "b", "c"):
+                await log.open_room(room, 10, max_rooms=3)
+                await asyncio.sleep(0.01)
+            with pytest.raises(TooManyRooms):
+                await log.open_room("d", 10, max_rooms=3)
+            assert (await log.open_room("a", 10, max_rooms=3)).last_seq == 0  # an existing one still opens
+            await log.append("a", "u", "n", "hi", int(time.time() * 1000) + 1000, None)
+            assert [r for r, _ in await log.rooms(10)] == ["a", "c", "b"]
+            # Empty rooms may be dropped (a shared store may keep them); a room with messages never is.
+            assert await log.drop_if_empty("a") is False
+            if await log.drop_if_empty("b"):
+                assert await log.find_room("b", 10) is None
+                assert [r for r, _ in await log.rooms(10)] == ["a", "c"]
 
     run(main())
 

@@ -384,3 +384,66 @@ async def test_a_full_disk_makes_sensor_writes_unavailable_and_healthz_degraded(
     health = await http.fetch("http://127.0.0.1:%d/healthz" % http_port)
     assert json.loads(health.body)["status"] == "ok"
     assert "Traceback" not in caplog.text
+
+
+# -- 6. durable state anonymous users create -------------------------------------------
+
+
+async def rooms_listed(port):
+    body = (await AsyncHTTPClient().fetch("http://127.0.0.1:%d/api/rooms" % port)).body
+    return [r["room"] for r in json.loads(body)["rooms"]]
+
+
+@pytest.mark.gen_test(timeout=30)
+@pytest.mark.parametrize("app_options", [{"max_rooms_total": 3, "rate_limit": 0}])
+async def test_empty_rooms_are_reclaimed_rooms_are_capped_and_listed_by_activity(connect, http_port, app,
+                                                                              app_options):
+    """Issue: rooms were created on join and never removed, with no cap (2,000 rooms in 2 s), and
+    GET /api/rooms listed the first 1,000 by name."""
+    ann = await connect("/ws/chat", name="ann")
+    await ann.expect("welcome")
+    for room in ("zeta", "alpha"):
+        ann.send({"type": "join", "room": room})
+        await ann.expect("joined", skip=("presence", "message"))
+        ann.send({"type": "say", "room": room, "text": "hi", "cid": room})
+        await ann.expect("ack", skip=("presence", "message"))
+    ann.send({"type": "join", "room": "empty"})
+    await ann.expect("joined", skip=("presence", "message"))
+    ann.send({"type": "join", "room": "fourth"})
+    err = await ann.expect("error", skip=("presence", "message"))
+    assert err["code"] == "too_large" and "at most 3 rooms" in err["message"]
+    ann.send({"type": "say", "room": "zeta", "text": "again", "cid": "z2"})
+    await ann.expect("ack", skip=("presence", "message"))
+    assert await rooms_listed(http_port) == ["zeta", "empty", "alpha"]  # newest activity first
+    ann.send({"type": "leave", "room": "empty"})
+    await ann.expect("left", skip=("presence", "message"))
+    for _ in range(50):
+        if "empty" not in await rooms_listed(http_port):
+            break
+        await asyncio.sleep(0.02)
+    assert await rooms_listed(http_port) == ["zeta", "alpha"]  # nothing was said in it: gone
+    ann.send({"type": "join", "room": "fourth"})  # room for it now
+    assert (await ann.expect("joined", skip=("presence", "message")))["room"] == "fourth"
+    ann.send({"type": "leave", "room": "alpha"})
+    await ann.expect("left", skip=("presence", "message"))
+    await asyncio.sleep(0.1)
+    assert "alpha" in await rooms_listed(http_port)  # it has history: kept
+    assert app.ctx.chat.rooms_reclaimed == 1
+
+
+@pytest.mark.gen_test(timeout=30)
+@pytest.mark.parametrize("app_options", [{"max_docs": 2, "doc_idle_seconds": 0.1}])
+async def test_documents_never_edited_do_not_fill_max_docs(connect, http_port, app_options):
+    """Issue: --max_docs filled with empty documents, then refused every new document forever."""
+    http = AsyncHTTPClient()
+    for doc in ("a", "b"):
+        c = await connect("/ws/edit/" + doc, name="x")
+        await c.expect("snapshot", skip=("presence", "welcome", "peers", "joined"))
+        c.close()
+        await c.closed()
+    await asyncio.sleep(0.5)  # idle documents leave memory; the empty ones are removed
+    resp = await http.fetch("http://127.0.0.1:%d/api/docs/a" % http_port, raise_error=False)
+    assert resp.code == 404
+    c = await connect("/ws/edit/c", name="x")
+    snap = await c.expect("snapshot", skip=("presence", "welcome", "peers", "joined"))
+    assert snap["rev"] == 0
