@@ -90,6 +90,15 @@ def say_frame(room: bytes, cid: bytes, tag: bytes, pad: bytes) -> bytes:
         room, cid, monotonic_ns(), tag, pad)
 
 
+def ack_cid(payload: bytes) -> bytes:
+    """The ``cid`` of an ack frame (b"" when it has none)."""
+    i = payload.find(b'"cid"')
+    if i < 0:
+        return b""
+    j = payload.find(b'"', i + 5)
+    return payload[j + 1:payload.find(b'"', j + 1)] if j >= 0 else b""
+
+
 def raise_nofile_limit() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
@@ -104,6 +113,16 @@ def client_socket(_url: Any = None) -> socket.socket:
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.setblocking(False)
     return sock
+
+
+class LabelStats:
+    """Deliveries to the clients of one label (e.g. the node they are connected to)."""
+
+    __slots__ = ("recv", "hist")
+
+    def __init__(self) -> None:
+        self.recv = 0
+        self.hist = Histogram()
 
 
 class Stats:
@@ -125,6 +144,14 @@ class Stats:
         self.first_recv = 0
         self.last_recv = 0
         self.hist = Histogram()
+        self.ack_hist = Histogram()  # say -> ack, for the says sent in this run
+        self.labels: dict[str, LabelStats] = {}
+
+    def label(self, name: str) -> LabelStats:
+        found = self.labels.get(name)
+        if found is None:
+            found = self.labels[name] = LabelStats()
+        return found
 
 
 class Client(WSListener):  # type: ignore[misc]
@@ -140,6 +167,8 @@ class Client(WSListener):  # type: ignore[misc]
         self.stalled = False
         self.closing = False
         self.received = 0
+        self.label = ""  # which group of clients this one is counted in (connect's ``label``)
+        self.lstats: LabelStats | None = None
 
     # picows callbacks
     def on_ws_connected(self, transport: Any) -> None:
@@ -174,12 +203,19 @@ class Client(WSListener):  # type: ignore[misc]
             else:
                 stats.recv_fast += 1
                 stats.hist.add_ns(now - stamp[0])
+                lstats = self.lstats
+                if lstats is not None:
+                    lstats.recv += 1
+                    lstats.hist.add_ns(now - stamp[0])
             if not stats.first_recv:
                 stats.first_recv = now
             stats.last_recv = now
         elif kind == b"ack":
             if b'"%s-' % stats.tag in payload:  # our cids start with the run's tag
                 stats.acks += 1
+                sent = self.worker.ack_due.pop(ack_cid(payload), 0)
+                if sent:
+                    stats.ack_hist.add_ns(monotonic_ns() - sent)
             else:
                 stats.stale += 1
         elif kind == b"welcome":
@@ -271,6 +307,7 @@ class Worker:
         self.joined = 0
         self.stats = Stats()
         self.pub_rooms: dict[bytes, Client] = {}
+        self.ack_due: dict[bytes, int] = {}  # cid -> when its say went out
         self.use_picows = HAVE_PICOWS and os.environ.get("BENCH_CLIENT") != "websockets"
 
     # -- bookkeeping ---------------------------------------------------------
@@ -290,9 +327,13 @@ class Worker:
     # -- commands ------------------------------------------------------------
 
     async def cmd_connect(self, req: dict[str, Any]) -> dict[str, Any]:
-        """Open clients ``range(start, stop, step)``, ``concurrency`` handshakes at a time."""
+        """Open clients ``range(start, stop, step)`` (or the given ``indices``), ``concurrency``
+        handshakes at a time.
+        Their deliveries are also counted under ``label`` (the drain's ``labels``), so one
+        run can tell apart clients of different servers."""
         url = req["url"]
-        indices = list(range(req["start"], req["stop"], req["step"]))
+        label = req.get("label", "")
+        indices = list(req["indices"]) if "indices" in req else list(range(req["start"], req["stop"], req["step"]))
         deadline = time.monotonic() + req["timeout"]
         timeout = req.get("handshake_timeout", 15.0)
         hist = Histogram()
@@ -318,6 +359,7 @@ class Worker:
                     await client.run(target, timeout)
                 await asyncio.wait_for(asyncio.shield(client.welcomed), timeout)
                 hist.add_ns(monotonic_ns() - t0)
+                client.label = label
                 self.clients.append(client)
             except Exception as exc:  # noqa: BLE001 - every failure is counted and reported
                 if len(failures) < 5:
@@ -418,8 +460,10 @@ class Worker:
 
     async def cmd_reset(self, req: dict[str, Any]) -> dict[str, Any]:
         self.stats.reset(req["tag"].encode())
+        self.ack_due = {}
         for client in self.clients:
             client.received = 0
+            client.lstats = self.stats.label(client.label)
         return {}
 
     async def cmd_publish(self, req: dict[str, Any]) -> dict[str, Any]:
@@ -440,12 +484,16 @@ class Worker:
         start = time.monotonic()
         end = start + duration
 
+        ack_due = self.ack_due
+
         def send(k: int) -> None:
             nonlocal total
             client = pubs[k]
             sent[k] += 1
             total += 1
-            client.send_text(say_frame(client.room, b"%s-%d" % (cid_prefix[k], sent[k]), tag, pad))
+            cid = b"%s-%d" % (cid_prefix[k], sent[k])
+            ack_due[cid] = monotonic_ns()
+            client.send_text(say_frame(client.room, cid, tag, pad))
 
         if req["mode"] == "rate":
             rate = req["rate"] * len(pubs) / max(1, req["total_publishers"])
@@ -511,12 +559,22 @@ class Worker:
                 break
             await asyncio.sleep(0.01)
         lost = dup = 0
+        labels: dict[str, dict[str, Any]] = {}
         for client in readers:
             want = published.get(client.room, 0)
+            per = labels.get(client.label)
+            if per is None:
+                got = stats.labels.get(client.label) or LabelStats()
+                per = labels[client.label] = {"clients": 0, "expected": 0, "recv": got.recv, "lost": 0, "dup": 0,
+                                              "hist": got.hist.to_sparse()}
+            per["clients"] += 1
+            per["expected"] += want
             if client.received < want:
                 lost += want - client.received
+                per["lost"] += want - client.received
             else:
                 dup += client.received - want
+                per["dup"] += client.received - want
         return {"expected_fast": expected, "recv_fast": stats.recv_fast,
                 "recv_stalled": stats.recv_stalled, "lost_fast": lost, "dup_fast": dup,
                 "stale": stats.stale, "acks": stats.acks, "errors": stats.errors,
@@ -525,7 +583,7 @@ class Worker:
                 "disconnected_stalled": sum(1 for c in self.clients if c.stalled and c.closing),
                 "close_codes": stats.close_codes,
                 "first_recv_ns": stats.first_recv, "last_recv_ns": stats.last_recv,
-                "hist": stats.hist.to_sparse()}
+                "hist": stats.hist.to_sparse(), "ack_hist": stats.ack_hist.to_sparse(), "labels": labels}
 
     async def cmd_close(self, req: dict[str, Any]) -> dict[str, Any]:
         """Close every client with a close frame (1000), let the server finish the

@@ -44,11 +44,24 @@ def channel(topic: str) -> str:
     return CHANNEL_PREFIX + topic
 
 
+POOL_SIZE = 64  # connections a node opens to Redis for commands, at most
+
+
 def connect(url: str) -> "aioredis.Redis":
     """A client for commands (scripts, streams); short timeouts so that an
-    unreachable Redis is an error a client hears about, not a hang."""
-    return aioredis.Redis.from_url(url, socket_timeout=5.0, socket_connect_timeout=3.0,
-                                   health_check_interval=10, retry_on_timeout=False)
+    unreachable Redis is an error a client hears about, not a hang.
+
+    The pool is bounded and *blocking*: a burst of commands (hundreds of
+    clients reconnecting at once after a node died, each joining its rooms)
+    waits its turn for one of ``POOL_SIZE`` connections, up to the socket
+    timeout, where redis-py's default pool would fail every command past its
+    100th with "Too many connections"."""
+    pool = aioredis.BlockingConnectionPool.from_url(url, max_connections=POOL_SIZE, timeout=5.0, socket_timeout=5.0,
+                                                    socket_connect_timeout=3.0, health_check_interval=10,
+                                                    retry_on_timeout=False)
+    client = aioredis.Redis(connection_pool=pool)
+    client.auto_close_connection_pool = True  # aclose() closes the pool too
+    return client
 
 
 class RedisBackplane:
@@ -59,6 +72,10 @@ class RedisBackplane:
         self.node_id = node_id or "n-" + secrets.token_hex(6)
         self.heartbeat = heartbeat
         self.redis = connect(url)
+        # The heartbeat's own connection: a burst that holds every pooled one
+        # must not make a PING wait its turn and the node look unreachable.
+        self._probe = aioredis.Redis.from_url(url, socket_timeout=5.0, socket_connect_timeout=3.0,
+                                              single_connection_client=True)
         self.healthy = False
         self.reason = "not started"
         self._hub: "Hub | None" = None
@@ -109,6 +126,7 @@ class RedisBackplane:
         if self._pubsub is not None:
             steps.append(self._pubsub.aclose())
         steps.append(self.redis.aclose())
+        steps.append(self._probe.aclose())
         for step in steps:
             try:
                 await asyncio.wait_for(step, 2.0)
@@ -249,7 +267,7 @@ class RedisBackplane:
         while not self._closing:
             await asyncio.sleep(self.heartbeat)
             try:
-                await asyncio.wait_for(self.redis.ping(), max(1.0, self.heartbeat))
+                await asyncio.wait_for(self._probe.ping(), max(1.0, self.heartbeat))
             except (RedisError, OSError, asyncio.TimeoutError) as e:
                 self._unhealthy("ping failed: %s" % (e or "timeout"))
                 continue

@@ -236,14 +236,53 @@ class RedisChatLog:
 # -- presence --------------------------------------------------------------------------
 
 
+_PRESENCE_MEMBERS = """
+local expired = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
+for i = 1, #expired, 1000 do
+  local chunk = {unpack(expired, i, math.min(i + 999, #expired))}
+  redis.call('ZREM', KEYS[1], unpack(chunk))
+  redis.call('HDEL', KEYS[2], unpack(chunk))
+end
+local live = redis.call('ZRANGE', KEYS[1], 0, -1)
+local out = {}
+for i = 1, #live, 1000 do
+  local values = redis.call('HMGET', KEYS[2], unpack(live, i, math.min(i + 999, #live)))
+  for _, v in ipairs(values) do
+    if v then out[#out + 1] = v end
+  end
+end
+return out
+"""
+
+
+class _MemberRead:
+    """The read of one room's members in flight, and the one queued behind it."""
+
+    __slots__ = ("running", "queued")
+
+    def __init__(self) -> None:
+        self.running: asyncio.Future[dict[str, str]] | None = None
+        self.queued: asyncio.Future[dict[str, str]] | None = None
+
+
 class RedisPresenceStore:
     """Each room: ``pres`` (a sorted set of entry keys scored by when they
     expire) and ``who`` (entry key -> user id and name).  Expired entries are
     dropped by whoever reads the room next.  Expiry uses the nodes' clocks:
-    keep them in sync (NTP), as any cluster does."""
+    keep them in sync (NTP), as any cluster does.
+
+    Reading a room's members is one script (drop the expired entries, return
+    the live ones), and reads of one room are coalesced: while one is in
+    flight, every caller that arrives meanwhile shares the single read queued
+    behind it.  That read starts after each of them called, so it sees every
+    write they made before calling (a joiner finds itself in the list), and a
+    burst of N joins to a room of N members costs a few reads, not N."""
 
     def __init__(self, redis: Any) -> None:
         self.redis = redis
+        self._members = redis.register_script(_PRESENCE_MEMBERS)
+        self._reads: dict[str, _MemberRead] = {}
+        self.reads = 0
 
     @staticmethod
     def keys(room: str) -> tuple[str, str]:
@@ -280,21 +319,51 @@ class RedisPresenceStore:
         await self.leave_all([(room, key)])
 
     async def members(self, room: str) -> dict[str, str]:
-        pres, who = self.keys(room)
-        now = time.time()
-        expired = await self._call(self.redis.zrangebyscore(pres, "-inf", now))
-        if expired:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                pipe.zrem(pres, *expired)
-                pipe.hdel(who, *expired)
-                await self._call(pipe.execute())
-        live = await self._call(self.redis.zrange(pres, 0, -1))
-        if not live:
-            return {}
+        slot = self._reads.get(room)
+        if slot is None:
+            slot = self._reads[room] = _MemberRead()
+        if slot.running is None:
+            slot.running = self._start_read(room)
+            return dict(await asyncio.shield(slot.running))
+        if slot.queued is None:
+            slot.queued = asyncio.get_running_loop().create_future()
+        return dict(await asyncio.shield(slot.queued))
+
+    def _start_read(self, room: str) -> "asyncio.Future[dict[str, str]]":
+        read = asyncio.ensure_future(self._read(room))
+        read.add_done_callback(lambda done: self._next_read(room, done))
+        return read
+
+    def _next_read(self, room: str, done: "asyncio.Future[dict[str, str]]") -> None:
+        if not done.cancelled():
+            done.exception()  # its callers have it; never "exception was never retrieved"
+        slot = self._reads.get(room)
+        if slot is None:
+            return
+        queued, slot.queued = slot.queued, None
+        if queued is None:
+            del self._reads[room]
+            return
+        slot.running = self._start_read(room)
+
+        def hand_on(read: "asyncio.Future[dict[str, str]]") -> None:
+            if queued.done():
+                return
+            if read.cancelled():
+                queued.cancel()
+            elif read.exception() is not None:
+                queued.set_exception(read.exception())  # type: ignore[arg-type]
+                queued.exception()
+            else:
+                queued.set_result(read.result())
+
+        slot.running.add_done_callback(hand_on)
+
+    async def _read(self, room: str) -> dict[str, str]:
+        self.reads += 1
+        values = await self._call(self._members(keys=list(self.keys(room)), args=[time.time()]))
         out: dict[str, str] = {}
-        for value in await self._call(self.redis.hmget(who, live)):
-            if value is None:
-                continue
+        for value in values:
             user_id, _, name = _text(value).partition("\x1f")
             out.setdefault(user_id, name)
         return out
