@@ -172,11 +172,49 @@ class Setup:
             if not procs.wait_for_port(port, child, 30):
                 raise ScenarioError(f"node {i} did not start: {child.log_tail(3)}")
 
+    def _redis_client(self) -> Any:
+        import redis
+
+        return redis.Redis.from_url(self.backplane, socket_timeout=5)
+
+    def reset_redis_stats(self) -> None:
+        if self.redis is None:
+            return
+        client = self._redis_client()
+        try:
+            client.config_resetstat()
+        finally:
+            client.close()
+        times = self.redis.ps.cpu_times()
+        self._redis_times = (times.user, times.system)
+
+    def redis_profile(self, cpu_s: float, says: int) -> dict[str, Any] | None:
+        """Where redis-server's time went since :meth:`reset_redis_stats`: its own
+        accounting of command execution (INFO commandstats: the say script with the
+        commands it runs, the rest), and the kernel's share of its CPU (system time:
+        the fsync of every write with ``appendfsync always``, and the sockets)."""
+        if self.redis is None or not says:
+            return None
+        client = self._redis_client()
+        try:
+            stats = client.info("commandstats")
+        finally:
+            client.close()
+        usec = {name.removeprefix("cmdstat_"): v["usec"] for name, v in stats.items()}
+        script = usec.get("evalsha", 0) + usec.get("eval", 0)
+        times = self.redis.ps.cpu_times()
+        user, system = times.user - self._redis_times[0], times.system - self._redis_times[1]
+        return {"script_us_per_say": script / says,
+                "other_commands_us_per_say": (sum(usec.values()) - script) / says,
+                "outside_commands_us_per_say": max(0.0, cpu_s * 1e6 - sum(usec.values())) / says,
+                "system_share": system / (user + system) if user + system > 0 else None,
+                "commands": dict(sorted(usec.items(), key=lambda kv: -kv[1])[:8])}
+
     def url(self, node: int) -> str:
         return f"ws://127.0.0.1:{self.ports[node]}/ws/chat"
 
     def cpu(self) -> tuple[list[float], float]:
-        return [n.cpu_seconds() for n in self.nodes], (self.redis.cpu_seconds() if self.redis else 0.0)
+        return [n.cpu_seconds_fine() for n in self.nodes], (self.redis.cpu_seconds_fine() if self.redis else 0.0)
 
     def check_alive(self) -> None:
         for i, node in enumerate(self.nodes):
@@ -295,6 +333,7 @@ class Scenario:
     def measured_run(self, setup: Setup, publish: dict[str, Any]) -> dict[str, Any]:
         self.tag = (self.tag + 1) % 10000
         self.call("reset", 10, tag=f"{self.tag:04d}")
+        setup.reset_redis_stats()
         meter = Meter(setup, self.pool, self.server_cores, self.gen_cores)  # type: ignore[arg-type]
         t0_ns = time.monotonic_ns()
         pub = self.call("publish", publish["duration"] + 30, **publish)
@@ -316,6 +355,7 @@ class Scenario:
         hist = merged([drain["hist"]])
         acks = merged([drain["ack_hist"]])
         says = sum(published.values())
+        redis_profile = setup.redis_profile(cpu["redis_cpu_s"], says)
         span = max((drain["last_recv_ns"] - t0_ns) / 1e9, publish["duration"]) if drain["last_recv_ns"] else None
         return dict(
             cpu, published=says, acks=drain["acks"], expected=drain["expected_fast"], delivered=delivered,
@@ -327,7 +367,8 @@ class Scenario:
             remote_p50_ms=_ms(remote.percentile_us(50)), remote_p99_ms=_ms(remote.percentile_us(99)),
             remote_samples=remote.n, ack_p50_ms=_ms(acks.percentile_us(50)),
             ack_p99_ms=_ms(acks.percentile_us(99)), ack_samples=acks.n,
-            lost=drain["lost_fast"], dup=drain["dup_fast"], errors=drain["errors"], error_text=drain["error_text"],
+            redis_profile=redis_profile, lost=drain["lost_fast"], dup=drain["dup_fast"], errors=drain["errors"],
+            error_text=drain["error_text"],
             disconnects=drain["disconnects"], close_codes=drain["close_codes"], stale=drain["stale"])
 
     def idle(self, setup: Setup) -> dict[str, Any]:
@@ -413,6 +454,8 @@ def summarize(runs: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
         for code, count in r["close_codes"].items():
             codes[code] = codes.get(code, 0) + count
     out["close_codes"] = codes
+    profiles = [r["redis_profile"] for r in runs if r.get("redis_profile")]
+    out["redis_profile"] = profiles[-1] if profiles else None
     out.update(extra)
     return out
 

@@ -88,14 +88,15 @@ def cores() -> tuple[set[int] | None, set[int] | None]:
     return {0}, mine - {0}
 
 
-def start_server(port: int, data_dir: str, server_cores: set[int] | None, log_path: str) -> subprocess.Popen:
+def start_server(port: int, data_dir: str, server_cores: set[int] | None, log_path: str,
+                 extra: tuple[str, ...] = ()) -> subprocess.Popen:
     def pin() -> None:
         if server_cores:
             os.sched_setaffinity(0, server_cores)
 
     argv = [sys.executable, "-c", BOOT, "--port=%d" % port, "--address=127.0.0.1", "--data_dir=%s" % data_dir,
             "--logging=warning", "--max_connections_per_ip=0", "--rate_limit=0", "--edit_rate=0",
-            "--max_peers_per_doc=1000"]
+            "--max_peers_per_doc=1000", *extra]
     log = open(log_path, "wb")  # noqa: SIM115 - the child keeps its own copy of the fd
     try:
         proc = subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -455,6 +456,244 @@ def run(quick: bool = False, *, editors: int = 50, rate: float = 1000.0, duratio
         and result["converged"]
         and not result["errors"]
     )
+    return result
+
+
+# -- through two nodes (cluster mode) ------------------------------------------------------
+
+
+class ClusterEditor(PicowsEditor):
+    """An editor that, when its node closes it, reconnects with ``?rev=&client=`` after
+    a short jittered pause and resumes as docs/PROTOCOL.md says: apply the ``ops`` it
+    missed (its own op among them is the ack it missed), then resend what is still
+    unacknowledged; a ``snapshot`` instead (a reload) replaces its text, and the edits it
+    had not had acknowledged are lost (counted)."""
+
+    def __init__(self, index: int, run: Run, port: int, stats: dict[str, Any]) -> None:
+        super().__init__(index, run)
+        self.port = port
+        self.stats = stats
+        self.stopping = False
+
+    def url(self) -> str:
+        query = "name=e%d" % self.index
+        if self.ot is not None:
+            query += "&rev=%d" % self.ot.rev
+            if self.ot.client_id:
+                query += "&client=%s" % self.ot.client_id
+        return "ws://127.0.0.1:%d/ws/edit/%s?%s" % (self.port, DOC, query)
+
+    async def open(self) -> None:
+        self.closed = False
+        await asyncio.wait_for(picows.ws_connect(lambda: CurrentListener(self), self.url()), 10)
+
+    def on_message(self, data: bytes | str) -> None:
+        try:
+            self._on_message(data)
+        except ot.OTError:
+            # What the node sent does not fit this copy (its copy and this one drifted
+            # apart): reload, i.e. reconnect without ``rev`` for a fresh snapshot.
+            self.stats["drifts"] += 1
+            self.ot = None
+            self.close()
+            self.closed = False
+            self.on_closed()
+
+    def _on_message(self, data: bytes | str) -> None:
+        msg = ujson.loads(data)
+        kind = msg["type"]
+        if self.ot is None and kind != "snapshot":
+            return  # reloading: nothing counts before the new snapshot
+        if kind == "ops":
+            assert self.ot is not None
+            for entry in msg["ops"]:
+                if self.ot.is_own(entry.get("client"), entry.get("seq")):
+                    self.ot.server_ack(entry["seq"])
+                else:
+                    self.text = ot.apply(self.text, self.ot.apply_server(entry["op"]))
+            self.ot.client_id = msg["client"]
+            self.send_pending()  # the resend: same seq, the revision we are at now
+            return
+        if kind == "snapshot" and self.ot is not None:
+            self.stats["reloads"] += 1
+            if self.ot.outstanding is not None:
+                self.stats["edits_lost"] += 1
+            self.sent_at.clear()
+        if kind == "error":
+            code = msg.get("code", "?")
+            self.stats["error_codes"][code] = self.stats["error_codes"].get(code, 0) + 1
+            if code == "unavailable" and self.ot is not None:
+                asyncio.get_running_loop().call_later(0.05, self.send_pending)
+            elif code in ("conflict", "bad_message"):  # the protocol's answer to both: reload
+                self.run.errors.append(msg)
+                raise ot.OTError("reload: " + code)
+        super().on_message(data)
+
+    def on_closed(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self.stopping:
+            return
+        self.stats["reconnects"] += 1
+        loop = asyncio.get_running_loop()
+        loop.call_later(0.02 + self.rng.random() * 0.1, lambda: asyncio.ensure_future(self._reconnect()))
+
+    async def _reconnect(self) -> None:
+        for _ in range(20):
+            if self.stopping:
+                return
+            try:
+                await self.open()
+                return
+            except (OSError, asyncio.TimeoutError):
+                await asyncio.sleep(0.1)
+
+
+class CurrentListener(Listener):
+    """Hears only the editor's current connection: a reconnected editor ignores the old one."""
+
+    def on_ws_frame(self, transport: Any, frame: Any) -> None:
+        if transport is self.editor.transport:
+            super().on_ws_frame(transport, frame)
+
+    def on_ws_disconnected(self, transport: Any) -> None:
+        if transport is self.editor.transport:
+            self.editor.on_closed()
+
+
+async def drive_cluster(ports: list[int], editors: int, rate: float, duration: float, warmup: float,
+                        servers: list[psutil.Process]) -> dict[str, Any]:
+    run = Run()
+    stats: dict[str, Any] = {"reconnects": 0, "reloads": 0, "edits_lost": 0, "drifts": 0, "error_codes": {}}
+    eds = [ClusterEditor(i, run, ports[i % len(ports)], stats) for i in range(editors)]
+    for ed in eds:
+        await ed.open()
+    await asyncio.wait_for(asyncio.gather(*(ed.ready for ed in eds)), 20)
+    loop = asyncio.get_running_loop()
+    interval = editors / rate
+    stopping = False
+
+    def schedule(ed: Editor, when: float) -> None:
+        def tick() -> None:
+            if stopping:
+                return
+            ed.edit()
+            schedule(ed, when + interval)
+
+        loop.call_at(when, tick)
+
+    t0 = loop.time() + 0.05
+    for i, ed in enumerate(eds):
+        schedule(ed, t0 + interval * i / editors)
+    await asyncio.sleep(warmup)
+    rev0 = (await asyncio.to_thread(get_doc, ports[0]))["rev"]
+    cpu0 = [cpu_seconds(p) for p in servers]
+    own0, wall0 = own_cpu_seconds(), time.perf_counter()
+    run.measuring = True
+    await asyncio.sleep(duration)
+    rev1 = (await asyncio.to_thread(get_doc, ports[0]))["rev"]
+    cpu1 = [cpu_seconds(p) for p in servers]
+    own1, wall1 = own_cpu_seconds(), time.perf_counter()
+    run.measuring = False
+    stopping = True
+    # Let what is in flight land; converged: every editor and every node has one text.
+    deadline = loop.time() + 15
+    docs: list[dict[str, Any]] = []
+    while loop.time() < deadline:
+        docs = [await asyncio.to_thread(get_doc, p) for p in ports]
+        settled = all(not ed.closed and ed.ot is not None and ed.ot.state == "synchronized" for ed in eds)
+        if settled and len({d["rev"] for d in docs}) == 1 and all(ed.ot.rev == docs[0]["rev"] for ed in eds
+                                                                   if ed.ot is not None):
+            break
+        await asyncio.sleep(0.1)
+    converged = bool(docs) and len({d["text"] for d in docs}) == 1 and all(ed.text == docs[0]["text"] for ed in eds)
+    for ed in eds:
+        ed.stopping = True
+        ed.close()
+    await asyncio.sleep(0.1)
+    elapsed = wall1 - wall0
+    applied = rev1 - rev0
+    return {
+        "editors": editors, "nodes": len(ports), "per_node": [sum(1 for e in eds if e.port == p) for p in ports],
+        "target_ops_per_s": rate, "duration_s": round(elapsed, 2), "applied_ops": applied,
+        "applied_ops_per_s": round(applied / elapsed, 1), "edits": sum(ed.edits for ed in eds),
+        "ack_samples": len(run.latencies), "ack_p50_ms": percentile(run.latencies, 50),
+        "ack_p99_ms": percentile(run.latencies, 99), "ack_max_ms": percentile(run.latencies, 100),
+        "server_cpu_pct": round(sum(b - a for a, b in zip(cpu0, cpu1)) / elapsed * 100, 1),
+        "loadgen_cpu_pct": round((own1 - own0) / elapsed * 100, 1),
+        "converged": converged, "final_rev": docs[0]["rev"] if docs else None,
+        "node_revs": [d["rev"] for d in docs], "errors": len(run.errors),
+        "first_error": run.errors[0] if run.errors else None, "error_codes": stats["error_codes"],
+        "reconnects": stats["reconnects"], "reloads": stats["reloads"], "edits_lost": stats["edits_lost"],
+        "drifts": stats["drifts"],
+        "client": "picows",
+    }
+
+
+def run_cluster(*, editors: int = 50, rate: float = 1000.0, duration: float = 2.0, warmup: float = 0.5,
+                nodes: int = 2) -> dict[str, Any]:
+    """The editors split over ``nodes`` server.py processes on one redis-server (AOF,
+    ``appendfsync always``), all on core 0, the editors on the other cores."""
+    if not HAVE_PICOWS:
+        raise RuntimeError("the editors through several nodes need picows")
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise RuntimeError("redis-server is not installed")
+    server_cores, gen_cores = cores()
+    work = tempfile.mkdtemp(prefix="editor-cluster-")
+    rport = free_port()
+
+    def pin() -> None:
+        if server_cores:
+            os.sched_setaffinity(0, server_cores)
+
+    rdir = os.path.join(work, "redis")
+    os.makedirs(rdir)
+    redis_proc = subprocess.Popen(
+        [binary, "--port", str(rport), "--bind", "127.0.0.1", "--dir", rdir, "--appendonly", "yes",
+         "--appendfsync", "always", "--save", "", "--protected-mode", "yes", "--logfile",
+         os.path.join(rdir, "redis.log")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True, preexec_fn=pin)  # noqa: PLW1509
+    procs: list[subprocess.Popen] = []
+    old_affinity = None
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", rport), timeout=0.3):
+                    break
+            except OSError:
+                if time.monotonic() > deadline or redis_proc.poll() is not None:
+                    raise RuntimeError("redis-server did not start") from None
+                time.sleep(0.05)
+        ports = [free_port() for _ in range(nodes)]
+        for i, port in enumerate(ports):
+            procs.append(start_server(port, os.path.join(work, "node%d" % i), server_cores,
+                                      os.path.join(work, "node%d.log" % i),
+                                      ("--backplane=redis://127.0.0.1:%d/0" % rport, "--simulated_sensors=",
+                                       "--host_metrics=false")))
+        if gen_cores:
+            old_affinity = os.sched_getaffinity(0)
+            os.sched_setaffinity(0, gen_cores)
+        coro = drive_cluster(ports, editors, rate, duration, warmup,
+                             [psutil.Process(p.pid) for p in procs] + [psutil.Process(redis_proc.pid)])
+        try:
+            import uvloop
+
+            result = uvloop.run(coro)
+        except ImportError:
+            result = asyncio.run(coro)
+    finally:
+        if old_affinity:
+            os.sched_setaffinity(0, old_affinity)
+        for proc in procs:
+            stop_server(proc)
+        stop_server(redis_proc)
+        shutil.rmtree(work, ignore_errors=True)
+    p99 = result["ack_p99_ms"]
+    result["passed"] = bool(result["applied_ops_per_s"] >= 0.99 * rate and p99 is not None and p99 < 50.0
+                            and result["converged"] and not result["errors"])
     return result
 
 

@@ -337,6 +337,10 @@ def targets(results: Results) -> list[str]:
 
     lines += sensors_target(results)
     lines += editor_target(results)
+    cluster = results.get("cluster", {}).get(OURS)
+    if cluster is not None:
+        lines += cluster_targets(cluster["raw"]) if "raw" in cluster else [
+            f"- cluster: n/a ({cluster.get('error', 'not run')})"]
     return lines
 
 
@@ -520,6 +524,7 @@ TITLES = {
     "slow": "Slow consumers: every fifth client stops reading",
     "sensors": "Sensor dashboards: {viewers} viewers, 20 sensors each at 10 Hz",
     "editor": "Collaborative editing: 50 editors on one document",
+    "cluster": "Cluster mode: the same chat load on one node and across nodes on Redis",
 }
 
 
@@ -637,10 +642,15 @@ def render(meta: dict[str, Any], results: Results, scenarios: list[str], servers
                f" (the run waited {meta['waited_s']} s for a quieter machine)" if meta.get("waited_s") else ""),
            "", "## Targets", ""]
     out += targets(results)
-    for scenario in ["fanout", "throughput", "rooms", "idle", "connect", "slow", "sensors", "editor"]:
+    for scenario in ["fanout", "throughput", "rooms", "idle", "connect", "slow", "sensors", "editor", "cluster"]:
         if scenario not in scenarios or scenario not in results:
             continue
         res = results[scenario]
+        if scenario == "cluster":
+            r = res.get(OURS, {})
+            out += ["", "## {} (`cluster`)".format(TITLES["cluster"]), "",
+                    cluster_section(r["raw"]) if "raw" in r else r.get("error", "not run")]
+            continue
         viewers = fmt_num(res.get(OURS, {}).get("viewers")) if scenario == "sensors" else ""
         out += ["", "## {} (`{}`)".format(TITLES[scenario].format(size=p["rooms_size"], viewers=viewers),
                                           scenario), "",
@@ -686,3 +696,200 @@ def render(meta: dict[str, Any], results: Results, scenarios: list[str], servers
                    "on the load generator's core; their 'other processes' notes are measured over the scenario's "
                    "window the same way.")
     return "\n".join(out) + "\n"
+
+
+# -- cluster (bench/cluster_scenario.py) -----------------------------------------------
+
+CLUSTER_REDIS_CPU = 1.25   # target: (b) one node on Redis, CPU per delivery at most this x (a)
+CLUSTER_NODE_CPU = 1.3     # target: (c) each node's CPU per delivery at most this x (a)
+CLUSTER_REMOTE_P99 = 2.0   # target: (c) delivery p99 to the other node's members at most this x (a)'s p99
+CLUSTER_LOADS = {"fanout": "one room, every client a member", "rooms": "rooms of {size}, the first member of each says"}
+
+
+def _cluster_rows(raw: Result, load: str) -> tuple[Result | None, Result | None, Result | None]:
+    configs = raw.get("configs", {})
+    return tuple(configs.get(name, {}).get(load) for name in "abc")  # type: ignore[return-value]
+
+
+def _ok(r: Result | None) -> bool:
+    return r is not None and "error" not in r and r.get("us_per_msg") is not None
+
+
+def cluster_table(raw: Result, load: str) -> str:
+    headers = ["set-up", "conns", "says/s", "delivered msgs/s", "CPU µs/msg, nodes + Redis", "vs (a)",
+               "each node µs/msg", "each node vs (a)", "Redis µs/say", "Redis CPU %", "say→ack p50/p99 ms",
+               "delivery p50/p99 ms", "other node p50/p99 ms", "lost", "deliveries/s per core, est.", "notes"]
+    a = _cluster_rows(raw, load)[0]
+    ref = a.get("us_per_msg") if _ok(a) else None
+    rows = []
+    labels = raw.get("labels", {})
+    for name in "abc":
+        r = raw.get("configs", {}).get(name, {}).get(load)
+        label = f"({name}) {labels.get(name, name)}"
+        if r is None:
+            continue
+        if not _ok(r):
+            rows.append([label] + [DASH] * (len(headers) - 2) + [str(r.get("error", "no measurement"))])
+            continue
+        nodes = r.get("nodes", [])
+        per_node = " / ".join(f"{n['node']} {fmt_num(n.get('us_per_msg'), 2)}" for n in nodes)
+        vs_node = " / ".join(f"{n['node']} {fmt_ratio(ratio(n.get('us_per_msg'), ref))}" for n in nodes)
+        capacity = " / ".join(fmt_num(1e6 / n["us_per_msg"]) for n in nodes if n.get("us_per_msg"))
+        notes = run_notes(r)
+        rows.append([label, fmt_num(r.get("conns")), fmt_num(r.get("says_per_s")), fmt_num(r.get("rate")),
+                     fmt_num(r.get("us_per_msg"), 2), fmt_ratio(ratio(r.get("us_per_msg"), ref)), per_node,
+                     vs_node, fmt_num(r.get("redis_us_per_say")), fmt_num(r.get("redis_cpu_pct")),
+                     f"{fmt_ms(r.get('ack_p50_ms'))} / {fmt_ms(r.get('ack_p99_ms'))}",
+                     f"{fmt_ms(r.get('p50_ms'))} / {fmt_ms(r.get('p99_ms'))}",
+                     f"{fmt_ms(r.get('remote_p50_ms'))} / {fmt_ms(r.get('remote_p99_ms'))}"
+                     if r.get("remote_samples") else DASH,
+                     fmt_num(r.get("lost")), capacity, "; ".join(notes)])
+    return md_table(headers, rows)
+
+
+def cluster_editing_table(raw: Result) -> str:
+    e = raw.get("editing")
+    headers = ["set-up", "editors", "offered ops/s", "applied ops/s", "ack p50 ms", "ack p99 ms", "reconnects",
+               "errors", "converged", "notes"]
+    if e is None:
+        return ""
+    if "error" in e:
+        return md_table(headers, [["two nodes, Redis"] + [DASH] * (len(headers) - 2) + [e["error"]]])
+    notes = []
+    if e.get("error_codes"):
+        notes.append("errors by code: " + ", ".join(f"{c} {n}" for c, n in sorted(e["error_codes"].items())))
+    if e.get("close_codes"):
+        notes.append("closed with " + ", ".join(f"{c} ×{n}" for c, n in sorted(e["close_codes"].items())))
+    if e.get("reloads"):
+        notes.append(f"{fmt_num(e['reloads'])} reloads (a snapshot instead of the missed ops)")
+    notes += saturation({"srv_cpu_pct": e.get("server_cpu_pct"), "lg_cpu_pct": e.get("loadgen_cpu_pct")})
+    converged = f"yes (rev {fmt_num(e.get('final_rev'))})" if e.get("converged") else "NO"
+    return md_table(headers, [[f"two nodes, Redis ({' / '.join(str(n) for n in e.get('per_node', []))} editors)",
+                               fmt_num(e.get("editors")), fmt_num(e.get("target_ops_per_s")),
+                               fmt_num(e.get("applied_ops_per_s")), fmt_ms(e.get("ack_p50_ms")),
+                               fmt_ms(e.get("ack_p99_ms")), fmt_num(e.get("reconnects")), fmt_num(e.get("errors")),
+                               converged, "; ".join(notes)]])
+
+
+def cluster_targets(raw: Result) -> list[str]:
+    """The cluster issue's targets, each a ratio of this run's own rows."""
+    lines: list[str] = []
+    for load in ("fanout", "rooms"):
+        a, b, c = _cluster_rows(raw, load)
+        if not _ok(a):
+            lines.append(f"- cluster ({load}): n/a ((a) {(a or {}).get('error', 'not run')})")
+            continue
+        ref = a["us_per_msg"]
+        what = f"cluster ({load}), one node on Redis vs memory, CPU/msg (nodes + Redis)"
+        if _ok(b):
+            x = ratio(b["us_per_msg"], ref)
+            lines.append(target_line(what, f"{fmt_ratio(x)} ({fmt_num(b['us_per_msg'], 2)} vs "
+                                     f"{fmt_num(ref, 2)} µs)", f"<={CLUSTER_REDIS_CPU:.2f}x",
+                                     None if x is None else x <= CLUSTER_REDIS_CPU))
+            if x is not None and x > CLUSTER_REDIS_CPU:
+                lines.append(limit_line(cluster_limit(a, b)))
+        else:
+            lines.append(f"- {what}: n/a ({(b or {}).get('error', 'not run')})")
+        what = f"cluster ({load}), two nodes, each node's CPU/msg vs (a)"
+        if _ok(c):
+            xs = [(n["node"], ratio(n.get("us_per_msg"), ref)) for n in c["nodes"]]
+            worst = max((x for _, x in xs if x is not None), default=None)
+            ok = None if worst is None else worst <= CLUSTER_NODE_CPU
+            lines.append(target_line(what, ", ".join(f"{node} {fmt_ratio(x)}" for node, x in xs),
+                                     f"<={CLUSTER_NODE_CPU:.1f}x", ok))
+            if worst is not None and worst > CLUSTER_NODE_CPU:
+                lines.append(limit_line(cluster_limit(a, c)))
+            x = ratio(c.get("remote_p99_ms"), a.get("p99_ms"))
+            lines.append(target_line(f"cluster ({load}), delivery p99 to the other node's members vs (a)'s p99",
+                                     f"{fmt_ratio(x)} ({fmt_ms(c.get('remote_p99_ms'))} vs "
+                                     f"{fmt_ms(a.get('p99_ms'))} ms)", f"<={CLUSTER_REMOTE_P99:.0f}x",
+                                     None if x is None else x <= CLUSTER_REMOTE_P99))
+        else:
+            lines.append(f"- {what}: n/a ({(c or {}).get('error', 'not run')})")
+    measured = [r for load in ("fanout", "rooms") for r in _cluster_rows(raw, load) if _ok(r)]
+    if measured:
+        lost = sum((r.get("lost") or 0) + (r.get("dup") or 0) for r in measured)
+        acks = sum(r.get("published", 0) - r.get("acks", 0) for r in measured)
+        lines.append(target_line("cluster, messages lost or doubled, acks missing (every row)",
+                                 f"{fmt_num(lost)} lost or doubled, {fmt_num(acks)} acks missing", "0", lost == 0
+                                 and acks == 0))
+    e = raw.get("editing")
+    if e is not None:
+        what = "cluster editing, 50 editors on one document through two nodes"
+        target = f">={fmt_num(EDITOR_RATE)} ops/s applied, ack p99 <{EDITOR_P99_MS:.0f} ms, copies converge"
+        if "error" in e:
+            lines.append(f"- {what}: n/a ({e['error']})  target {target}")
+        else:
+            ok = (e.get("applied_ops_per_s") or 0) >= EDITOR_APPLIED * EDITOR_RATE and \
+                (e.get("ack_p99_ms") or 1e9) < EDITOR_P99_MS and bool(e.get("converged")) and not e.get("errors")
+            lines.append(target_line(what, f"{fmt_num(e.get('applied_ops_per_s'))} ops/s applied, ack p99 "
+                                     f"{fmt_ms(e.get('ack_p99_ms'))} ms, {fmt_num(e.get('reconnects'))} reconnects, "
+                                     f"{fmt_num(e.get('errors'))} errors, "
+                                     + ("converged" if e.get("converged") else "NOT converged"), target, ok))
+            if not ok:
+                lines.append(limit_line(
+                    "editing across nodes: each node orders its own copy of the document and the compare-and-append "
+                    "in Redis refuses the loser's op, whose editors are closed and reconnect (the reconnects and "
+                    "errors above); the lead's work on realtime/editing.py (one order per document for the cluster) "
+                    "is what this row measures once it lands"))
+    return lines
+
+
+def cluster_limit(a: Result, other: Result) -> str:
+    """What the extra CPU per delivery of ``other`` over (a) is made of."""
+    per_say_a, per_say = a.get("srv_us_per_say") or 0, other.get("srv_us_per_say") or 0
+    size = (other.get("offered") or 0) / (other.get("says_per_s") or 1)
+    text = (f"the cost of each say, shared by only {fmt_num(size)}"
+            f" deliveries: {fmt_num(per_say)} µs of CPU per say (nodes + Redis) against {fmt_num(per_say_a)} in (a)")
+    prof = other.get("redis_profile")
+    if prof:
+        text += (f"; Redis's {fmt_num(other.get('redis_us_per_say'))} µs per say: "
+                 f"{fmt_num(prof['script_us_per_say'])} in the say script, "
+                 f"{fmt_num(prof['other_commands_us_per_say'])} in other commands, "
+                 f"{fmt_num(prof['outside_commands_us_per_say'])} outside command execution")
+        if prof.get("system_share") is not None:
+            text += (f" ({prof['system_share']:.0%} of its CPU in the kernel: with appendfsync always, an fsync "
+                     "for each batch of writes, and the sockets)")
+    return text + noise(other, a, "(a)")
+
+
+def cluster_section(raw: Result) -> str:
+    """The cluster scenario's section of docs/BENCHMARKS.md: its own description, tables and targets."""
+    p = raw.get("profile", {})
+    placement = (f"nodes and redis-server on core {','.join(map(str, raw.get('server_cores', [])))}, the load "
+                 f"generator ({raw.get('client', '?')}) on core {','.join(map(str, raw.get('loadgen_cores', [])))}"
+                 if raw.get("pinned") else "not pinned (fewer than two cores)")
+    out = ["bench/cluster_scenario.py: the same chat load on (a) one server.py with the memory backplane (SQLite, "
+           "synchronous=FULL), (b) one server.py on Redis, (c) two server.py on that Redis with every room's members "
+           "split between them and the rooms' speakers alternating; redis-server with `appendonly yes`, "
+           "`appendfsync always` (an ack is sent after Redis stored the message, on disk). CPU is every node's and "
+           "redis-server's own (the scheduler's per-thread on-CPU time, /proc/<pid>/task/*/schedstat), divided by "
+           "the messages clients received; *each node* divides a node's CPU by the deliveries to its own clients; "
+           "*other node* is the delivery latency to members on the node that did not take the say (through Redis "
+           "pub/sub). " + f"Placement: {placement}. " +
+           "**Two cores, and the load generator needs one**: the nodes and Redis share the other, so this run cannot "
+           "show a second node carrying more members; what carries over to machines of their own is CPU per "
+           "delivery, and *deliveries/s per core, est.* is one core's worth of it (1 s / each node's µs per "
+           "delivery). " + f"One run of each, {raw.get('mode', '?')} mode: fanout {fmt_num(p.get('fanout_members'))} "
+           f"members at {fmt_num(p.get('fanout_rate'))} says/s for {p.get('fanout_secs', 0):g} s, rooms "
+           f"{fmt_num(p.get('rooms_conns'))} clients in rooms of {p.get('rooms_size')} at "
+           f"{fmt_num(p.get('rooms_rate'))} says/s in total for {p.get('rooms_secs', 0):g} s"
+           + (f", median of {p.get('reps')} runs." if (p.get("reps") or 1) > 1 else ".")]
+    for load in ("fanout", "rooms"):
+        if any(r is not None for r in _cluster_rows(raw, load)):
+            out += ["", f"**{load}**: {CLUSTER_LOADS[load].format(size=p.get('rooms_size'))}", "",
+                    cluster_table(raw, load)]
+    idle = [(name, cfg.get("fanout", {}).get("idle")) for name, cfg in raw.get("configs", {}).items()]
+    idle = [(name, i) for name, i in idle if i]
+    if idle:
+        out += ["", "Idle cost, members joined and nothing said (presence heartbeats, pings): " + "; ".join(
+            f"({name}) {fmt_num(i['srv_cpu_pct'], 1)} % of a core (Redis {fmt_num(i['redis_cpu_pct'], 1)} %)"
+            for name, i in idle) + "."]
+    if raw.get("editing") is not None:
+        out += ["", "**editing**: 50 editors on one document, half through each of two nodes on one Redis "
+                "(bench/editor_scenario.py's editors; one closed by its node reconnects with `?rev=&client=` and "
+                "resends, as docs/PROTOCOL.md says). It runs on the code as it is: until editing orders one "
+                "document across nodes, the losing node's editors are closed and reconnect, which the row counts.",
+                "", cluster_editing_table(raw)]
+    out += ["", "Targets of this section (ratios within this run):", ""] + cluster_targets(raw)
+    return "\n".join(out)

@@ -46,9 +46,14 @@ Scenarios (``--scenarios``):
                   CPU per delivered batch
 - ``editor``      bench/editor_scenario.py: 50 editors on one document, 1,000 ops/s in
                   total, acks only after a durable commit; applied ops/s and ack p99
+- ``cluster``     bench/cluster_scenario.py: the fanout and rooms loads on one node with
+                  SQLite, one node on Redis, and two nodes on Redis with the members split
+                  (CPU per delivery over every node and redis-server, say->ack, delivery to
+                  the other node's members), then 50 editors through two nodes
 
-sensors and editor run last, against server.py only (the baselines are chat servers), each
-on its own fresh server that the scenario script starts itself, pinned the same way; the
+sensors, editor and cluster run last, against server.py only (the baselines are chat servers),
+each on its own fresh servers (and redis-server) that the scenario script starts itself, pinned
+the same way; the
 load generator's pool is stopped first and the scenario's clients run in this process on
 the load generator's core. ``--server-arg`` does not reach them.
 
@@ -104,9 +109,9 @@ if __package__ in (None, ""):
 from bench import procs, report
 from bench.latency import merged
 
-SCENARIOS = ["connect", "idle", "fanout", "throughput", "rooms", "slow", "sensors", "editor"]
+SCENARIOS = ["connect", "idle", "fanout", "throughput", "rooms", "slow", "sensors", "editor", "cluster"]
 ONE_ROOM = {"connect", "idle", "fanout", "throughput"}
-APPS = ["sensors", "editor"]  # server.py only, after the chat scenarios
+APPS = ["sensors", "editor", "cluster"]  # server.py only, after the chat scenarios
 DEFAULT_SERVERS = ["tornado", "ws-loop", "ws-broadcast", "server"]
 SERVER_CORES = {0}
 LOADGEN_CORES = {1}
@@ -766,6 +771,13 @@ def app_record(scenario: str, raw: dict[str, Any]) -> dict[str, Any]:
             "error_text": str(raw.get("first_error") or "")[:200], "disconnects": raw["disconnects"],
             "final_rev": raw["final_rev"], "final_length": raw["final_length"],
             "duration_s": raw["duration_s"], "client": raw["client"], "raw": raw}
+    if scenario == "cluster":
+        rows = [r for cfg in raw.get("configs", {}).values() for r in cfg.values() if "error" not in r]
+        a = raw.get("configs", {}).get("a", {}).get("fanout", {})
+        return {"conns": a.get("conns"), "rate": _num(a.get("rate")), "us_per_msg": _num(a.get("us_per_msg")),
+                "other_srv_core_pct": max((r.get("other_srv_core_pct") or 0 for r in rows), default=None),
+                "other_lg_core_pct": max((r.get("other_lg_core_pct") or 0 for r in rows), default=None),
+                "duration_s": raw.get("duration_s"), "client": raw.get("client", "?"), "raw": raw}
     raise ValueError(f"unknown app scenario {scenario!r}")
 
 

@@ -22,7 +22,7 @@ import time
 from typing import Any, Callable
 
 import ujson
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from realtime.protocol import encode
 from realtime.storage.base import (
@@ -190,11 +190,11 @@ class RedisChatLog:
         while self._queue:
             batch, self._queue = self._queue, []
             try:
-                async with self.redis.pipeline(transaction=False) as pipe:
-                    for room, keys, args, _ in batch:
-                        await self._say(keys=keys, args=args, client=pipe)
-                        pipe.zadd(ROOMS_KEY, {room: args[3] / 1000.0}, xx=True, gt=True)
-                    results = (await pipe.execute(raise_on_error=False))[::2]
+                results = await self._run_says(batch)
+                if any(isinstance(r, NoScriptError) for r in results):
+                    # Redis lost its script cache (a restart): none of them ran; load it, run them again.
+                    await self.redis.script_load(_SAY)
+                    results = await self._run_says(batch)
             except (RedisError, OSError) as e:
                 error = StorageError("Redis is unreachable: %s" % e)
                 for *_, fut in batch:
@@ -211,6 +211,15 @@ class RedisChatLog:
             for *_, fut in batch:
                 if not fut.done():
                     fut.set_exception(StorageError("Redis gave no answer for this write"))
+
+    async def _run_says(self, batch: list[tuple[str, list[str], list[Any], asyncio.Future[Any]]]) -> list[Any]:
+        """One pipeline of EVALSHAs, one round trip: redis-py's Script objects
+        would add a SCRIPT EXISTS round trip before every pipeline."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for room, keys, args, _ in batch:
+                pipe.evalsha(self._say.sha, len(keys), *keys, *args)
+                pipe.zadd(ROOMS_KEY, {room: args[3] / 1000.0}, xx=True, gt=True)
+            return list((await pipe.execute(raise_on_error=False))[::2])
 
     async def read(self, room: str, after: int, limit: int, newest: bool) -> list[dict[str, Any]]:
         log = self.keys(room)[1]
