@@ -314,6 +314,31 @@ class Run:
         self.disconnects = 0
 
 
+class Typing:
+    """Every editor makes one edit every ``len(editors) / rate`` seconds, staggered: a
+    steady stream, not bursts, until :meth:`stop`."""
+
+    def __init__(self, eds: list[Editor], rate: float) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.interval = len(eds) / rate
+        self.stopping = False
+        t0 = self.loop.time() + 0.05
+        for i, ed in enumerate(eds):
+            self.schedule(ed, t0 + self.interval * i / len(eds))
+
+    def schedule(self, ed: Editor, when: float) -> None:
+        def tick() -> None:
+            if self.stopping:
+                return
+            ed.edit()
+            self.schedule(ed, when + self.interval)
+
+        self.loop.call_at(when, tick)
+
+    def stop(self) -> None:
+        self.stopping = True
+
+
 async def drive(port: int, editors: int, rate: float, duration: float, warmup: float,
                 server: psutil.Process) -> dict[str, Any]:
     run = Run()
@@ -330,21 +355,7 @@ async def drive(port: int, editors: int, rate: float, duration: float, warmup: f
     await asyncio.wait_for(asyncio.gather(*(ed.ready for ed in eds)), 20)
 
     loop = asyncio.get_running_loop()
-    interval = editors / rate
-    stopping = False
-
-    def schedule(ed: Editor, when: float) -> None:
-        def tick() -> None:
-            if stopping:
-                return
-            ed.edit()
-            schedule(ed, when + interval)
-
-        loop.call_at(when, tick)
-
-    t0 = loop.time() + 0.05
-    for i, ed in enumerate(eds):  # staggered: a steady stream, not bursts
-        schedule(ed, t0 + interval * i / editors)
+    typing = Typing(eds, rate)
     await asyncio.sleep(warmup)
 
     rev0 = (await asyncio.to_thread(get_doc, port))["rev"]
@@ -356,7 +367,7 @@ async def drive(port: int, editors: int, rate: float, duration: float, warmup: f
     cpu_server1, cpu_own1, wall1 = cpu_seconds(server), own_cpu_seconds(), time.perf_counter()
     busy1 = core_busy()
     run.measuring = False
-    stopping = True
+    typing.stop()
 
     # Let everything in flight land, then compare every copy with the server's.
     deadline = loop.time() + 15
@@ -571,21 +582,7 @@ async def drive_cluster(ports: list[int], editors: int, rate: float, duration: f
         await ed.open()
     await asyncio.wait_for(asyncio.gather(*(ed.ready for ed in eds)), 20)
     loop = asyncio.get_running_loop()
-    interval = editors / rate
-    stopping = False
-
-    def schedule(ed: Editor, when: float) -> None:
-        def tick() -> None:
-            if stopping:
-                return
-            ed.edit()
-            schedule(ed, when + interval)
-
-        loop.call_at(when, tick)
-
-    t0 = loop.time() + 0.05
-    for i, ed in enumerate(eds):
-        schedule(ed, t0 + interval * i / editors)
+    typing = Typing(eds, rate)
     await asyncio.sleep(warmup)
     rev0 = (await asyncio.to_thread(get_doc, ports[0]))["rev"]
     cpu0 = [cpu_seconds(p) for p in servers]
@@ -596,7 +593,7 @@ async def drive_cluster(ports: list[int], editors: int, rate: float, duration: f
     cpu1 = [cpu_seconds(p) for p in servers]
     own1, wall1 = own_cpu_seconds(), time.perf_counter()
     run.measuring = False
-    stopping = True
+    typing.stop()
     # Let what is in flight land; converged: every editor and every node has one text.
     deadline = loop.time() + 15
     docs: list[dict[str, Any]] = []
