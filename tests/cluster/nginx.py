@@ -11,6 +11,7 @@ pid, never as a system service.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -18,6 +19,7 @@ import signal
 import ssl
 import subprocess
 import time
+import urllib.error
 import urllib.request
 from typing import Any
 
@@ -135,9 +137,6 @@ class Nginx:
     def get(self, path: str, data: bytes | None = None, headers: dict[str, str] | None = None,
             timeout: float = 5.0) -> tuple[int, Any]:
         """An HTTP request through nginx: (status, decoded JSON body or text)."""
-        import json
-        import urllib.error
-
         req = urllib.request.Request(self.url + path, data=data, headers=headers or {})
         try:
             with urllib.request.urlopen(req, timeout=timeout, context=self.client_ssl()) as r:
