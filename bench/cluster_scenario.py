@@ -1,7 +1,7 @@
 """Benchmark scenario: the same chat load on one node and across nodes (cluster mode).
 
     python bench/cluster_scenario.py --quick     # about 40 s
-    python bench/cluster_scenario.py             # about 2 minutes
+    python bench/cluster_scenario.py             # about 2 minutes (runs of 4-5 s, two of each)
     python bench/cluster_scenario.py --json
 
 or from Python: ``bench.cluster_scenario.run(quick: bool) -> dict`` (bench/run.py's
@@ -89,9 +89,9 @@ class ClusterProfile:
 PROFILES = {
     "quick": ClusterProfile(fanout_members=1000, fanout_rate=8, fanout_secs=1.5, rooms_conns=500, rooms_size=10,
                             rooms_rate=200, rooms_secs=1.5, reps=1, idle_secs=0),
-    "full": ClusterProfile(fanout_members=4000, fanout_rate=4, fanout_secs=6, rooms_conns=2000, rooms_size=10,
-                           rooms_rate=400, rooms_secs=5, reps=2, idle_secs=5.5, quiet=2.0, quiet_unacked=8.0,
-                           edit_secs=8.0),
+    "full": ClusterProfile(fanout_members=2000, fanout_rate=8, fanout_secs=5, rooms_conns=2000, rooms_size=10,
+                           rooms_rate=400, rooms_secs=4, reps=2, idle_secs=5.5, quiet=1.5, quiet_unacked=6.0,
+                           edit_secs=6.0),
 }
 
 

@@ -228,3 +228,66 @@ def test_parse_args_rejects_unknown_names() -> None:
         parse_args(["--servers", "nginx"])
     with pytest.raises(SystemExit):
         parse_args(["--scenarios", "everything"])
+
+
+def test_cluster_clients_split_every_room_over_the_nodes_and_alternate_the_speakers() -> None:
+    from bench.cluster_scenario import node_of
+
+    for size in (10, 1000):
+        rooms = [[node_of(i, size, 2) for i in range(r * size, (r + 1) * size)] for r in range(4)]
+        assert all(sorted(set(nodes)) == [0, 1] and nodes.count(0) == size // 2 for nodes in rooms)
+    speakers = [node_of(r * 10, 10, 2) for r in range(6)]
+    assert speakers == [0, 1, 0, 1, 0, 1]
+    assert {node_of(i, 10, 1) for i in range(50)} == {0}
+
+
+def cluster_row(us: float, nodes: list[tuple[str, float]], **over: object) -> dict:
+    row = dict(summarize([run_result(us_per_msg=us)]), conns=1000, rooms=1, offered=8000.0, says_per_s=8.0,
+               nodes=[{"node": n, "clients": 500, "us_per_msg": u, "cpu_pct": 10.0} for n, u in nodes],
+               redis_us_per_say=None, srv_us_per_say=us * 1000, remote_p99_ms=None, remote_samples=0,
+               ack_p50_ms=2.0, ack_p99_ms=5.0)
+    row.update(over)
+    return row
+
+
+def cluster_raw(b_us: float, node_us: tuple[float, float], remote_p99: float) -> dict:
+    prof = {"script_us_per_say": 90.0, "other_commands_us_per_say": 20.0, "outside_commands_us_per_say": 300.0,
+            "system_share": 0.6, "commands": {}}
+    loads = {
+        "a": cluster_row(20.0, [("A", 20.0)], p99_ms=10.0),
+        "b": cluster_row(b_us, [("A", b_us - 2)], redis_us_per_say=400.0, redis_profile=prof),
+        "c": cluster_row(22.0, [("A", node_us[0]), ("B", node_us[1])], remote_p99_ms=remote_p99, remote_samples=9,
+                         redis_us_per_say=400.0, redis_profile=prof),
+    }
+    return {"configs": {k: {"fanout": v} for k, v in loads.items()}, "labels": {"a": "a", "b": "b", "c": "c"},
+            "profile": {"fanout_members": 1000, "fanout_rate": 8, "fanout_secs": 1.5, "rooms_size": 10, "reps": 1},
+            "pinned": True, "server_cores": [0], "loadgen_cores": [1], "mode": "quick",
+            "editing": {"editors": 50, "target_ops_per_s": 1000.0, "applied_ops_per_s": 400.0, "ack_p99_ms": 160.0,
+                        "reconnects": 300, "errors": 30, "converged": False, "error_codes": {"conflict": 30},
+                        "per_node": [25, 25]}}
+
+
+def test_cluster_targets_are_ratios_of_the_same_run() -> None:
+    lines = report.cluster_targets(cluster_raw(24.0, (21.0, 23.0), 15.0))
+    text = "\n".join(lines)
+    assert "one node on Redis vs memory, CPU/msg (nodes + Redis): 1.20x (24.00 vs 20.00 µs)  target <=1.25x  MET" \
+        in text
+    assert "each node's CPU/msg vs (a): A 1.05x, B 1.15x  target <=1.3x  MET" in text
+    assert "other node's members vs (a)'s p99: 1.50x (15.0 vs 10.0 ms)  target <=2x  MET" in text
+    assert "0 lost or doubled, 0 acks missing  target 0  MET" in text
+    assert "cluster editing" in text and text.rstrip().endswith(
+        "is what this row measures once it lands")  # NOT MET today, with why
+    bad = report.cluster_targets(cluster_raw(30.0, (21.0, 27.0), 25.0))
+    assert sum("NOT MET" in line for line in bad) == 4
+    limit = next(line for line in bad if line.startswith("  - limit") and "Redis's 400 µs per say" in line)
+    assert "90 in the say script" in limit and "60% of its CPU in the kernel" in limit
+
+
+def test_cluster_section_has_both_tables_the_editing_row_and_a_row_per_failed_setup() -> None:
+    raw = cluster_raw(24.0, (21.0, 23.0), 15.0)
+    raw["configs"]["b"]["fanout"] = {"error": "not available: redis-server is not installed"}
+    text = report.cluster_section(raw)
+    assert "**fanout**" in text and "**editing**" in text and "Two cores, and the load generator needs one" in text
+    assert "not available: redis-server is not installed" in text
+    assert "| (c) c | 1,000 | 8 | 5,000 | 22.00 | 1.10x | A 21.00 / B 23.00 | A 1.05x / B 1.15x |" in text
+    assert "errors by code: conflict 30" in text

@@ -17,48 +17,19 @@ import asyncio
 import json
 import random
 import signal
-import subprocess
 import time
-import urllib.request
 from typing import Any
 
 import pytest
 import websockets
 
 from tests.cluster.nginx import Nginx, require_nginx
+from tests.cluster.nodes import KEY, Node, busiest
 from tests.redis_server import RedisServer
-from tests.servers import free_port, start_server
 
 pytestmark = pytest.mark.cluster
 
-KEY = "failover-test-ingest-key"
 SENSOR = "plant.temp"
-NODE_ARGS = ("--xheaders", "--simulated_sensors=", "--host_metrics=false", "--shutdown_grace=1",
-             "--ingest_key=" + KEY, "--presence_ttl=3")
-
-
-class Node:
-    def __init__(self, tmp: Any, index: int, redis_url: str) -> None:
-        self.port = free_port()
-        self.data_dir = str(tmp / ("node%d" % index))
-        self.redis_url = redis_url
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> "Node":
-        self.proc = start_server(self.port, self.data_dir, "--backplane=" + self.redis_url, *NODE_ARGS)
-        return self
-
-    def signal(self, sig: int) -> int:
-        assert self.proc is not None
-        self.proc.send_signal(sig)
-        code = self.proc.wait(15)
-        self.proc = None
-        return code
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
 
 
 class Client:
@@ -292,10 +263,10 @@ async def load_with_failures(proxy: Nginx, nodes: list[Node], redis: RedisServer
     dev = asyncio.ensure_future(device.run())
 
     await asyncio.sleep(2.5)
-    victim = await busiest(nodes)
+    victim = busiest(nodes)
     victim.signal(signal.SIGKILL)                 # a crash: nothing flushed, no close frames
     await asyncio.sleep(2.5)
-    restarted = await busiest([n for n in nodes if n is not victim])
+    restarted = busiest([n for n in nodes if n is not victim])
     assert await asyncio.to_thread(restarted.signal, signal.SIGTERM) == 0  # a rolling restart's step
     await asyncio.to_thread(restarted.start)
     await asyncio.sleep(2.5)
@@ -318,17 +289,6 @@ async def load_with_failures(proxy: Nginx, nodes: list[Node], redis: RedisServer
         await c.close()
     await asyncio.gather(*tasks)
     check(page, stored, chats, viewers, device)
-
-
-async def busiest(nodes: list[Node]) -> Node:
-    """The node with the most clients (asked directly, not through nginx); it has some."""
-    counts = []
-    for node in nodes:
-        with urllib.request.urlopen("http://127.0.0.1:%d/healthz" % node.port, timeout=5) as r:
-            counts.append(json.loads(r.read())["connections"])
-    best = max(range(len(nodes)), key=lambda i: counts[i])
-    assert counts[best] > 0, counts
-    return nodes[best]
 
 
 async def drain(proxy: Nginx, chats: list[ChatClient], viewers: list[Viewer], redis: RedisServer) -> None:
