@@ -442,7 +442,8 @@ def summarize(runs: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
                 "remote_p99_ms", "ack_p50_ms", "ack_p99_ms", "srv_cpu_pct", "redis_cpu_pct", "lg_cpu_pct",
                 "other_srv_core_pct", "other_lg_core_pct"):
         out[key] = _median([r.get(key) for r in runs])
-    for key in ("published", "acks", "expected", "delivered", "lost", "dup", "errors", "disconnects", "stale"):
+    for key in ("published", "acks", "expected", "delivered", "lost", "dup", "errors", "disconnects", "stale",
+                "remote_samples", "ack_samples"):
         out[key] = sum(r[key] for r in runs)
     out["error_text"] = next((r["error_text"] for r in runs if r["error_text"]), "")
     out["nodes"] = [{"node": n["node"], "clients": n["clients"],

@@ -38,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from typing import Any
 
@@ -473,6 +474,18 @@ def run(quick: bool = False, *, editors: int = 50, rate: float = 1000.0, duratio
 # -- through two nodes (cluster mode) ------------------------------------------------------
 
 
+def get_doc_settled(port: int, tries: int = 50) -> dict[str, Any]:
+    """``GET /api/docs/<doc>``, again after a 503 (a node reloading the document)."""
+    for _ in range(tries - 1):
+        try:
+            return get_doc(port)
+        except urllib.error.HTTPError as e:
+            if e.code != 503:
+                raise
+            time.sleep(0.05)
+    return get_doc(port)
+
+
 class ClusterEditor(PicowsEditor):
     """An editor that, when its node closes it, reconnects with ``?rev=&client=`` after
     a short jittered pause and resumes as docs/PROTOCOL.md says: apply the ``ops`` it
@@ -584,12 +597,12 @@ async def drive_cluster(ports: list[int], editors: int, rate: float, duration: f
     loop = asyncio.get_running_loop()
     typing = Typing(eds, rate)
     await asyncio.sleep(warmup)
-    rev0 = (await asyncio.to_thread(get_doc, ports[0]))["rev"]
+    rev0 = (await asyncio.to_thread(get_doc_settled, ports[0]))["rev"]
     cpu0 = [cpu_seconds(p) for p in servers]
     own0, wall0 = own_cpu_seconds(), time.perf_counter()
     run.measuring = True
     await asyncio.sleep(duration)
-    rev1 = (await asyncio.to_thread(get_doc, ports[0]))["rev"]
+    rev1 = (await asyncio.to_thread(get_doc_settled, ports[0]))["rev"]
     cpu1 = [cpu_seconds(p) for p in servers]
     own1, wall1 = own_cpu_seconds(), time.perf_counter()
     run.measuring = False
@@ -598,7 +611,7 @@ async def drive_cluster(ports: list[int], editors: int, rate: float, duration: f
     deadline = loop.time() + 15
     docs: list[dict[str, Any]] = []
     while loop.time() < deadline:
-        docs = [await asyncio.to_thread(get_doc, p) for p in ports]
+        docs = [await asyncio.to_thread(get_doc_settled, p) for p in ports]
         settled = all(not ed.closed and ed.ot is not None and ed.ot.state == "synchronized" for ed in eds)
         if settled and len({d["rev"] for d in docs}) == 1 and all(ed.ot.rev == docs[0]["rev"] for ed in eds
                                                                    if ed.ot is not None):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -893,3 +894,28 @@ def cluster_section(raw: Result) -> str:
                 "", cluster_editing_table(raw)]
     out += ["", "Targets of this section (ratios within this run):", ""] + cluster_targets(raw)
     return "\n".join(out)
+
+
+def merge_sections(old: str, new: str, scenarios: list[str], meta: dict[str, Any]) -> str:
+    """``old`` (a page this module wrote) with the sections of ``scenarios`` taken from
+    ``new``, each saying which run measured it; every other part of ``old`` -- its header,
+    targets and other sections -- stays as that earlier run wrote it."""
+    def split(text: str) -> list[str]:
+        return re.split(r"(?m)^(?=## )", text)
+
+    old_parts, new_parts = split(old), split(new)
+    for scenario in scenarios:
+        mark = f"(`{scenario}`)"
+        fresh = next((p for p in new_parts if p.startswith("## ") and mark in p.splitlines()[0]), None)
+        if fresh is None:
+            continue
+        head, _, body = fresh.partition("\n")
+        fresh = (f"{head}\n\n*Measured by `{meta['command']}` on {meta['date']} ({meta['mode']} mode), not by the "
+                 f"run under This run; its own targets are at its end.*\n{body.rstrip()}\n\n")
+        at = next((i for i, p in enumerate(old_parts) if p.startswith("## ") and mark in p.splitlines()[0]), None)
+        if at is None:
+            at = next((i for i, p in enumerate(old_parts) if p.startswith("## Notes")), len(old_parts))
+            old_parts.insert(at, fresh)
+        else:
+            old_parts[at] = fresh
+    return "".join(old_parts)

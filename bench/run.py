@@ -9,6 +9,7 @@ How to run (from the repository root; needs picows, uvloop, websockets, psutil -
     python bench/run.py --quick --no-write      # print only, leave docs/ and bench/results/ alone
     python bench/run.py --server-arg=--max_write_buffer=262144   # pass options to server.py
     python bench/run.py --scenarios sensors,editor --servers server  # the two other apps only
+    python bench/run.py --scenarios cluster --servers server --merge  # refresh one section of the page
 
 It prints a progress line on stderr while it runs, then markdown tables and the target
 ratios on stdout, and writes the same to docs/BENCHMARKS.md (with the command, the
@@ -835,6 +836,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "other processes to leave the cores (default: 0 with --quick, 180 otherwise)")
     parser.add_argument("--out", default=os.path.join(ROOT, "docs", "BENCHMARKS.md"))
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/ and bench/results/ alone")
+    parser.add_argument("--merge", action="store_true",
+                        help="replace only the selected scenarios' sections of the existing --out page (each marked "
+                             "with this run's command and date), keeping the rest as the run that wrote it")
     args = parser.parse_args(argv)
     args.scenarios = [s for s in args.scenarios.split(",") if s]
     args.servers = [s for s in args.servers.split(",") if s]
@@ -893,6 +897,9 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     if not args.no_write:
         os.makedirs(os.path.dirname(args.out), exist_ok=True)
+        if args.merge and os.path.exists(args.out):
+            with open(args.out) as f:
+                text = report.merge_sections(f.read(), text, args.scenarios, meta)
         with open(args.out, "w") as f:
             f.write(text)
         results_dir = os.path.join(ROOT, "bench", "results")

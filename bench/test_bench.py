@@ -291,3 +291,15 @@ def test_cluster_section_has_both_tables_the_editing_row_and_a_row_per_failed_se
     assert "not available: redis-server is not installed" in text
     assert "| (c) c | 1,000 | 8 | 5,000 | 22.00 | 1.10x | A 21.00 / B 23.00 | A 1.05x / B 1.15x |" in text
     assert "errors by code: conflict 30" in text
+
+
+def test_merge_replaces_only_the_selected_sections_and_says_which_run_measured_them() -> None:
+    old = "# Benchmarks\n\n## Targets\n\n- x\n\n## Fan (`fanout`)\n\nold fan\n\n## Notes\n\n- n\n"
+    new = "# Benchmarks\n\n## Targets\n\n- y\n\n## Cluster (`cluster`)\n\nnew cluster\n\n## Notes\n\n- m\n"
+    meta = {"command": "python bench/run.py --scenarios cluster", "date": "today", "mode": "full"}
+    merged_page = report.merge_sections(old, new, ["cluster"], meta)
+    assert merged_page.index("old fan") < merged_page.index("new cluster") < merged_page.index("## Notes")
+    assert "- x" in merged_page and "- y" not in merged_page and "- n" in merged_page
+    assert "*Measured by `python bench/run.py --scenarios cluster` on today (full mode)" in merged_page
+    again = report.merge_sections(merged_page, new.replace("new cluster", "newer"), ["cluster"], meta)
+    assert "newer" in again and "new cluster" not in again and again.count("(`cluster`)") == 1

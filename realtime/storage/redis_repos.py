@@ -264,6 +264,18 @@ return out
 """
 
 
+_PRESENCE_REFRESH = """
+local expiry, names = ARGV[1], ARGV[2] == '1'
+for i = 3, #ARGV, 2 do
+  if redis.call('ZADD', KEYS[1], expiry, ARGV[i]) == 1 or names then
+    redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1])
+  end
+end
+return 0
+"""
+REFRESH_CHUNK = 500  # entries per script call: a heartbeat of a big room never holds Redis for long
+
+
 class _MemberRead:
     """The read of one room's members in flight, and the one queued behind it."""
 
@@ -290,6 +302,7 @@ class RedisPresenceStore:
     def __init__(self, redis: Any) -> None:
         self.redis = redis
         self._members = redis.register_script(_PRESENCE_MEMBERS)
+        self._refresh = redis.register_script(_PRESENCE_REFRESH)
         self._reads: dict[str, _MemberRead] = {}
         self.reads = 0
 
@@ -304,17 +317,31 @@ class RedisPresenceStore:
         except (RedisError, OSError) as e:
             raise StorageError("Redis is unreachable: %s" % e) from None
 
-    async def refresh(self, entries: list[tuple[str, str, str, str]], ttl: float) -> None:
+    async def refresh(self, entries: list[tuple[str, str, str, str]], ttl: float, names: bool = False) -> None:
+        """Push the expiry of these entries to ``ttl`` from now: one script call per
+        room (and per ``REFRESH_CHUNK`` entries), which also writes an entry back that
+        another node had dropped as expired.  ``names``: write every entry's name too
+        (a join, or a rename)."""
         until = time.time() + ttl
+        by_room: dict[str, list[str]] = {}
+        for room, key, user_id, name in entries:
+            by_room.setdefault(room, []).extend((key, user_id + "\x1f" + name))
         async with self.redis.pipeline(transaction=False) as pipe:
-            for room, key, user_id, name in entries:
-                pres, who = self.keys(room)
-                pipe.zadd(pres, {key: until})
-                pipe.hset(who, key, user_id + "\x1f" + name)
-            await self._call(pipe.execute())
+            for room, args in by_room.items():
+                keys = list(self.keys(room))
+                for i in range(0, len(args), 2 * REFRESH_CHUNK):
+                    pipe.evalsha(self._refresh.sha, 2, *keys, until, "1" if names else "0",
+                                 *args[i:i + 2 * REFRESH_CHUNK])
+            results = await self._call(pipe.execute(raise_on_error=False))
+        if any(isinstance(r, NoScriptError) for r in results):  # Redis restarted: load it, once
+            await self._call(self.redis.script_load(_PRESENCE_REFRESH))
+            return await self.refresh(entries, ttl, names)
+        failed = next((r for r in results if isinstance(r, Exception)), None)
+        if failed is not None:
+            raise StorageError("Redis refused: %s" % failed)
 
     async def enter(self, room: str, key: str, user_id: str, name: str, ttl: float) -> None:
-        await self.refresh([(room, key, user_id, name)], ttl)
+        await self.refresh([(room, key, user_id, name)], ttl, names=True)
 
     async def leave_all(self, entries: list[tuple[str, str]]) -> None:
         async with self.redis.pipeline(transaction=False) as pipe:
