@@ -69,6 +69,7 @@ class HealthHandler(JSONHandler):
             "connections": len(ctx.connections),
             "uptime": round(time.time() - ctx.started, 3),
             "backplane": getattr(ctx.hub.backplane, "name", "memory"),
+            **({"node": ctx.hub.backplane.node_id} if hasattr(ctx.hub.backplane, "node_id") else {}),
             **reason,
             "store": {"pending_writes": ctx.store.pending, "commits": ctx.store.commits,
                       "write_error": write_error},
