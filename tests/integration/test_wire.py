@@ -378,3 +378,18 @@ async def test_our_frames_over_tls(app, tls_context, app_options):
     finally:
         server.stop()
         await server.close_all_connections()
+
+
+@pytest.mark.gen_test
+@pytest.mark.parametrize("app_options", [{}, {"websocket_compression": True}])
+async def test_write_message_still_works_on_our_protocol(http_server, http_port, app, app_options):
+    """Tornado's own API on a handler, for code that calls it directly."""
+    compression = "deflate" if app_options.get("websocket_compression") else None
+    async with websockets.connect(ws_url(http_port, "/ws/echo"), compression=compression) as ws:
+        await ws.send("hi")
+        assert await asyncio.wait_for(ws.recv(), 3) == "hi"
+        (conn,) = app.ctx.connections
+        conn.write_message({"type": "note", "text": "ü" * 300})
+        conn.write_message(b"\x00\x01", binary=True)
+        assert json.loads(await asyncio.wait_for(ws.recv(), 3)) == {"type": "note", "text": "ü" * 300}
+        assert await asyncio.wait_for(ws.recv(), 3) == b"\x00\x01"
