@@ -59,6 +59,23 @@ SESSION_COOKIE = "rt_session"
 MSGPACK = "msgpack"  # the subprotocol for MessagePack binary frames
 
 
+_DEFAULT_PORTS = {"http": "80", "https": "443"}
+
+
+def same_origin(origin: str, scheme: str, host: str) -> bool:
+    """Whether a browser's ``Origin`` names ``scheme://host`` (default ports
+    may be left out on either side)."""
+    o_scheme, sep, o_host = origin.lower().partition("://")
+    if not sep:
+        return False
+
+    def strip(s: str, h: str) -> str:
+        port = _DEFAULT_PORTS.get(s)
+        return h[: -len(port) - 1] if port and h.endswith(":" + port) else h
+
+    return o_scheme == scheme.lower() and strip(o_scheme, o_host) == strip(scheme.lower(), host.lower())
+
+
 class _ShedHeaders(tornado.httputil.HTTPHeaders):
     """No headers, and no way to add any: what a connection's request and
     response headers become once the upgrade is done.  Being immutable, one
@@ -146,7 +163,10 @@ class BaseSocketHandler(tornado.websocket.WebSocketHandler):
         allowed = self.cfg.allowed_origins
         if allowed:
             return "*" in allowed or origin in allowed
-        return super().check_origin(origin)
+        # Same origin: scheme, host and port of this request.  The host was
+        # checked against --allowed_hosts by the gate (a DNS-rebinding page
+        # sends its own name as Host and as Origin, and is refused there).
+        return same_origin(origin, self.request.protocol, self.request.host)
 
     def get_compression_options(self) -> dict[str, Any] | None:
         return {} if self.cfg.websocket_compression else None
@@ -180,10 +200,14 @@ class BaseSocketHandler(tornado.websocket.WebSocketHandler):
         if self.ctx.shutting_down:
             self.refuse(503, "server is shutting down")
             return
-        token = self.get_query_argument("token", None)
-        auth_header = self.request.headers.get("Authorization", "")
-        if not token and auth_header.lower().startswith("bearer "):
-            token = auth_header[7:].strip()
+        # Checked here as well as by Tornado after prepare(): Tornado lets an
+        # Origin whose host:port equals Host through without comparing the
+        # scheme (an http:// page opening this wss:// endpoint).
+        origin = self.request.headers.get("Origin")
+        if origin is not None and not self.check_origin(origin):
+            self.refuse(403, "origin %r may not connect here (see --allowed_origins)" % origin[:100])
+            return
+        token = request_token(self)
         session = self.get_query_argument("session", None) or self.get_cookie(SESSION_COOKIE)
         try:
             self.user = self.ctx.auth.identify(
@@ -503,12 +527,58 @@ class BaseSocketHandler(tornado.websocket.WebSocketHandler):
             self._flush()
 
 
+def request_token(handler: tornado.web.RequestHandler) -> str | None:
+    """The token a request presents: ``?token=`` or ``Authorization: Bearer``."""
+    token = handler.get_query_argument("token", None)
+    auth_header = handler.request.headers.get("Authorization", "")
+    if not token and auth_header[:7].lower() == "bearer ":
+        token = auth_header[7:].strip()
+    return token or None
+
+
+@tornado.web.stream_request_body
 class JSONHandler(tornado.web.RequestHandler):
-    """HTTP API base: JSON in and out, errors as ``{"error": code, "message": ...}``."""
+    """HTTP API base: JSON in and out, errors as ``{"error": code, "message": ...}``.
+
+    Identity first, body second: :meth:`prepare` runs when the request head
+    has arrived, before any body byte is read.  In token mode every route
+    needs a valid token, as its WebSocket twin does (401 otherwise);
+    ``public`` routes (health, metrics) need none.  A route takes the body
+    its ``body_limits`` allow per method (see handlers/gate.py; none unless
+    it says so)."""
+
+    public = False
+    body_limits: dict[str, int | str] = {}
 
     def initialize(self, ctx: Context) -> None:
         self.ctx = ctx
         self.cfg = ctx.cfg
+        self.user: Identity | None = None
+        self._body = bytearray()
+
+    def prepare(self) -> None:
+        if self.public or self.ctx.auth.mode != "token":
+            return
+        token = request_token(self)
+        if token is None:
+            self.unauthorized("a token is required (?token= or Authorization: Bearer)")
+            return
+        try:
+            self.user = self.ctx.auth.verify_token(token)
+        except AuthError as e:
+            self.unauthorized(e.message)
+
+    def unauthorized(self, message: str, realm: str = "realtime") -> None:
+        self.set_header("WWW-Authenticate", 'Bearer realm="%s"' % realm)
+        self.fail(401, "unauthorized", message)
+
+    def data_received(self, chunk: bytes) -> None:
+        # Bounded: the gate set this request's body limit before the first byte.
+        self._body += chunk
+
+    @property
+    def body_bytes(self) -> bytes:
+        return bytes(self._body)
 
     def set_default_headers(self) -> None:
         self.set_header("Content-Type", "application/json; charset=utf-8")
@@ -542,7 +612,7 @@ class JSONHandler(tornado.web.RequestHandler):
 
     def json_body(self) -> Any:
         """The request body as checked JSON (no NaN, Infinity, lone surrogates)."""
-        return decode_value(self.request.body or b"null")
+        return decode_value(self.body_bytes or b"null")
 
 
 STATUS_FOR_CODE = {

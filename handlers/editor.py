@@ -8,7 +8,7 @@
 * ``/edit/<doc>``      the editor page
 
 A bad document id in a socket URL is refused with HTTP 400 before the upgrade,
-as are a malformed ``?rev=`` or ``?client=``.
+as are a malformed ``?rev=``, ``?client=`` or ``?units=``.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from handlers.pages import Page
 from realtime.documents import DocumentError, valid_doc_id
 from realtime.editing import DOC_ID_RULE, EditingService, Peer, valid_client_id
 from realtime.protocol import ProtocolError, error_message, get_int
+from realtime.units import CODEPOINT, UNITS
 
 define("max_doc_size", default=200_000, type=int, help="largest document, in code points; an edit that would make it bigger is refused (too_large)")
 define("max_op_size", default=10_000, type=int, help="most code points one edit may insert (too_large)")
@@ -45,16 +46,17 @@ class _EditorConn:
     """The editor's per-connection state, in one slotted object (the base keeps
     handler instances under CPython's shared-key limit; one attribute here)."""
 
-    __slots__ = ("peer", "since", "want_client")
+    __slots__ = ("peer", "since", "want_client", "units")
 
     def __init__(self) -> None:
         self.peer: Peer | None = None
         self.since: int | None = None
         self.want_client: str | None = None
+        self.units = CODEPOINT
 
 
 class EditorSocketHandler(BaseSocketHandler):
-    """``/ws/edit/<doc>?rev=<n>&client=<id>``: one connection editing one document."""
+    """``/ws/edit/<doc>?rev=<n>&client=<id>&units=utf16``: one connection editing one document."""
 
     app_name = "editor"
 
@@ -71,8 +73,8 @@ class EditorSocketHandler(BaseSocketHandler):
         return self.ed.peer
 
     def prepare(self) -> None:
-        """The document id, ``?rev=`` and ``?client=`` are checked before identity
-        and the upgrade: a bad one is HTTP 400 with a JSON body."""
+        """The document id, ``?rev=``, ``?client=`` and ``?units=`` are checked
+        before identity and the upgrade: a bad one is HTTP 400 with a JSON body."""
         doc_id = self.path_args[0] if self.path_args else ""
         if not valid_doc_id(doc_id):
             self.refuse(400, DOC_ID_RULE)
@@ -89,10 +91,16 @@ class EditorSocketHandler(BaseSocketHandler):
                 self.refuse(400, "client must be a client id this server handed out ('c-' and 4-40 of A-Z a-z 0-9 _ -)")
                 return
             self.ed.want_client = client
+        units = self.get_query_argument("units", "")
+        if units:
+            if units not in UNITS:
+                self.refuse(400, "units must be 'codepoint' (the default) or 'utf16'")
+                return
+            self.ed.units = units
         super().prepare()
 
     async def opened(self, *args: str) -> None:
-        peer = await self.docs.attach(self, args[0], self.ed.want_client)
+        peer = await self.docs.attach(self, args[0], self.ed.want_client, self.ed.units)
         self.ed.peer = peer
         if self._closing:  # gone while the document was loading
             self.docs.leave(peer)
@@ -170,6 +178,8 @@ class DocsPage(Page):
     title = "Documents"
 
     async def get(self, *args: str) -> None:  # type: ignore[override]
+        if not self.require_token():
+            return
         self.ensure_session()
         wanted = (self.get_query_argument("doc", "") or "").strip()
         error = ""
@@ -207,7 +217,7 @@ def register(ctx: Any) -> list[Any]:
     """Build the editing service into ``ctx.services["docs"]``; return the routes."""
     cfg = ctx.cfg
     svc = EditingService(
-        ctx.store, ctx.hub,
+        ctx.storage.document_log(), ctx.hub,
         max_doc_size=_option(cfg, "max_doc_size"),
         max_op_size=_option(cfg, "max_op_size"),
         edit_rate=_option(cfg, "edit_rate"),

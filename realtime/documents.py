@@ -10,22 +10,31 @@ Revisions: ``rev`` is the number of ops applied so far (a new document is at
 rev 0).  The op that took the document from ``r - 1`` to ``r`` is logged as
 ``LogEntry(rev=r, ...)``.  A client's op is based on the rev it has seen; the
 server transforms it over every logged op after that rev (see the tie-break in
-:mod:`realtime.ot`: logged ops win), applies it and logs it.
+:mod:`realtime.ot`: ``transform(incoming, logged)``, so on a tie the incoming
+op's insert goes first, as in ot.js and ShareDB), applies it and logs it.
 
 Only the last ``max_log`` entries stay in memory: an op based on an older rev
 is refused with ``conflict`` and that client must reload the document.
+
+Units: the state counts code points.  A client may count UTF-16 code units
+instead (``units="utf16"``, see :mod:`realtime.units`): each logged op is also
+kept counted in UTF-16 units (converted against the text it applied to, the
+one moment that text is at hand), an incoming UTF-16 op is transformed over
+those and converted to code points against the current text.  Saved
+snapshots carry the UTF-16 forms that differ, so they survive a reload.
 """
 
 from __future__ import annotations
 
 import re
 from collections import OrderedDict, deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import islice
 from typing import Any, NamedTuple
 
 from realtime import ot
 from realtime.ot import Op, OTError
+from realtime.units import CODEPOINT, UNITS, UTF16, TextUnits, inserted, same_shape, utf16_length
 
 __all__ = [
     "SNAPSHOT_FORMAT",
@@ -90,12 +99,15 @@ class SubmitResult:
     the first time).  ``op``: the op as applied, transformed, in normal form --
     send it to the other clients; for a duplicate, the logged op when still in
     the window, else ``None``.  ``duplicate``: the op was applied before and
-    nothing changed now; ack it again, do not fan it out.
+    nothing changed now; ack it again, do not fan it out.  ``op16``: ``op``
+    counted in UTF-16 code units, for the clients that use them (``None`` for
+    a duplicate).
     """
 
     rev: int
     op: Op | None
     duplicate: bool = False
+    op16: Op | None = field(default=None, compare=False)
 
 
 class DocumentState:
@@ -138,6 +150,10 @@ class DocumentState:
         self.max_doc_size = max_doc_size
         self.max_clients = max_clients
         self._log: deque[LogEntry] = deque(maxlen=max_log)
+        # Each logged op counted in UTF-16 units, None where unknown (before a reload).
+        self._log16: deque[Op | None] = deque(maxlen=max_log)
+        self._len16 = utf16_length(text)
+        self._units: TextUnits | None = None  # of the current text, built when needed
         # client_id -> (last seq applied, rev it produced); insertion order is LRU order.
         self._clients: OrderedDict[str, tuple[int, int]] = OrderedDict()
 
@@ -155,6 +171,18 @@ class DocumentState:
     @property
     def text(self) -> str:
         return self._text
+
+    @property
+    def length16(self) -> int:
+        """Length of the text in UTF-16 code units."""
+        return self._len16
+
+    def text_units(self) -> TextUnits:
+        """Position conversions for the current text (built once per revision)."""
+        units = self._units
+        if units is None or units.text is not self._text:
+            units = self._units = TextUnits(self._text, self._len16)
+        return units
 
     @property
     def log(self) -> list[LogEntry]:
@@ -175,7 +203,13 @@ class DocumentState:
     # -- submitting -------------------------------------------------------------
 
     def prepare(
-        self, base_rev: int, op: object, client_id: str | None = None, seq: int | None = None
+        self,
+        base_rev: int,
+        op: object,
+        client_id: str | None = None,
+        seq: int | None = None,
+        *,
+        units: str = CODEPOINT,
     ) -> SubmitResult:
         """Work out what :meth:`submit` would do, without changing anything.
 
@@ -219,16 +253,20 @@ class DocumentState:
                 f"rev {base_rev} is too old to merge (oldest kept: {start}); reload the document",
             )
 
-        inserted = sum(len(c) for c in op if type(c) is str)
-        if inserted > self.max_op_size:
+        if units == UTF16:
+            return self._prepare16(base_rev, op, start)
+        if units != CODEPOINT:
+            raise ValueError(f"units must be one of {UNITS}")
+        size = inserted(op)
+        if size > self.max_op_size:
             raise DocumentError(
                 "too_large",
-                f"the edit inserts {inserted} characters; the limit is {self.max_op_size}",
+                f"the edit inserts {size} characters; the limit is {self.max_op_size}",
             )
 
         try:
             for entry in islice(self._log, base_rev - start, None):
-                op = ot.transform(entry.op, op)[1]
+                op = ot.transform(op, entry.op)[0]  # the incoming op first on a tie
             size, new_size = ot.lengths(op)
         except OTError as exc:
             raise DocumentError("bad_message", f"the edit does not fit rev {base_rev}: {exc}") from None
@@ -244,10 +282,52 @@ class DocumentState:
                 "too_large",
                 f"the document would have {new_size} characters; the limit is {self.max_doc_size}",
             )
-        return SubmitResult(self._rev + 1, op)
+        return SubmitResult(self._rev + 1, op, op16=self.text_units().op_to_utf16(op))
+
+    def _prepare16(self, base_rev: int, op16: Op, start: int) -> SubmitResult:
+        """:meth:`prepare` for an op counted in UTF-16 code units; sizes in those units too."""
+        size = inserted(op16, utf16_length)
+        if size > self.max_op_size:
+            raise DocumentError(
+                "too_large",
+                f"the edit inserts {size} UTF-16 code units; the limit is {self.max_op_size}",
+            )
+        logged = self._ops16_since(base_rev)
+        if logged is None:
+            raise DocumentError(
+                "conflict",
+                f"rev {base_rev} is too old to merge in UTF-16 units (the document was reloaded "
+                "since); reload the document",
+            )
+        base = ot.lengths(op16)[0]
+        expected = ot.lengths(logged[0])[0] if logged else self._len16
+        if base != expected:
+            raise DocumentError(
+                "bad_message",
+                f"the edit is for a document of {base} UTF-16 code units, but rev {base_rev} has {expected}",
+            )
+        for other in logged:
+            op16 = ot.transform(op16, other, utf16_length)[0]  # the incoming op first on a tie
+        try:
+            op = self.text_units().op_from_utf16(op16)
+        except OTError as exc:  # SplitError: lengths were checked above
+            raise DocumentError("bad_message", str(exc)) from None
+        new_size = ot.lengths(op16, utf16_length)[1]
+        if new_size > self.max_doc_size and new_size > self._len16:
+            raise DocumentError(
+                "too_large",
+                f"the document would have {new_size} UTF-16 code units; the limit is {self.max_doc_size}",
+            )
+        return SubmitResult(self._rev + 1, op, op16=op16)
 
     def submit(
-        self, base_rev: int, op: object, client_id: str | None = None, seq: int | None = None
+        self,
+        base_rev: int,
+        op: object,
+        client_id: str | None = None,
+        seq: int | None = None,
+        *,
+        units: str = CODEPOINT,
     ) -> SubmitResult:
         """Apply a client's ``op``, based on revision ``base_rev``.
 
@@ -264,12 +344,18 @@ class DocumentState:
         load or connection-independent session), never a user: a reloaded page
         that reused an id would restart at seq 1 and be ignored.
 
+        ``units``: what ``op`` counts, ``"codepoint"`` or ``"utf16"``; size
+        limits count the same units.  A UTF-16 op that would split a
+        surrogate pair is ``bad_message``; one based on a revision whose
+        UTF-16 form is unknown (logged before the document was reloaded from
+        a snapshot without it) is ``conflict``.
+
         Raises :class:`DocumentError`; on error nothing changes.
         """
-        result = self.prepare(base_rev, op, client_id, seq)
+        result = self.prepare(base_rev, op, client_id, seq, units=units)
         if not result.duplicate:
-            assert result.op is not None
-            self._append(result.op, ot.apply(self._text, result.op), client_id, seq)
+            assert result.op is not None and result.op16 is not None
+            self._append(result.op, result.op16, ot.apply(self._text, result.op), client_id, seq)
         return result
 
     def apply_entry(
@@ -291,15 +377,18 @@ class DocumentState:
         _check_client(client_id, seq)
         try:
             op = ot.check(op)
+            op16 = self.text_units().op_to_utf16(op)
             text = ot.apply(self._text, op)
         except OTError as exc:
             raise DocumentError("bad_message", str(exc)) from None
-        self._append(op, text, client_id, seq)
+        self._append(op, op16, text, client_id, seq)
 
-    def _append(self, op: Op, text: str, client_id: str | None, seq: int | None) -> None:
+    def _append(self, op: Op, op16: Op, text: str, client_id: str | None, seq: int | None) -> None:
         self._text = text
+        self._len16 = ot.lengths(op16, utf16_length)[1]
         self._rev += 1
         self._log.append(LogEntry(self._rev, op, client_id, seq))
+        self._log16.append(op16)
         if client_id is not None and seq is not None:
             self._clients[client_id] = (seq, self._rev)
             self._clients.move_to_end(client_id)
@@ -320,16 +409,32 @@ class DocumentState:
 
     # -- reading ----------------------------------------------------------------
 
-    def ops_since(self, rev: int) -> list[LogEntry] | None:
+    def ops_since(self, rev: int, units: str = CODEPOINT) -> list[LogEntry] | None:
         """The entries after revision ``rev``, oldest first (``[]`` when up to date).
 
-        ``None`` when the log cannot answer -- ``rev`` is older than
-        :attr:`log_start` or newer than :attr:`rev` -- and the client needs the
-        whole text instead.
+        With ``units="utf16"`` their ops count UTF-16 code units.  ``None``
+        when the log cannot answer -- ``rev`` is older than :attr:`log_start`
+        or newer than :attr:`rev`, or an op's UTF-16 form is unknown -- and the
+        client needs the whole text instead.
         """
         if type(rev) is not int or not self.log_start <= rev <= self._rev:
             return None
-        return list(islice(self._log, rev - self.log_start, None))
+        entries = list(islice(self._log, rev - self.log_start, None))
+        if units == UTF16 and entries:
+            ops16 = self._ops16_since(rev)
+            if ops16 is None:
+                return None
+            return [e._replace(op=o) for e, o in zip(entries, ops16)]
+        return entries
+
+    def _ops16_since(self, rev: int) -> list[Op] | None:
+        """The UTF-16 forms of the ops after ``rev`` (in the window), None if one is unknown."""
+        out: list[Op] = []
+        for op16 in islice(self._log16, rev - self.log_start, None):
+            if op16 is None:
+                return None
+            out.append(op16)
+        return out
 
     def transform_cursor(self, rev: int, index: int) -> int | None:
         """Move a cursor position at revision ``rev`` to the current revision.
@@ -361,9 +466,22 @@ class DocumentState:
         """A JSON-ready dict that :meth:`from_snapshot` turns back into this state.
 
         ``{"format": 1, "doc_id", "rev", "text", "clients": {id: [seq, rev]},
-        "log": [[rev, op, client_id, seq], ...]}``; without the log, ops based
-        on revisions before ``rev`` are refused after a reload.
+        "log": [[rev, op, client_id, seq], ...], "utf16": {"from": rev, "ops":
+        [[rev, op16], ...]}}``; without the log, ops based on revisions before
+        ``rev`` are refused after a reload.  ``utf16`` is there with or
+        without the log (the log may be stored elsewhere): the logged ops after
+        revision ``from`` are known in UTF-16 units, as listed, or the same as
+        in code points where not listed.
         """
+        known = 0  # the newest entries whose UTF-16 form is known
+        listed: list[list[Any]] = []  # [rev, op16] of those where it differs
+        for entry, op16 in zip(reversed(self._log), reversed(self._log16)):
+            if op16 is None:
+                break
+            known += 1
+            if op16 is not entry.op and op16 != entry.op:
+                listed.append([entry.rev, list(op16)])
+        utf16 = {"from": self._rev - known, "ops": listed[::-1]}
         return {
             "format": SNAPSHOT_FORMAT,
             "doc_id": self._doc_id,
@@ -373,6 +491,7 @@ class DocumentState:
             "log": [[e.rev, list(e.op), e.client_id, e.seq] for e in self._log]
             if include_log
             else [],
+            "utf16": utf16,
         }
 
     @classmethod
@@ -418,6 +537,7 @@ class DocumentState:
             expected_target = base
             entries.append(LogEntry(rev, op, raw[2], raw[3]))
         state._log.extend(reversed(entries))
+        state._log16.extend(_snapshot_ops16(data.get("utf16"), entries[::-1], state._len16))
 
         clients = data.get("clients")
         if clients is None:
@@ -439,6 +559,40 @@ class DocumentState:
         while len(state._clients) > state.max_clients:
             state._clients.popitem(last=False)
         return state
+
+
+def _snapshot_ops16(saved: object, entries: list[LogEntry], length16: int) -> list[Op | None]:
+    """The UTF-16 forms of ``entries`` (oldest first) that a snapshot's ``utf16`` records.
+
+    Missing (an older snapshot): all unknown.  Raises :class:`SnapshotError`
+    for data that does not fit the entries.
+    """
+    if saved is None:
+        return [None] * len(entries)
+    if not isinstance(saved, dict) or type(saved.get("from")) is not int or not isinstance(saved.get("ops"), list):
+        raise SnapshotError("snapshot utf16 must be {'from': rev, 'ops': [[rev, op], ...]}")
+    listed: dict[int, Op] = {}
+    for item in saved["ops"]:
+        if not isinstance(item, list) or len(item) != 2 or type(item[0]) is not int:
+            raise SnapshotError("a snapshot utf16 entry must be [rev, op]")
+        try:
+            listed[item[0]] = ot.check(item[1])
+        except OTError as exc:
+            raise SnapshotError(f"bad snapshot utf16 entry for rev {item[0]}: {exc}") from None
+    out: list[Op | None] = []
+    expected = length16  # walk back from the text, as for the log
+    for entry in reversed(entries):
+        if entry.rev <= saved["from"]:
+            out.extend([None] * (len(entries) - len(out)))
+            break
+        op16 = listed.get(entry.rev, entry.op)
+        base, target = ot.lengths(op16, utf16_length)
+        if not same_shape(entry.op, op16) or target != expected:
+            raise SnapshotError(f"snapshot utf16 entry for rev {entry.rev} does not fit the log")
+        expected = base
+        out.append(op16)
+    out.reverse()
+    return out
 
 
 def _well_formed(text: str) -> bool:

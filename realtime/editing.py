@@ -33,6 +33,11 @@ Contracts
   twice; the dedupe table is in every snapshot and rebuilt from the log, so it
   survives restarts.  A client keeps its client id across reconnects with
   ``?client=``; an id is only handed to a connection of the user who had it.
+* **Units.**  Each connection counts positions in code points (the core's
+  unit) or UTF-16 code units (``?units=utf16``, :mod:`realtime.units`); its
+  ops, cursors and catch-up are converted at this edge, against the text they
+  refer to.  A document's peers of each unit share one topic, so a broadcast
+  is encoded once per unit in use, never once per peer.
 * **Snapshots** (``format`` 1, :meth:`DocumentState.to_snapshot` without the
   log) are written every ``snapshot_every`` ops and when an idle document is
   unloaded; the op log in the store keeps ``log_keep`` ops before the latest
@@ -46,10 +51,8 @@ import asyncio
 import logging
 import re
 import secrets
-import sqlite3
 import time
 from collections import OrderedDict, deque
-from dataclasses import dataclass
 from functools import partial
 from typing import Any, Callable, Iterator, NamedTuple, Protocol
 
@@ -68,42 +71,10 @@ from realtime.documents import (
 from realtime.hub import Hub
 from realtime.limits import TokenBucket
 from realtime.protocol import Close, Outgoing, ProtocolError
-from realtime.storage.sqlite import Schema, SQLiteStore, StoreBusy, StoreClosed
+from realtime.storage.base import DocumentLog, Loaded, StorageError, StoreBusy, StoredOp, TooManyDocuments
+from realtime.units import CODEPOINT, UTF16, TextUnits, utf16_length
 
 log = logging.getLogger("realtime.editing")
-
-DOCS_SCHEMA = Schema(
-    "docs",
-    [
-        """
-        CREATE TABLE docs(
-            id TEXT PRIMARY KEY,
-            rev INTEGER NOT NULL DEFAULT 0,
-            length INTEGER NOT NULL DEFAULT 0,
-            created INTEGER NOT NULL,
-            updated INTEGER NOT NULL
-        );
-        CREATE TABLE doc_ops(
-            doc TEXT NOT NULL,
-            rev INTEGER NOT NULL,
-            op TEXT NOT NULL,
-            client TEXT,
-            seq INTEGER,
-            user_id TEXT,
-            ts INTEGER NOT NULL,
-            PRIMARY KEY(doc, rev)
-        ) WITHOUT ROWID;
-        CREATE TABLE doc_snapshots(
-            doc TEXT NOT NULL,
-            rev INTEGER NOT NULL,
-            format INTEGER NOT NULL,
-            data TEXT NOT NULL,
-            ts INTEGER NOT NULL,
-            PRIMARY KEY(doc, rev)
-        ) WITHOUT ROWID
-        """
-    ],
-)
 
 COLORS = 8  # peers get colour indexes 0..7 (the page maps them to its palette)
 OWNERS_MAX = 10_000  # client id -> user id, per document, for ?client= reuse
@@ -125,27 +96,33 @@ def now_ms() -> int:
 
 
 def move_positions(
-    state: DocumentState, rev: int, positions: tuple[int, ...], upto: int
+    state: DocumentState, rev: int, positions: tuple[int, ...], upto: int, units: str = CODEPOINT
 ) -> tuple[int, ...] | None:
-    """Move code-point ``positions`` in the text at ``rev`` to the text at ``upto``.
+    """Move ``positions`` in the text at ``rev`` to the text at ``upto``, counted in ``units``.
 
-    ``None`` when the log no longer reaches back to ``rev``.  Raises
-    ``DocumentError("bad_message")`` for a position outside the text at ``rev``.
-    Text inserted exactly at a position goes after it.
+    ``None`` when the log no longer reaches back to ``rev`` (in those units).
+    Raises ``DocumentError("bad_message")`` for a position outside the text at
+    ``rev``.  Text inserted exactly at a position goes after it.
     """
-    entries = state.ops_since(rev)
+    entries = state.ops_since(rev, units)
     if entries is None:
         return None
-    length = ot.lengths(entries[0].op)[0] if entries else len(state.text)
+    utf16 = units == UTF16
+    if entries:
+        length = ot.lengths(entries[0].op)[0]
+    else:
+        length = state.length16 if utf16 else len(state.text)
     for p in positions:
         if type(p) is not int or not 0 <= p <= length:
+            what = "UTF-16 code units" if utf16 else "characters"
             raise DocumentError(
-                "bad_message", f"cursor position {p!r} is outside the text at rev {rev} ({length} characters)"
+                "bad_message", f"cursor position {p!r} is outside the text at rev {rev} ({length} {what})"
             )
+    size = utf16_length if utf16 else len
     for entry in entries:
         if entry.rev > upto:
             break
-        positions = tuple(ot.transform_index(p, entry.op) for p in positions)
+        positions = tuple(ot.transform_index(p, entry.op, size=size) for p in positions)
     return positions
 
 
@@ -155,102 +132,6 @@ def pick_color(used: Iterator[int]) -> int:
     for c in used:
         counts[c % COLORS] += 1
     return counts.index(min(counts))
-
-
-# -- storage (these run on the store's threads) -------------------------------------
-
-
-class TooManyDocuments(Exception):
-    pass
-
-
-class LogGap(Exception):
-    """A write for a revision that does not follow the stored one (an earlier write failed)."""
-
-
-@dataclass
-class Loaded:
-    rev: int
-    updated: int
-    snapshot: tuple[int, int, str] | None  # (rev, format, data)
-    ops: list[tuple[int, str, str | None, int | None, str | None]]  # (rev, op, client, seq, user)
-
-
-def _load_rows(doc_id: str, create: bool, max_docs: int, keep: int, conn: sqlite3.Connection) -> Loaded | None:
-    row = conn.execute("SELECT rev, updated FROM docs WHERE id=?", (doc_id,)).fetchone()
-    if row is None:
-        if not create:
-            return None
-        if max_docs > 0 and conn.execute("SELECT COUNT(*) FROM docs").fetchone()[0] >= max_docs:
-            raise TooManyDocuments()
-        ts = now_ms()
-        conn.execute(
-            "INSERT INTO docs(id, rev, length, created, updated) VALUES (?, 0, 0, ?, ?)", (doc_id, ts, ts)
-        )
-        return Loaded(0, ts, None, [])
-    rev, updated = row
-    snap = conn.execute(
-        "SELECT rev, format, data FROM doc_snapshots WHERE doc=? ORDER BY rev DESC LIMIT 1", (doc_id,)
-    ).fetchone()
-    snap_rev = snap[0] if snap else 0
-    start = max(0, min(snap_rev, rev) - keep)
-    ops = conn.execute(
-        "SELECT rev, op, client, seq, user_id FROM doc_ops WHERE doc=? AND rev>? ORDER BY rev", (doc_id, start)
-    ).fetchall()
-    return Loaded(rev, updated, tuple(snap) if snap else None, [tuple(r) for r in ops])  # type: ignore[misc]
-
-
-def _write_ops(
-    doc_id: str,
-    rows: list[tuple[Any, ...]],
-    length: int,
-    ts: int,
-    snapshots: list[tuple[int, str]],
-    keep: int,
-    conn: sqlite3.Connection,
-) -> None:
-    first, last = rows[0][1], rows[-1][1]
-    row = conn.execute("SELECT rev FROM docs WHERE id=?", (doc_id,)).fetchone()
-    if row is None or row[0] != first - 1:
-        raise LogGap(f"document {doc_id}: stored rev {row and row[0]}, writing {first}..{last}")
-    conn.executemany(
-        "INSERT INTO doc_ops(doc, rev, op, client, seq, user_id, ts) VALUES (?, ?, ?, ?, ?, ?, ?)", rows
-    )
-    conn.execute("UPDATE docs SET rev=?, length=?, updated=? WHERE id=?", (last, length, ts, doc_id))
-    if snapshots:
-        for rev, data in snapshots:
-            conn.execute(
-                "INSERT OR REPLACE INTO doc_snapshots(doc, rev, format, data, ts) VALUES (?, ?, ?, ?, ?)",
-                (doc_id, rev, SNAPSHOT_FORMAT, data, ts),
-            )
-        _trim(conn, doc_id, snapshots[-1][0], last, keep)
-
-
-def _write_snapshot(doc_id: str, rev: int, data: str, keep: int, conn: sqlite3.Connection) -> bool:
-    row = conn.execute("SELECT rev FROM docs WHERE id=?", (doc_id,)).fetchone()
-    if row is None or row[0] != rev:
-        return False  # the store holds something else: that snapshot would be wrong
-    conn.execute(
-        "INSERT OR REPLACE INTO doc_snapshots(doc, rev, format, data, ts) VALUES (?, ?, ?, ?, ?)",
-        (doc_id, rev, SNAPSHOT_FORMAT, data, now_ms()),
-    )
-    _trim(conn, doc_id, rev, rev, keep)
-    return True
-
-
-def _trim(conn: sqlite3.Connection, doc_id: str, snap_rev: int, last: int, keep: int) -> None:
-    """Keep the newest snapshot, every op after it, and ``keep`` ops before ``last``."""
-    conn.execute("DELETE FROM doc_snapshots WHERE doc=? AND rev<?", (doc_id, snap_rev))
-    conn.execute("DELETE FROM doc_ops WHERE doc=? AND rev<=?", (doc_id, min(snap_rev, last - keep)))
-
-
-def _list_rows(limit: int, conn: sqlite3.Connection) -> list[tuple[Any, ...]]:
-    return [
-        tuple(r)
-        for r in conn.execute(
-            "SELECT id, rev, length, created, updated FROM docs ORDER BY updated DESC, id LIMIT ?", (limit,)
-        ).fetchall()
-    ]
 
 
 def build_state(doc_id: str, loaded: Loaded, **limits: int) -> tuple[DocumentState, int, dict[str, str]]:
@@ -312,11 +193,13 @@ class Peer:
 
     __slots__ = (
         "member", "doc", "client_id", "user", "user_json", "color", "can_edit", "bucket",
-        "joined", "gone", "after_rev", "buffer", "cursor", "cursor_sent", "cursor_timer",
+        "joined", "gone", "after_rev", "buffer", "cursor", "cursor_sent", "cursor_timer", "units",
     )
 
-    def __init__(self, member: Member, doc: LiveDoc, client_id: str, color: int, bucket: TokenBucket) -> None:
+    def __init__(self, member: Member, doc: LiveDoc, client_id: str, color: int, bucket: TokenBucket,
+                 units: str = CODEPOINT) -> None:
         self.member = member
+        self.units = units  # what this connection's positions count (realtime.units)
         self.doc = doc
         self.client_id = client_id
         self.user = member.user
@@ -336,16 +219,15 @@ class Peer:
         if self.buffer is not None:
             self.buffer.append(out)
             return
-        obj = out.obj
-        if obj is not None:
-            if obj.get("client") == self.client_id:
+        # Only what a backplane envelope carries: kind, rev (as seq), client.
+        if out.client == self.client_id:
+            return
+        kind = out.kind
+        if kind == "op":
+            if out.seq is not None and out.seq <= self.after_rev:
                 return
-            kind = obj.get("type")
-            if kind == "op":
-                if obj["rev"] <= self.after_rev:
-                    return
-            elif kind == "cursor" and obj["rev"] < self.after_rev:
-                return
+        elif kind == "cursor" and out.seq is not None and out.seq < self.after_rev:
+            return
         self.member.deliver(out)
 
     def release(self) -> None:
@@ -370,6 +252,7 @@ class Pending(NamedTuple):
     seq: int | None
     user_id: str | None
     length: int  # of the text after it
+    op16: list[Any]  # op counted in UTF-16 units, for the peers using them
 
 
 class LiveDoc:
@@ -378,8 +261,11 @@ class LiveDoc:
     def __init__(self, state: DocumentState, snapshot_rev: int, owners: dict[str, str], updated: int) -> None:
         self.state = state
         self.id = state.doc_id
-        self.topic = "doc:" + state.doc_id
+        self.topic = "doc:" + state.doc_id  # peers counting code points
+        self.topic16 = self.topic + "@utf16"  # peers counting UTF-16 code units
         self.committed_rev = state.rev
+        self.committed_text = state.text
+        self._committed_units: TextUnits | None = None
         self.snapshot_rev = snapshot_rev
         self.updated = updated
         self.peers: dict[str, Peer] = {}
@@ -400,6 +286,15 @@ class LiveDoc:
 
     def announced(self) -> list[Peer]:
         return [p for p in self.peers.values() if p.joined]
+
+    def committed_units(self) -> TextUnits:
+        """Position conversions for the text at ``committed_rev``."""
+        if self.committed_text is self.state.text:
+            return self.state.text_units()
+        units = self._committed_units
+        if units is None or units.text is not self.committed_text:
+            units = self._committed_units = TextUnits(self.committed_text)
+        return units
 
     def when_committed(self, rev: int, fn: Callable[[BaseException | None], None]) -> None:
         """Call ``fn(None)`` once ``rev`` has committed (now, if it has), ``fn(exc)`` if it never will."""
@@ -450,7 +345,7 @@ class EditingService:
 
     def __init__(
         self,
-        store: SQLiteStore,
+        log: DocumentLog,
         hub: Hub,
         *,
         max_doc_size: int = 200_000,
@@ -471,7 +366,7 @@ class EditingService:
     ) -> None:
         if log_keep < 1 or snapshot_every < 1:
             raise ValueError("doc_log_keep and snapshot_every must be at least 1")
-        self.store = store
+        self.log = log
         self.hub = hub
         self.max_doc_size = max_doc_size
         self.max_op_size = max_op_size
@@ -488,7 +383,6 @@ class EditingService:
         self.message_rate = message_rate
         self.message_burst = message_burst
         self.clock = clock
-        self.schemas = [DOCS_SCHEMA]
         self.docs: dict[str, LiveDoc] = {}
         self._loading: dict[str, tuple[asyncio.Future[LiveDoc | None], bool]] = {}
         self._background: set[asyncio.Future[Any]] = set()
@@ -577,15 +471,17 @@ class EditingService:
             fut.exception()  # retrieved: the awaiting callers (if any) get it through shield()
 
     async def _load(self, doc_id: str, create: bool) -> LiveDoc | None:
-        fn = partial(_load_rows, doc_id, create, self.max_docs, self.log_keep)
         try:
-            loaded = await (self.store.write(fn) if create else self.store.read(fn))
+            loaded = await self.log.load(doc_id, create=create, max_docs=self.max_docs, keep=self.log_keep)
         except TooManyDocuments:
             raise ProtocolError(
                 "too_large", f"this server already holds {self.max_docs} documents; open an existing one",
                 close=Close.POLICY) from None
         except StoreBusy:
             raise ProtocolError("unavailable", "the server is overloaded; retry shortly", close=Close.TRY_AGAIN)
+        except StorageError:
+            raise ProtocolError("unavailable", "the document could not be read; retry shortly",
+                                close=Close.TRY_AGAIN) from None
         if loaded is None:
             return None
         existing = self.docs.get(doc_id)
@@ -619,8 +515,8 @@ class EditingService:
     def _save_snapshot(self, doc: LiveDoc) -> None:
         data = ujson.dumps(doc.state.to_snapshot(include_log=False), ensure_ascii=False)
         try:
-            fut = self.store.write(partial(_write_snapshot, doc.id, doc.state.rev, data, self.log_keep))
-        except (StoreBusy, StoreClosed):
+            fut = asyncio.ensure_future(self.log.save_snapshot(doc.id, doc.state.rev, data, self.log_keep))
+        except StorageError:
             return  # only a shortcut for the next load: the log has everything
         doc.snapshot_rev = doc.state.rev
 
@@ -634,13 +530,15 @@ class EditingService:
 
     # -- peers ---------------------------------------------------------------------
 
-    async def attach(self, member: Member, doc_id: str, want_client: str | None = None) -> Peer:
+    async def attach(self, member: Member, doc_id: str, want_client: str | None = None,
+                     units: str = CODEPOINT) -> Peer:
         """Open (or create) ``doc_id`` and add ``member`` as a peer, not yet announced.
 
         Then call :meth:`welcome`.  ``want_client`` (from ``?client=``) is the
         client id the member had before a reconnect: it is reused when no one
         else's connection holds it, so its resent op is recognised; otherwise
-        the member gets a fresh id.
+        the member gets a fresh id.  ``units``: what the member's positions
+        count (``"codepoint"`` or ``"utf16"``).
         """
         doc = await self.open_doc(doc_id, create=True)
         assert doc is not None
@@ -663,13 +561,17 @@ class EditingService:
             while client_id in doc.peers or client_id in doc.owners:
                 client_id = new_client_id()
         peer = Peer(member, doc, client_id, pick_color(p.color for p in doc.peers.values()),
-                    TokenBucket(self.edit_rate, self.edit_burst, self.clock))
+                    TokenBucket(self.edit_rate, self.edit_burst, self.clock), units)
         doc.peers[client_id] = peer
         doc.remember_owner(client_id, user.id)
         if doc.evict_handle is not None:
             doc.evict_handle.cancel()
             doc.evict_handle = None
-        self.hub.subscribe(doc.topic, peer)
+        try:
+            await self.hub.subscribe(_topic(peer), peer)
+        except BaseException:
+            self.leave(peer)
+            raise
         return peer
 
     async def welcome(self, peer: Peer, since: int | None = None) -> None:
@@ -682,13 +584,16 @@ class EditingService:
         doc = peer.doc
         state = doc.state
         rev, text = state.rev, state.text
-        entries = state.ops_since(since) if since is not None else None
+        entries = state.ops_since(since, peer.units) if since is not None else None
+        to_peer = state.text_units().to_utf16 if peer.units == UTF16 else None
         peers = []
         for other in doc.announced():
             info = other.info()
             if other.cursor is not None:
                 moved = self._move(doc, other.cursor[0], other.cursor[1:], rev)
                 if moved is not None:
+                    if to_peer is not None:
+                        moved = (to_peer(moved[0]), to_peer(moved[1]))
                     info["cursor"] = {"anchor": moved[0], "head": moved[1]}
             peers.append(info)
         try:
@@ -704,11 +609,11 @@ class EditingService:
         else:
             msg = {"type": "snapshot", "doc": doc.id, "rev": rev, "text": text}
         msg.update(client=peer.client_id, user=peer.user_json, color=peer.color, peers=peers,
-                   readonly=not peer.can_edit, limits=self.limits)
+                   readonly=not peer.can_edit, limits=self.limits, units=peer.units)
         peer.after_rev = rev
         peer.member.send(msg)
         peer.joined = True
-        self.hub.publish(doc.topic, {"type": "peer_joined", **peer.info()})
+        self._publish(doc, {"type": "peer_joined", **peer.info()}, client=peer.client_id)
         peer.release()
 
     def leave(self, peer: Peer) -> None:
@@ -717,12 +622,13 @@ class EditingService:
             return
         peer.gone = True
         doc = peer.doc
-        self.hub.unsubscribe(doc.topic, peer)
+        self.hub.unsubscribe(_topic(peer), peer)
         self._cancel_cursor(peer)
         if doc.peers.get(peer.client_id) is peer:
             del doc.peers[peer.client_id]
         if peer.joined and not doc.broken:
-            self.hub.publish(doc.topic, {"type": "peer_left", "client": peer.client_id, "user": peer.user_json})
+            self._publish(doc, {"type": "peer_left", "client": peer.client_id, "user": peer.user_json},
+                          client=peer.client_id)
         if not doc.peers and not doc.broken and self.docs.get(doc.id) is doc and not self._stopping:
             self._schedule_evict(doc)
 
@@ -746,9 +652,9 @@ class EditingService:
             if not peer.bucket.take():
                 raise DocumentError(
                     "rate_limited", f"more than {self.edit_rate:g} edits per second; resend this op shortly")
-            if self.store.pending >= self.store.max_pending // 2:
+            if self.log.overloaded:
                 raise DocumentError("unavailable", "the server is overloaded; resend this op shortly")
-            result = doc.state.submit(base_rev, op, peer.client_id, seq)
+            result = doc.state.submit(base_rev, op, peer.client_id, seq, units=peer.units)
         except DocumentError as exc:
             self.ops_refused[exc.code] = self.ops_refused.get(exc.code, 0) + 1
             raise
@@ -761,9 +667,9 @@ class EditingService:
 
             doc.when_committed(result.rev, ack_again)
             return
-        assert result.op is not None
+        assert result.op is not None and result.op16 is not None
         self._append(doc, Pending(result.rev, result.op, peer, peer.client_id, seq, peer.user.id,
-                                  len(doc.state.text)))
+                                  len(doc.state.text), result.op16))
 
     def _append(self, doc: LiveDoc, pending: Pending) -> None:
         doc.batch.append(pending)
@@ -800,21 +706,20 @@ class EditingService:
         batch, doc.batch = doc.batch, []
         snapshots, doc.snapshots = doc.snapshots, []
         ts = now_ms()
-        rows = [(doc.id, p.rev, ujson.dumps(p.op, ensure_ascii=False), p.client, p.seq, p.user_id, ts)
-                for p in batch]
-        fn = partial(_write_ops, doc.id, rows, batch[-1].length, ts, snapshots, self.log_keep)
+        ops = [StoredOp(p.rev, ujson.dumps(p.op, ensure_ascii=False), p.client, p.seq, p.user_id) for p in batch]
         try:
-            fut = self.store.write(fn)
-        except (StoreBusy, StoreClosed) as exc:
+            fut = asyncio.ensure_future(self.log.append(doc.id, ops, batch[-1].length, ts, snapshots, self.log_keep))
+        except StorageError as exc:
             self._fail(doc, exc)
             return
         doc.inflight.extend(batch)
         doc.updated = ts
         doc.writing = True
         doc.last_write = asyncio.get_running_loop().time()
-        fut.add_done_callback(partial(self._committed, doc, batch[-1].rev, len(snapshots)))
+        # The batch holds every op applied since the last flush: the text now is the one after it.
+        fut.add_done_callback(partial(self._committed, doc, batch[-1].rev, len(snapshots), doc.state.text))
 
-    def _committed(self, doc: LiveDoc, last: int, snapshots: int, fut: asyncio.Future[None]) -> None:
+    def _committed(self, doc: LiveDoc, last: int, snapshots: int, text: str, fut: asyncio.Future[None]) -> None:
         doc.writing = False
         if doc.broken:
             return
@@ -823,14 +728,25 @@ class EditingService:
             self._fail(doc, exc)
             return
         self.snapshots_written += snapshots
-        doc.committed_rev = max(doc.committed_rev, last)
+        if last > doc.committed_rev:
+            doc.committed_rev = last
+            doc.committed_text = text
         publish = self.hub.publish
-        topic = doc.topic
+        subscribers = self.hub.subscribers
+        every_unit = self.hub.backplane.name != "memory"
+        topic, topic16 = doc.topic, doc.topic16
         while doc.inflight and doc.inflight[0].rev <= last:
             p = doc.inflight.popleft()
             if p.peer is not None and not p.peer.gone:
                 p.peer.member.send({"type": "ack", "rev": p.rev, "seq": p.seq})
-            publish(topic, {"type": "op", "rev": p.rev, "op": p.op, "client": p.client, "seq": p.seq})
+            # Encoded once per unit that has subscribers on this node; with a
+            # cluster backplane the other nodes' peers may use either, so both go.
+            if every_unit or subscribers(topic):
+                publish(topic, {"type": "op", "rev": p.rev, "op": p.op, "client": p.client, "seq": p.seq},
+                        seq=p.rev, client=p.client)
+            if every_unit or subscribers(topic16):
+                publish(topic16, {"type": "op", "rev": p.rev, "op": p.op16, "client": p.client, "seq": p.seq},
+                        seq=p.rev, client=p.client)
             self.ops_applied += 1
         doc.run_waiters(doc.committed_rev)
         if doc.batch and doc.flush_handle is None:
@@ -857,15 +773,25 @@ class EditingService:
 
     # -- cursors ---------------------------------------------------------------------
 
-    def _move(self, doc: LiveDoc, rev: int, positions: tuple[int, ...], upto: int) -> tuple[int, ...] | None:
-        return move_positions(doc.state, rev, positions, upto)
+    def _move(self, doc: LiveDoc, rev: int, positions: tuple[int, ...], upto: int,
+              units: str = CODEPOINT) -> tuple[int, ...] | None:
+        return move_positions(doc.state, rev, positions, upto, units)
+
+    def _publish(self, doc: LiveDoc, obj: dict[str, Any], client: str | None = None) -> None:
+        """Send a message without positions to the document's peers of every unit (encoded once)."""
+        out = None
+        every_unit = self.hub.backplane.name != "memory"
+        for topic in (doc.topic, doc.topic16):
+            if every_unit or self.hub.subscribers(topic):
+                out = self.hub.publish(topic, out or obj, client=client)
 
     def cursor(self, peer: Peer, rev: int, anchor: int, head: int) -> None:
         """Relay the peer's selection to the others at the latest committed rev.
 
         At most one relay per ``cursor_interval`` per peer; a newer selection
         within the interval replaces the waiting one (sent at the interval's
-        end).  Raises :class:`ProtocolError` for a bad rev or range.
+        end).  Positions count the peer's units; one inside a surrogate pair is
+        ``bad_message``.  Raises :class:`ProtocolError` for a bad rev or range.
         """
         doc = peer.doc
         if not peer.joined:
@@ -873,9 +799,14 @@ class EditingService:
         if rev > doc.committed_rev:
             raise ProtocolError("conflict", f"rev {rev} is newer than the document (rev {doc.committed_rev})")
         try:
-            moved = self._move(doc, rev, (anchor, head), doc.committed_rev)
+            moved = self._move(doc, rev, (anchor, head), doc.committed_rev, peer.units)
+            if moved is not None and peer.units == UTF16:
+                from_peer = doc.committed_units().from_utf16
+                moved = (from_peer(moved[0]), from_peer(moved[1]))
         except DocumentError as exc:
             raise ProtocolError(exc.code, exc.message) from None
+        except ot.OTError as exc:  # units.SplitError
+            raise ProtocolError("bad_message", f"the cursor would split a character: {exc}") from None
         if moved is None:
             raise ProtocolError("conflict", f"rev {rev} is too old for a cursor (oldest kept: {doc.state.log_start})")
         peer.cursor = (doc.committed_rev, moved[0], moved[1])
@@ -904,9 +835,15 @@ class EditingService:
             anchor, head = moved
             peer.cursor = (doc.committed_rev, anchor, head)
         peer.cursor_sent = self.clock()
-        self.hub.publish(doc.topic, {"type": "cursor", "client": peer.client_id, "user": peer.user_json,
-                                     "color": peer.color, "rev": doc.committed_rev, "anchor": anchor,
-                                     "head": head})
+        msg = {"type": "cursor", "client": peer.client_id, "user": peer.user_json,
+               "color": peer.color, "rev": doc.committed_rev, "anchor": anchor, "head": head}
+        every_unit = self.hub.backplane.name != "memory"
+        if every_unit or self.hub.subscribers(doc.topic):
+            self.hub.publish(doc.topic, msg, seq=doc.committed_rev, client=peer.client_id)
+        if every_unit or self.hub.subscribers(doc.topic16):
+            to16 = doc.committed_units().to_utf16
+            self.hub.publish(doc.topic16, {**msg, "anchor": to16(anchor), "head": to16(head)},
+                             seq=doc.committed_rev, client=peer.client_id)
 
     def _cancel_cursor(self, peer: Peer) -> None:
         if peer.cursor_timer is not None:
@@ -917,7 +854,10 @@ class EditingService:
 
     async def list_docs(self, limit: int = 1000) -> list[dict[str, Any]]:
         """Stored documents, most recently edited first (committed values)."""
-        rows = await self.store.read(partial(_list_rows, limit))
+        try:
+            rows = await self.log.list(limit)
+        except StorageError:
+            raise ProtocolError("unavailable", "documents could not be listed; retry shortly") from None
         out = []
         for doc_id, rev, length, created, updated in rows:
             live = self.docs.get(doc_id)
@@ -958,6 +898,10 @@ class EditingService:
         yield CounterMetricFamily("realtime_doc_commit_failures", "Document writes that failed (peers closed 1011)",
                                   self.commit_failures)
         yield CounterMetricFamily("realtime_docs_loaded", "Documents loaded from the store", self.docs_loaded)
+
+
+def _topic(peer: Peer) -> str:
+    return peer.doc.topic16 if peer.units == UTF16 else peer.doc.topic
 
 
 def entry_json(entry: LogEntry) -> dict[str, Any]:

@@ -28,25 +28,30 @@ the wrong place.  ``compose`` and ``transform`` enforce the same rule.
 Normal form
 -----------
 ``check``, ``compose`` and ``transform`` return ops in normal form: no zero or
-empty components, adjacent components of the same kind merged, and the
-trailing retain kept (the whole-document rule needs it).  Normalising never
-reorders components: ``[-1, "x"]`` and ``["x", -1]`` edit the same text but
-tie differently against a concurrent insert, and the server's copy of a
-client's op must transform exactly like the client's own copy.  The other
-functions accept any valid op, normal or not.
+empty components, adjacent components of the same kind merged, an insert
+next to a delete placed **before** it (``[-1, "x"]`` becomes ``["x", -1]``),
+and the trailing retain kept (the whole-document rule needs it).  Between two
+retains there is thus at most one insert followed by at most one delete.
+This is ot.js's canonical form (its ``TextOperation`` builder reorders the same
+way), and it matters: ``[-1, "x"]`` and ``["x", -1]`` edit the same text but tie
+differently against a concurrent insert, so the server's copy of an op must
+be in exactly the form its author transforms.  The other functions accept any
+valid op, normal or not.
 
 Tie-break
 ---------
 When ``a`` and ``b`` insert at the same position, ``transform(a, b)`` puts
-**a's text first**.  The server calls ``transform(logged, incoming)`` -- the op
-already in its log is ``a`` -- and a client calls ``transform(server_op,
-own_pending)``.  Either way the op that is earlier in the server's order wins,
-which is what makes every copy converge.
+**a's text first**.  The convention of ot.js and ShareDB decides which op is
+``a``: the op being submitted.  The server runs ``transform(incoming,
+logged)`` and applies the first half; a client runs ``transform(own_pending,
+server_op)``, keeps the first half as its new pending op and applies the
+second.  So on a tie the op that reaches the server *later* goes first, on
+every copy, which is what makes them converge.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 __all__ = [
     "Component",
@@ -68,6 +73,7 @@ __all__ = [
 
 Component = int | str
 Op = list  # list[Component]; kept loose so JSON-decoded lists type-check
+Size = Callable[[str], int]  # how long inserted text is: len (code points) or units.utf16_length
 
 
 class OTError(ValueError):
@@ -79,8 +85,8 @@ class OTError(ValueError):
 
 
 # -- building ops in normal form --------------------------------------------
-# These appenders keep ``out`` in normal form as long as it already is.  They
-# merge but never reorder: order decides ties in transform (see module doc).
+# These appenders keep ``out`` in normal form as long as it already is: they
+# merge, and put an insert before an adjacent delete (see module doc).
 
 
 def _retain(out: Op, n: int) -> None:
@@ -93,10 +99,19 @@ def _retain(out: Op, n: int) -> None:
 
 
 def _insert(out: Op, s: str) -> None:
-    if out and type(out[-1]) is str:
-        out[-1] += s
-    else:
-        out.append(s)
+    """Append an insert; next to a delete it goes before it (normal form)."""
+    if out:
+        last = out[-1]
+        if type(last) is str:
+            out[-1] = last + s
+            return
+        if type(last) is int and last < 0:
+            if len(out) > 1 and type(out[-2]) is str:
+                out[-2] += s
+            else:
+                out.insert(len(out) - 1, s)
+            return
+    out.append(s)
 
 
 def _delete(out: Op, n: int) -> None:
@@ -131,11 +146,12 @@ def _well_formed(s: str) -> bool:
     return True
 
 
-def lengths(op: Op) -> tuple[int, int]:
+def lengths(op: Op, size: Size = len) -> tuple[int, int]:
     """Return ``(base_length(op), target_length(op))`` in one pass.
 
-    Raises :class:`OTError` on a component of the wrong type (it does not look
-    for lone surrogates: that is :func:`check`'s job).
+    ``size`` measures inserted text (see :func:`transform`).  Raises
+    :class:`OTError` on a component of the wrong type (it does not look for
+    lone surrogates: that is :func:`check`'s job).
     """
     if type(op) is not list and type(op) is not tuple:
         raise OTError("an operation must be a list of components")
@@ -151,7 +167,7 @@ def lengths(op: Op) -> tuple[int, int]:
             else:
                 raise _bad_component(i, c)
         elif t is str and c:
-            target += len(c)
+            target += size(c)
         else:
             raise _bad_component(i, c)
     return base, target
@@ -165,15 +181,17 @@ def check(op: object) -> Op:
 
     Raises :class:`OTError` unless ``op`` is a list (or tuple) whose items are
     non-zero ``int`` (never ``bool``) or non-empty ``str`` without lone
-    surrogates.  The result applies, composes and transforms exactly like
-    ``op`` (only adjacent same-kind components are merged).  Does not look at
-    any document: length checks happen in :func:`apply`, :func:`compose` and
+    surrogates.  The result has the same effect as ``op``: adjacent
+    same-kind components are merged, and the inserts and deletes between two
+    retains become one insert followed by one delete.  Does not look at any
+    document: length checks happen in :func:`apply`, :func:`compose` and
     :func:`transform`.
     """
     if type(op) is not list and type(op) is not tuple:
         raise OTError("an operation must be a list of components")
     out: Op = []
-    run: list[str] = []  # adjacent inserts, joined once (no quadratic +=)
+    run: list[str] = []  # the inserts since the last retain, joined once
+    deleted = 0  # and the characters deleted since then
     for i, c in enumerate(op):
         t = type(c)
         if t is str and c and _well_formed(c):
@@ -181,16 +199,27 @@ def check(op: object) -> Op:
             continue
         if t is not int or c == 0:
             raise _bad_component(i, c)
-        if run:
-            out.append("".join(run))
+        if c < 0:
+            deleted -= c
+            continue
+        if run or deleted:
+            _flush_gap(out, run, deleted)
             run = []
-        if out and type(out[-1]) is int and (out[-1] > 0) == (c > 0):
-            out[-1] += c
+            deleted = 0
+            out.append(c)
+        elif out:
+            out[-1] += c  # only retains can precede a retain here
         else:
             out.append(c)
+    _flush_gap(out, run, deleted)
+    return out
+
+
+def _flush_gap(out: Op, run: list[str], deleted: int) -> None:
     if run:
         out.append("".join(run))
-    return out
+    if deleted:
+        out.append(-deleted)
 
 
 def base_length(op: Op) -> int:
@@ -326,15 +355,21 @@ def compose(a: Op, b: Op) -> Op:
     return out
 
 
-def transform(a: Op, b: Op) -> tuple[Op, Op]:
+def transform(a: Op, b: Op, size: Size = len) -> tuple[Op, Op]:
     """Transform two concurrent ops on the same document against each other.
 
     Returns ``(a_prime, b_prime)`` such that
     ``apply(apply(s, a), b_prime) == apply(apply(s, b), a_prime)``.
-    Tie-break: inserts at the same position put ``a``'s text first, so pass the
-    op that is earlier in the server's order as ``a``.  Raises
+    Tie-break: inserts at the same position put ``a``'s text first; pass the
+    op being submitted (the server's incoming op, a client's own pending op)
+    as ``a``, as ot.js and ShareDB do.  Raises
     :class:`OTError` if ``base_length(a) != base_length(b)`` or a component is
     invalid.  Both results are in normal form.
+
+    ``size`` measures inserted text: ``len`` for ops counted in code points
+    (everywhere in this module), :func:`realtime.units.utf16_length` for the
+    same ops counted in UTF-16 code units (the server transforms those for
+    clients that chose them).
     """
     if lengths(a)[0] != lengths(b)[0]:
         raise OTError(
@@ -349,11 +384,11 @@ def transform(a: Op, b: Op) -> tuple[Op, Op]:
     while ca is not None or cb is not None:
         if type(ca) is str:  # a's insert first: the tie-break
             _insert(a2, ca)
-            _retain(b2, len(ca))
+            _retain(b2, size(ca))
             ca = next(ia, None)
             continue
         if type(cb) is str:
-            _retain(a2, len(cb))
+            _retain(a2, size(cb))
             _insert(b2, cb)
             cb = next(ib, None)
             continue
@@ -384,7 +419,7 @@ def transform(a: Op, b: Op) -> tuple[Op, Op]:
     return a2, b2
 
 
-def transform_index(index: int, op: Op, *, own: bool = False) -> int:
+def transform_index(index: int, op: Op, *, own: bool = False, size: Size = len) -> int:
     """Move a cursor position through ``op``.
 
     ``index`` is a code-point position in the document before ``op`` (``0 <=
@@ -392,11 +427,12 @@ def transform_index(index: int, op: Op, *, own: bool = False) -> int:
     position inside deleted text moves to where the deletion was.  Text
     inserted exactly at ``index`` goes before the cursor when ``own`` is true
     (the cursor belongs to the op's author, who just typed it) and after it
-    otherwise.  Raises :class:`OTError` for a bad op or index.
+    otherwise.  ``size`` measures inserted text (see :func:`transform`).
+    Raises :class:`OTError` for a bad op or index.
     """
-    size = lengths(op)[0]
-    if type(index) is not int or not 0 <= index <= size:
-        raise OTError(f"cursor position {index!r} is outside a document of {size} characters")
+    base = lengths(op)[0]
+    if type(index) is not int or not 0 <= index <= base:
+        raise OTError(f"cursor position {index!r} is outside a document of {base} characters")
     pos = 0
     moved = index
     for c in op:
@@ -404,7 +440,7 @@ def transform_index(index: int, op: Op, *, own: bool = False) -> int:
             break
         if type(c) is str:
             if pos < index or own:
-                moved += len(c)
+                moved += size(c)
         elif c > 0:
             pos += c
         else:
@@ -492,7 +528,13 @@ class OTClient:
         return "awaiting_confirm" if self.buffer is None else "awaiting_with_buffer"
 
     def apply_client(self, op: Op) -> bool:
-        """Record a local edit (already applied locally).  True: send :meth:`pending` now."""
+        """Record a local edit (already applied locally).  True: send :meth:`pending` now.
+
+        The op is kept (and sent) in normal form: the form the server
+        transforms, so both copies tie alike.  Raises :class:`OTError` for an
+        invalid op.
+        """
+        op = check(op)
         if self.outstanding is None:
             self.outstanding = op
             self.outstanding_seq = self.next_seq
@@ -502,13 +544,18 @@ class OTClient:
         return False
 
     def apply_server(self, op: Op) -> Op:
-        """Take another client's op from the server; return it transformed for the local text."""
+        """Take another client's op from the server; return it transformed for the local text.
+
+        Our own unacknowledged edits are the submitted side: ``transform(own,
+        server_op)``, so on a tie our insert goes first -- as it will on the
+        server, which receives our op after this one.
+        """
         self.rev += 1
         if self.outstanding is None:
             return op
-        op, self.outstanding = transform(op, self.outstanding)
+        self.outstanding, op = transform(self.outstanding, op)
         if self.buffer is not None:
-            op, self.buffer = transform(op, self.buffer)
+            self.buffer, op = transform(self.buffer, op)
         return op
 
     def server_ack(self, seq: int | None = None) -> Op | None:

@@ -216,32 +216,48 @@ class Outgoing:
     ``text`` is the JSON; ``data`` its UTF-8 bytes; ``frame`` the finished
     WebSocket frame, built on first use and then shared.  Other wire formats'
     frames (:meth:`frame_for`) and the MessagePack encoding (``packed``) are
-    built the first time a recipient needs them, once each.  ``obj`` must not
-    change once the message is built.
+    built the first time a recipient needs them, once each.  ``kind`` (the
+    message's ``type``), ``seq`` (an ordering number: a chat seq, a document
+    rev) and ``client`` (the editor client it came from) are what subscribers
+    filter on; they travel in a backplane's envelope, so a message that came
+    from another node has them too.  ``obj`` is decoded from the text on first
+    use when the message arrived as text, and must not change once built.
     """
 
-    __slots__ = ("obj", "text", "data", "_frame", "seq", "_frames", "_packed")
+    __slots__ = ("_obj", "text", "data", "_frame", "seq", "client", "kind", "_frames", "_packed")
 
-    def __init__(self, obj: Any, seq: int | None = None) -> None:
-        self.obj = obj
+    def __init__(self, obj: Any, seq: int | None = None, client: str | None = None) -> None:
+        self._obj = obj
         self.text = encode(obj)
         self.data = self.text.encode("utf-8")
         self._frame: bytes | None = None
-        self.seq = seq  # a sequence number subscribers may dedupe on (chat messages)
+        self.seq = seq
+        self.client = client
+        self.kind: str | None = obj.get("type") if type(obj) is dict else None
         self._frames: dict[int, bytes] | None = None
         self._packed: bytes | None = None
 
     @classmethod
-    def from_text(cls, text: str, seq: int | None = None) -> "Outgoing":
+    def from_text(cls, text: str, seq: int | None = None, client: str | None = None,
+                  kind: str | None = None) -> "Outgoing":
+        """A message already encoded (received from another node)."""
         out = cls.__new__(cls)
-        out.obj = None
+        out._obj = None
         out.text = text
         out.data = text.encode("utf-8")
         out._frame = None
         out.seq = seq
+        out.client = client
+        out.kind = kind
         out._frames = None
         out._packed = None
         return out
+
+    @property
+    def obj(self) -> Any:
+        if self._obj is None:
+            self._obj = ujson.loads(self.text)
+        return self._obj
 
     @property
     def frame(self) -> bytes:
@@ -253,7 +269,7 @@ class Outgoing:
     def packed(self) -> bytes:
         """The message as MessagePack."""
         if self._packed is None:
-            obj = self.obj if self.obj is not None else ujson.loads(self.text)
+            obj = self.obj
             self._packed = msgpack.packb(obj)
         return self._packed
 

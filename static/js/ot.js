@@ -11,15 +11,16 @@
  * - Whole-document rule: an op spans its document exactly (no implicit
  *   trailing retain); the identity op on n characters is [n].
  * - Normal form (check, compose, transform, diffToOp return it): no zero or
- *   empty components, adjacent same-kind components merged, trailing retain
- *   kept. Never reordered: [-1, 'x'] and ['x', -1] tie differently against a
- *   concurrent insert, and the server's copy of our op must transform exactly
- *   like ours.
+ *   empty components, adjacent same-kind components merged, an insert next to
+ *   a delete placed before it ([-1, 'x'] becomes ['x', -1], as ot.js's
+ *   TextOperation does), trailing retain kept. The order matters: the two tie
+ *   differently against a concurrent insert, and the server's copy of our op
+ *   must transform exactly like ours.
  * - Tie-break: transform(a, b) puts a's insert first when both insert at one
- *   position. The server's op is always `a`: the server transforms an incoming
- *   op as `b` over its log, and OTClient transforms its own pending ops as `b`
- *   under each op from the server. So the earlier op in the server's order
- *   wins everywhere and every copy converges.
+ *   position. As in ot.js and ShareDB, the op being submitted is `a`: the
+ *   server runs transform(incoming, logged), OTClient runs
+ *   transform(ownPending, serverOp). So on a tie the op that reaches the
+ *   server later goes first, on every copy, and every copy converges.
  */
 
 export class OTError extends Error {
@@ -103,10 +104,17 @@ function pushRetain(out, n) {
   else out.push(n);
 }
 
+/** Append an insert; next to a delete it goes before it (normal form). */
 function pushInsert(out, s) {
   const k = out.length;
-  if (k && typeof out[k - 1] === 'string') out[k - 1] += s;
-  else out.push(s);
+  if (k && typeof out[k - 1] === 'string') {
+    out[k - 1] += s;
+  } else if (k && out[k - 1] < 0) {
+    if (k > 1 && typeof out[k - 2] === 'string') out[k - 2] += s;
+    else out.splice(k - 1, 0, s);
+  } else {
+    out.push(s);
+  }
 }
 
 /** Append a delete of n (> 0) characters. */
@@ -159,13 +167,21 @@ export function lengths(op) {
 // -- public functions ----------------------------------------------------------
 
 /**
- * Validate an untrusted op and return it in normal form (a new array) that
- * applies, composes and transforms exactly like op.
+ * Validate an untrusted op and return it in normal form (a new array) with
+ * the same effect: same-kind neighbours merged, and the inserts and deletes
+ * between two retains become one insert followed by one delete.
  */
 export function check(op) {
   if (!Array.isArray(op)) throw new OTError('an operation must be a list of components');
   const out = [];
-  let run = []; // adjacent inserts, joined once
+  let run = []; // the inserts since the last retain, joined once
+  let deleted = 0; // and the characters deleted since then
+  const flushGap = () => {
+    if (run.length) out.push(run.join(''));
+    if (deleted) out.push(-deleted);
+    run = [];
+    deleted = 0;
+  };
   for (let i = 0; i < op.length; i++) {
     const c = op[i];
     if (typeof c === 'string' && c && wellFormed(c)) {
@@ -173,15 +189,18 @@ export function check(op) {
       continue;
     }
     if (!isCount(c)) throw badComponent(i, c);
-    if (run.length) {
-      out.push(run.join(''));
-      run = [];
+    if (c < 0) {
+      deleted -= c;
+    } else if (run.length || deleted) {
+      flushGap();
+      out.push(c);
+    } else if (out.length) {
+      out[out.length - 1] += c; // only retains can precede a retain here
+    } else {
+      out.push(c);
     }
-    const k = out.length;
-    if (k && typeof out[k - 1] === 'number' && (out[k - 1] > 0) === (c > 0)) out[k - 1] += c;
-    else out.push(c);
   }
-  if (run.length) out.push(run.join(''));
+  flushGap();
   return out;
 }
 
@@ -281,7 +300,8 @@ export function compose(a, b) {
 /**
  * Transform concurrent ops a and b (same base) into [aPrime, bPrime] with
  * apply(apply(s, a), bPrime) === apply(apply(s, b), aPrime). a's insert goes
- * first on a tie: pass the op earlier in the server's order as a.
+ * first on a tie: pass the op being submitted (the server's incoming op, a
+ * client's own pending op) as a, as ot.js and ShareDB do.
  */
 export function transform(a, b) {
   const la = lengths(a)[0];
@@ -422,8 +442,13 @@ export class OTClient {
     return this.buffer === null ? 'awaitingConfirm' : 'awaitingWithBuffer';
   }
 
-  /** A local edit (already applied to the local text). Returns true: send pending() now. */
+  /**
+   * A local edit (already applied to the local text). Returns true: send
+   * pending() now. Kept (and sent) in normal form, the form the server
+   * transforms; OTError for an invalid op.
+   */
   applyClient(op) {
+    op = check(op);
     if (this.outstanding === null) {
       this.outstanding = op;
       this.outstandingSeq = this.nextSeq++;
@@ -433,17 +458,18 @@ export class OTClient {
     return false;
   }
 
-  /** Another client's op from the server; returns it transformed for the local text. */
+  /**
+   * Another client's op from the server; returns it transformed for the local
+   * text. Our unacknowledged edits are the submitted side,
+   * transform(own, serverOp): on a tie our insert goes first, as it will on
+   * the server, which receives our op after this one.
+   */
   applyServer(op) {
     this.rev += 1;
     if (this.outstanding === null) return op;
-    let [s, o] = transform(op, this.outstanding);
-    this.outstanding = o;
-    if (this.buffer !== null) {
-      const [s2, b] = transform(s, this.buffer);
-      this.buffer = b;
-      s = s2;
-    }
+    let s;
+    [this.outstanding, s] = transform(this.outstanding, op);
+    if (this.buffer !== null) [this.buffer, s] = transform(this.buffer, s);
     return s;
   }
 

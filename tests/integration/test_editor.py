@@ -14,6 +14,7 @@ from tornado.httpclient import AsyncHTTPClient, HTTPClientError
 import handlers.editor  # noqa: F401  (defines the editor options before make_app sees overrides)
 from realtime import editing, ot
 from realtime.ot import OTClient
+from realtime.storage import sqlite_repos
 
 NOISE = ("peer_joined", "peer_left", "cursor")
 
@@ -455,6 +456,7 @@ async def test_edit_rate_is_limited_per_connection(connect, http_port, app_optio
 @pytest.mark.parametrize("path", [
     "/ws/edit/bad.id", "/ws/edit/" + "x" * 65, "/ws/edit/a%20b", "/ws/edit/%C3%A9",
     "/ws/edit/notes?rev=abc", "/ws/edit/notes?rev=-1", "/ws/edit/notes?client=nope",
+    "/ws/edit/notes?units=utf8", "/ws/edit/notes?units=UTF16",
 ])
 async def test_bad_urls_are_refused_before_the_upgrade(connect, path):
     with pytest.raises(HTTPClientError) as e:
@@ -503,7 +505,7 @@ async def test_a_failed_commit_closes_peers_and_the_resend_is_applied_once(conne
     ann = await seeded(connect, "base", session=session)
     bob = await open_editor(connect, name="bob")
     await ann.c.expect("peer_joined")
-    real = editing._write_ops
+    real = sqlite_repos.write_doc_ops
     calls = []
 
     def failing(*args: Any) -> None:
@@ -512,7 +514,7 @@ async def test_a_failed_commit_closes_peers_and_the_resend_is_applied_once(conne
             raise sqlite3.OperationalError("disk I/O error")
         return real(*args)
 
-    monkeypatch.setattr(editing, "_write_ops", failing)
+    monkeypatch.setattr(sqlite_repos, "write_doc_ops", failing)
     ann.edit([4, " lost?"])
     assert await ann.c.closed() == 1011
     assert await bob.c.closed() == 1011
@@ -578,6 +580,91 @@ async def test_a_new_app_on_the_same_data_reads_the_documents(app, connect, http
         assert (body["rev"], body["text"]) == (2, "kept 👍🏽!")
     finally:
         await other.shutdown(0.1)
+
+
+# -- units ---------------------------------------------------------------------------------
+
+
+@pytest.mark.gen_test
+async def test_utf16_connections_count_code_units_and_the_others_code_points(connect, http_port):
+    ann = await seeded(connect, "a😀b")  # code points
+    js = await connect("/ws/edit/notes", name="js", units="utf16")
+    snap = await js.expect("snapshot", skip=NOISE)
+    assert snap["units"] == "utf16" and snap["text"] == "a😀b" and snap["rev"] == 1
+    assert ann.first["units"] == "codepoint"
+    await ann.c.expect("peer_joined")
+    # JavaScript's "a😀b".length is 4: insert after the emoji, at UTF-16 index 3
+    js.send({"type": "op", "rev": 1, "op": [3, "中👍🏽", 1], "seq": 1})
+    assert await js.expect("ack", skip=NOISE) == {"type": "ack", "rev": 2, "seq": 1}
+    msg = await ann.c.expect("op", skip=NOISE)
+    assert msg["op"] == [2, "中👍🏽", 1]
+    ann.handle(msg)
+    assert ann.text == "a😀中👍🏽b"
+    # ann (code points) deletes the emoji; js sees the deletion of 2 units
+    ann.edit([1, -1, 4])
+    await ann.settle(3)
+    assert (await js.expect("op", skip=NOISE))["op"] == [1, -2, 6]
+    assert (await fetch_json(http_port, "/api/docs/notes"))["text"] == "a中👍🏽b"
+    # an op that would split 👍 (units 2-3) is refused; the document is unchanged
+    js.send({"type": "op", "rev": 3, "op": [3, "x", 4], "seq": 2, "ref": 9})
+    err = await js.expect("error", skip=NOISE)
+    assert err["code"] == "bad_message" and err["seq"] == 2 and err["ref"] == 9
+    assert "would split a character: UTF-16 position 3 is inside '👍'" in err["message"]
+    js.send({"type": "op", "rev": 3, "op": [6], "seq": 2})
+    err = await js.expect("error", skip=NOISE)
+    assert err["message"] == "the edit is for a document of 6 UTF-16 code units, but rev 3 has 7"
+    # cursors: in the sender's units, relayed in each receiver's
+    js.send({"type": "cursor", "rev": 3, "anchor": 6, "head": 7})  # "b" selected
+    cur = await ann.c.expect("cursor", skip=("peer_joined", "peer_left"))
+    assert (cur["anchor"], cur["head"]) == (4, 5)
+    ann.c.send({"type": "cursor", "rev": 3, "anchor": 2})
+    cur = await js.expect("cursor", skip=("peer_joined", "peer_left"))
+    assert (cur["anchor"], cur["head"]) == (2, 2)
+    js.send({"type": "cursor", "rev": 3, "anchor": 3})
+    err = await js.expect("error", skip=NOISE)
+    assert err["code"] == "bad_message" and "the cursor would split a character" in err["message"]
+    # reconnecting with ?rev=: the missed ops in UTF-16 units
+    again = await connect("/ws/edit/notes", name="js", units="utf16", rev=1)
+    ops = (await again.expect("ops", skip=NOISE))["ops"]
+    assert [e["op"] for e in ops] == [[3, "中👍🏽", 1], [1, -2, 6]]
+    assert (await fetch_json(http_port, "/api/docs/notes"))["text"] == "a中👍🏽b"
+
+
+@pytest.mark.gen_test
+@pytest.mark.parametrize("app_options", [{"max_op_size": 3, "max_doc_size": 6}])
+async def test_utf16_limits_count_code_units(connect, app_options):
+    js = await connect("/ws/edit/notes", name="js", units="utf16")
+    snap = await js.expect("snapshot", skip=NOISE)
+    assert snap["limits"]["max_op_size"] == 3 and snap["units"] == "utf16"
+    js.send({"type": "op", "rev": 0, "op": ["😀😀"], "seq": 1})  # 2 characters but 4 units
+    err = await js.expect("error", skip=NOISE)
+    assert err["code"] == "too_large" and "4 UTF-16 code units" in err["message"]
+    js.send({"type": "op", "rev": 0, "op": ["😀a"], "seq": 1})
+    assert (await js.expect("ack", skip=NOISE))["rev"] == 1
+
+
+@pytest.mark.gen_test(timeout=15)
+@pytest.mark.parametrize("app_options", [{"doc_idle_seconds": 0.05}])
+async def test_utf16_catch_up_survives_an_unloaded_document(app, connect, http_port, app_options):
+    js = await connect("/ws/edit/notes", name="js", units="utf16")
+    await js.expect("snapshot", skip=NOISE)
+    js.send({"type": "op", "rev": 0, "op": ["😀"], "seq": 1})
+    await js.expect("ack", skip=NOISE)
+    js.send({"type": "op", "rev": 1, "op": [2, "!"], "seq": 2})
+    await js.expect("ack", skip=NOISE)
+    js.close()
+    for _ in range(100):
+        if "notes" not in app.ctx.docs.docs:
+            break
+        await asyncio.sleep(0.02)
+    assert "notes" not in app.ctx.docs.docs
+    await asyncio.sleep(0.1)  # the unload snapshot commits
+    again = await connect("/ws/edit/notes", name="js", units="utf16", rev=1)
+    ops = (await again.expect("ops", skip=NOISE))["ops"]
+    assert [e["op"] for e in ops] == [[2, "!"]]  # its UTF-16 form came back with the snapshot
+    again.send({"type": "op", "rev": 1, "op": ["<", 2], "seq": 1})
+    assert (await again.expect("ack", skip=NOISE))["rev"] == 3
+    assert (await fetch_json(http_port, "/api/docs/notes"))["text"] == "<😀!"
 
 
 # -- HTTP ------------------------------------------------------------------------------

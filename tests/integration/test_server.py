@@ -12,7 +12,7 @@ import socket
 import pytest
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError
 
-from server import redact
+from realtime.redact import redact_uri as redact
 from tests.integration.test_chat import joined, user
 
 

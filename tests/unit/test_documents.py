@@ -20,8 +20,10 @@ from realtime.documents import (
     valid_doc_id,
 )
 from realtime.ot import OTClient
+from realtime.units import CODEPOINT, UTF16, TextUnits
 
 from .test_ot import ops_on
+from .test_units import from_js, js_op
 
 
 def state_of(doc: DocumentState) -> dict[str, Any]:
@@ -67,25 +69,27 @@ def test_constructor_rejects_bad_arguments() -> None:
 def test_submit_at_current_rev() -> None:
     doc = DocumentState("doc", "a😀b")
     result = doc.submit(0, [1, -1, "🎉", 1], "c1", 1)
-    assert result == SubmitResult(1, [1, -1, "🎉", 1], False)
+    assert result == SubmitResult(1, [1, "🎉", -1, 1], False)  # in normal form: insert first
     assert doc.text == "a🎉b" and doc.rev == 1
-    assert doc.log == [LogEntry(1, [1, -1, "🎉", 1], "c1", 1)]
+    assert doc.log == [LogEntry(1, [1, "🎉", -1, 1], "c1", 1)]
 
 
 def test_submit_transforms_over_the_log() -> None:
     doc = make_doc()
-    # Based on rev 1 ("hello"): insert "!" at the end; " world" came first.
+    # Based on rev 1 ("hello"): insert "!" at the end, where " world" went first.
+    # The incoming insert goes first on the tie (ot.js and ShareDB's rule:
+    # transform(incoming, logged)).
     result = doc.submit(1, [5, "!"], "a", 2)
-    assert result.rev == 3 and result.op == [11, "!"]
-    assert doc.text == "hello world!"
-    # Based on rev 0 (""): concurrent insert at 0 goes after the logged ones.
+    assert result.rev == 3 and result.op == [5, "!", 6]
+    assert doc.text == "hello! world"
+    # Based on rev 0 (""): it goes before every logged insert at 0.
     result = doc.submit(0, ["X"], "c", 1)
-    assert result.op == [12, "X"] and doc.text == "hello world!X"
+    assert result.op == ["X", 12] and doc.text == "Xhello! world"
 
 
 def test_submit_normalizes_the_op() -> None:
     doc = DocumentState("doc", "abc")
-    assert doc.submit(0, [1, 1, -1, "x", "y"]).op == [2, -1, "xy"]  # merged, not reordered
+    assert doc.submit(0, [1, 1, -1, "x", "y"]).op == [2, "xy", -1]  # merged, insert first
 
 
 def test_noop_is_applied_and_counted() -> None:
@@ -137,7 +141,7 @@ def test_ops_without_client_are_never_duplicates() -> None:
 def test_prepare_changes_nothing() -> None:
     doc = make_doc()
     before = state_of(doc)
-    assert doc.prepare(1, [5, "!"], "a", 2) == SubmitResult(3, [11, "!"], False)
+    assert doc.prepare(1, [5, "!"], "a", 2) == SubmitResult(3, [5, "!", 6], False)
     assert state_of(doc) == before
 
 
@@ -182,7 +186,7 @@ def test_too_old_base_is_a_conflict() -> None:
         doc.submit(0, ["x"], "c", 1)
     assert info.value.code == "conflict"
     assert state_of(doc) == before
-    assert doc.submit(1, [5, "!"]).op == [11, "!"]  # rev 1 is still in the window... was
+    assert doc.submit(1, [5, "!"]).op == [5, "!", 6]  # rev 1 is still in the window... was
     assert doc.log_start == 2
 
 
@@ -271,7 +275,7 @@ def test_snapshot_round_trip() -> None:
     assert again.doc_id == "doc" and again.log == doc.log and again.log_start == 0
     # It behaves the same: dedupe and transform from an old rev both work.
     assert again.submit(1, ["😀", 5], "a", 2) == SubmitResult(3, ["😀", 11], True)
-    assert again.submit(0, ["!"]).op == [12, "!"]  # logged inserts at 0 came first
+    assert again.submit(0, ["!"]).op == ["!", 12]  # the incoming insert at 0 goes first
 
 
 def test_snapshot_without_log_or_older_fields() -> None:
@@ -325,14 +329,123 @@ def test_snapshot_clients_are_trimmed() -> None:
     assert list(DocumentState.from_snapshot(snap, max_clients=1).to_snapshot()["clients"]) == ["b"]
 
 
+# -- clients counting UTF-16 code units -----------------------------------------------
+
+
+def test_utf16_submit_is_converted_at_the_current_text() -> None:
+    doc = DocumentState("doc", "a😀b")
+    assert doc.length16 == 4
+    result = doc.submit(0, [1, -2, "🎉", 1], "js", 1, units=UTF16)  # JS: delete the 2 units of 😀
+    assert result == SubmitResult(1, [1, "🎉", -1, 1], False) and result.op16 == [1, "🎉", -2, 1]
+    assert doc.text == "a🎉b" and doc.length16 == 4
+    assert doc.ops_since(0, UTF16) == [LogEntry(1, [1, "🎉", -2, 1], "js", 1)]
+    assert doc.ops_since(0) == [LogEntry(1, [1, "🎉", -1, 1], "js", 1)]
+
+
+def test_utf16_op_is_transformed_in_utf16_units() -> None:
+    doc = DocumentState("doc", "😀")
+    doc.submit(0, ["👍🏽", 1], "py", 1)  # a code-point client prepends 2 characters, 4 units
+    result = doc.submit(0, [2, "!"], "js", 1, units=UTF16)  # based on rev 0: after 😀 (2 units)
+    assert result.op == [3, "!"] and result.op16 == [6, "!"]
+    assert doc.text == "👍🏽😀!"
+    # a tie in UTF-16 units (at the end of rev 1, where "!" went): the incoming op goes first
+    result = doc.submit(1, [6, "X"], "js", 2, units=UTF16)
+    assert doc.text == "👍🏽😀X!" and result.op16 == [6, "X", 1] and result.op == [3, "X", 1]
+
+
+@pytest.mark.parametrize(
+    "args, code, words",
+    [
+        ((0, [1, "x", 3]), "bad_message", "would split a character: UTF-16 position 1 is inside '😀'"),
+        ((0, [-1, 3]), "bad_message", "would split a character"),
+        ((0, [3]), "bad_message", "document of 3 UTF-16 code units, but rev 0 has 4"),
+        ((0, [5]), "bad_message", "document of 5 UTF-16 code units"),
+        ((0, [4, "😀😀😀"]), "too_large", "inserts 6 UTF-16 code units; the limit is 5"),
+        ((0, [4, "x"]), "too_large", "would have 5 UTF-16 code units; the limit is 4"),
+        ((1, [4]), "conflict", "newer than the document"),
+    ],
+)
+def test_utf16_errors(args: tuple, code: str, words: str) -> None:
+    doc = DocumentState("doc", "😀ab", max_op_size=5, max_doc_size=4)
+    before = state_of(doc)
+    with pytest.raises(DocumentError, match=words) as info:
+        doc.submit(*args, units=UTF16)
+    assert info.value.code == code and state_of(doc) == before
+
+
+def test_utf16_after_a_split_pair_was_deleted_concurrently() -> None:
+    # The op splits 😀 at rev 0, but by the time it is applied 😀 is gone: nothing to split.
+    doc = DocumentState("doc", "😀")
+    doc.submit(0, [-1], "py", 1)
+    assert doc.submit(0, [1, "x", 1], "js", 1, units=UTF16).op == ["x"]
+    assert doc.text == "x"
+
+
+def test_utf16_forms_survive_a_snapshot() -> None:
+    doc = DocumentState("doc", "😀")
+    doc.submit(0, [1, "a"], "py", 1)
+    doc.submit(1, [-1, 1], "py", 2)  # rev 2: "a"; deleted the emoji
+    doc.submit(2, [1, "b"], "py", 3)  # rev 3: "ab"; nothing astral left
+    snap = doc.to_snapshot(include_log=False)
+    assert snap["utf16"] == {"from": 0, "ops": [[1, [2, "a"]], [2, [-2, 1]]]}
+    # the log is stored elsewhere (the editing service keeps it in op rows)
+    again = DocumentState.from_snapshot({**snap, "log": doc.to_snapshot()["log"]})
+    assert again.ops_since(0, UTF16) == doc.ops_since(0, UTF16)
+    assert again.submit(0, [2, "!"], "js", 1, units=UTF16).op == ["!", 2]  # after the pair that went
+    assert again.to_snapshot()["utf16"]["from"] == 0
+
+
+def test_utf16_forms_unknown_after_an_older_snapshot() -> None:
+    doc = DocumentState("doc", "😀")
+    doc.submit(0, [1, "a"], "py", 1)
+    old = {k: v for k, v in doc.to_snapshot().items() if k != "utf16"}
+    again = DocumentState.from_snapshot(old)
+    assert again.ops_since(0) is not None and again.ops_since(0, UTF16) is None
+    assert again.ops_since(1, UTF16) == []
+    with pytest.raises(DocumentError, match="too old to merge in UTF-16 units") as info:
+        again.submit(0, [2, "!"], "js", 1, units=UTF16)
+    assert info.value.code == "conflict"
+    again.submit(1, [3, "!"], "js", 1, units=UTF16)  # from the reload on, they are known
+    assert again.to_snapshot()["utf16"]["from"] == 1
+
+
+def test_snapshot_utf16_errors() -> None:
+    doc = DocumentState("doc", "😀")
+    doc.submit(0, [1, "a"], "py", 1)
+    good = doc.to_snapshot()
+    for utf16, words in [
+        ([], "snapshot utf16 must be"),
+        ({"from": "0", "ops": []}, "snapshot utf16 must be"),
+        ({"from": 0, "ops": [[1]]}, r"must be \[rev, op\]"),
+        ({"from": 0, "ops": [[1, [0]]]}, "bad snapshot utf16 entry for rev 1"),
+        ({"from": 0, "ops": [[1, [1, "a"]]]}, "rev 1 does not fit the log"),
+        ({"from": 0, "ops": [[1, [2, "b"]]]}, "rev 1 does not fit the log"),
+        ({"from": 0, "ops": []}, "rev 1 does not fit the log"),  # not listed: same as [1, "a"]
+    ]:
+        with pytest.raises(SnapshotError, match=words):
+            DocumentState.from_snapshot({**good, "utf16": utf16})
+
+
+def test_unknown_units_are_a_programming_error() -> None:
+    with pytest.raises(ValueError, match="units"):
+        DocumentState("doc").submit(0, [], units="bytes")
+
+
 # -- a server and several clients, messages in random order ------------------------
 
 
 class SimClient:
-    """One editor: its OTClient, its text, and its connections' message queues."""
+    """One editor: its OTClient, its text, and its connections' message queues.
 
-    def __init__(self, index: int, record: bool) -> None:
+    A client with ``units="utf16"`` counts UTF-16 code units, as ot.js does: its
+    text and ops are in the JavaScript view of tests/unit/test_units.py (where
+    ``len`` counts code units), and only the inserted strings are converted on
+    the way to and from the server.
+    """
+
+    def __init__(self, index: int, record: bool, units: str = CODEPOINT) -> None:
         self.id = f"c{index}"
+        self.units = units
         self.ot = OTClient(0, self.id)
         self.text = ""
         self.conn = 0
@@ -369,31 +482,47 @@ class SimClient:
             if self.call("server_ack", seq) is not None:
                 self.send(self.call("pending"))
         else:
-            self.text = ot.apply(self.text, self.call("apply_server", op))
+            self.apply_server(op)
+
+    def apply_server(self, op: list) -> None:
+        """Apply a server op (in this client's units, inserts as sent)."""
+        if self.units == UTF16:
+            op = js_op(op)
+        self.text = ot.apply(self.text, self.call("apply_server", op))
+
+    @property
+    def real_text(self) -> str:
+        return from_js(self.text) if self.units == UTF16 else self.text
 
 
 class Simulation:
     """A DocumentState as the server, SimClients, and lossless ordered connections."""
 
-    def __init__(self, n_clients: int, record: bool = False) -> None:
+    def __init__(self, n_clients: int, record: bool = False, units: list[str] | None = None) -> None:
         self.doc = DocumentState("sim", max_log=100_000)
-        self.clients = [SimClient(i, record) for i in range(n_clients)]
+        units = units or [CODEPOINT] * n_clients
+        self.clients = [SimClient(i, record, units[i]) for i in range(n_clients)]
 
     def edit(self, client: SimClient, op: list) -> None:
+        """A local edit; ``op`` counts code points of the client's real text."""
+        if client.units == UTF16:
+            op = js_op(TextUnits(client.real_text).op_to_utf16(ot.check(op)))
         client.text = ot.apply(client.text, op)
         if client.call("apply_client", op):
             client.send(client.call("pending"))
 
     def deliver_up(self, client: SimClient, conn: int) -> None:
         pending = client.up[conn].popleft()
-        result = self.doc.submit(pending.rev, pending.op, client.id, pending.seq)
+        op = js_op(pending.op, from_js) if client.units == UTF16 else pending.op
+        result = self.doc.submit(pending.rev, op, client.id, pending.seq, units=client.units)
         if conn == client.conn:  # replies to a dead connection are lost
             client.down.append(("ack", pending.seq))
         if result.duplicate:
             return
         for other in self.clients:
             if other is not client or other.conn != conn:
-                other.down.append(("op", result.op, client.id, pending.seq))
+                sent = result.op16 if other.units == UTF16 else result.op
+                other.down.append(("op", sent, client.id, pending.seq))
 
     def reconnect(self, client: SimClient, keep_in_flight: bool) -> None:
         """Drop the connection, open a new one, catch up, resend."""
@@ -402,13 +531,13 @@ class Simulation:
             client.up[client.conn].clear()
         client.conn += 1
         client.up[client.conn] = deque()
-        entries = self.doc.ops_since(client.ot.rev)
+        entries = self.doc.ops_since(client.ot.rev, client.units)
         assert entries is not None
         for entry in entries:
             if client.call("is_own", entry.client_id, entry.seq):
                 client.call("server_ack", entry.seq)  # what follows is sent by resend()
             else:
-                client.text = ot.apply(client.text, client.call("apply_server", entry.op))
+                client.apply_server(entry.op)
         client.send(client.call("resend"))
 
     def drain(self) -> None:
@@ -428,11 +557,14 @@ class Simulation:
         for client in self.clients:
             assert client.ot.state == "synchronized"
             assert client.ot.rev == self.doc.rev
-            assert client.text == self.doc.text
+            assert client.real_text == self.doc.text
 
 
 def run_simulation(data: st.DataObject, record: bool = False) -> Simulation:
-    sim = Simulation(data.draw(st.integers(2, 5), label="clients"), record)
+    """2-5 clients, each counting code points or UTF-16 units, in a random interleaving."""
+    n = data.draw(st.integers(2, 5), label="clients")
+    units = data.draw(st.lists(st.sampled_from([CODEPOINT, UTF16]), min_size=n, max_size=n), label="units")
+    sim = Simulation(n, record, units)
     # One draw per step (who, what): hypothesis draws cost more than the step itself.
     kinds = ["edit", "edit", "edit", "up", "up", "down", "down", "down", "reconnect"]
     steps = st.tuples(st.integers(0, len(sim.clients) - 1), st.sampled_from(kinds))
@@ -440,7 +572,7 @@ def run_simulation(data: st.DataObject, record: bool = False) -> Simulation:
         who, action = data.draw(steps)
         client = sim.clients[who]
         if action == "edit":
-            sim.edit(client, data.draw(ops_on(len(client.text))))
+            sim.edit(client, data.draw(ops_on(len(client.real_text))))
         elif action == "up":
             busy = [conn for conn, queue in client.up.items() if queue]
             if busy:
@@ -467,11 +599,11 @@ def test_simulation_example_with_concurrent_inserts() -> None:
     sim.edit(a, ["A"])
     sim.edit(b, ["B"])
     sim.edit(a, [1, "a"])  # buffered
-    sim.deliver_up(b, 0)  # B first: B wins the tie at position 0
-    sim.deliver_up(a, 0)
+    sim.deliver_up(b, 0)  # B reaches the server first ...
+    sim.deliver_up(a, 0)  # ... so A, submitted later, goes first on the tie at 0
     sim.drain()
     sim.assert_converged()
-    assert sim.doc.text == "BAa"
+    assert sim.doc.text == "AaB"
 
 
 def test_simulation_resend_after_lost_ack_is_not_applied_twice() -> None:

@@ -20,12 +20,8 @@ from realtime.auth import Identity
 from realtime.backplane.memory import MemoryBackplane
 from realtime.documents import DocumentError, DocumentState, SnapshotError
 from realtime.editing import (
-    DOCS_SCHEMA,
     EditingService,
-    Loaded,
-    LogGap,
     Peer,
-    TooManyDocuments,
     build_state,
     move_positions,
     pick_color,
@@ -35,7 +31,13 @@ from realtime.hub import Hub
 from realtime.limits import TokenBucket
 from realtime.ot import OTClient
 from realtime.protocol import Outgoing, ProtocolError
-from realtime.storage.sqlite import SQLiteStore, StoreBusy
+from realtime.storage import sqlite_repos as repos
+from realtime.storage.base import Loaded, LogGap, StoreBusy, StoredOp, TooManyDocuments
+from realtime.storage.sqlite import SQLiteStore
+from realtime.storage.sqlite_repos import DOCS_SCHEMA, SQLiteDocumentLog
+from realtime.units import CODEPOINT, UTF16, TextUnits
+
+from .test_units import from_js, js_op
 
 # -- small pure helpers ------------------------------------------------------------
 
@@ -65,9 +67,11 @@ def doc_with(*ops: list[Any], text: str = "") -> DocumentState:
 def test_move_positions_through_the_log() -> None:
     doc = doc_with(["hello world"], ["¡", 11], [7, -5, "there"])  # rev 3: "¡hello there"
     assert doc.text == "¡hello there"
+    assert doc.log[-1].op == [7, "there", -5]  # normal form: the insert goes first
     # Text inserted exactly at a position goes after it: (0 stays before "¡").
-    assert move_positions(doc, 1, (0, 1, 11), 3) == (0, 2, 7)
-    assert move_positions(doc, 1, (6, 9), 3) == (7, 7)  # inside deleted text: where it was
+    assert move_positions(doc, 1, (0, 1, 11), 3) == (0, 2, 12)
+    # Inside the replaced "world": at the end of "there", which was inserted before it
+    assert move_positions(doc, 1, (6, 9), 3) == (7, 12)
     assert move_positions(doc, 1, (6,), 2) == (7,)  # only up to rev 2
     assert move_positions(doc, 3, (12,), 3) == (12,)
     with pytest.raises(DocumentError) as e:
@@ -94,46 +98,46 @@ def conn() -> sqlite3.Connection:
     return c
 
 
-def rows_for(doc: DocumentState, first: int) -> list[tuple[Any, ...]]:
-    return [("d", e.rev, ujson.dumps(e.op), e.client_id, e.seq, "u1", 1) for e in doc.log if e.rev >= first]
+def rows_for(doc: DocumentState, first: int) -> list[StoredOp]:
+    return [StoredOp(e.rev, ujson.dumps(e.op), e.client_id, e.seq, "u1") for e in doc.log if e.rev >= first]
 
 
 def test_load_creates_once_and_respects_max_docs(conn: sqlite3.Connection) -> None:
-    assert editing._load_rows("d", False, 10, 5, conn) is None
-    loaded = editing._load_rows("d", True, 10, 5, conn)
+    assert repos.load_doc_rows("d", False, 10, 5, conn) is None
+    loaded = repos.load_doc_rows("d", True, 10, 5, conn)
     assert loaded is not None and (loaded.rev, loaded.snapshot, loaded.ops) == (0, None, [])
-    assert editing._load_rows("d", True, 1, 5, conn).rev == 0  # type: ignore[union-attr]  # exists: fine
+    assert repos.load_doc_rows("d", True, 1, 5, conn).rev == 0  # type: ignore[union-attr]  # exists: fine
     with pytest.raises(TooManyDocuments):
-        editing._load_rows("e", True, 1, 5, conn)
-    assert editing._load_rows("e", True, 0, 5, conn) is not None  # 0 = no limit
+        repos.load_doc_rows("e", True, 1, 5, conn)
+    assert repos.load_doc_rows("e", True, 0, 5, conn) is not None  # 0 = no limit
 
 
 def test_write_refuses_a_gap_and_snapshots_trim_the_log(conn: sqlite3.Connection) -> None:
-    editing._load_rows("d", True, 0, 3, conn)
+    repos.load_doc_rows("d", True, 0, 3, conn)
     doc = doc_with(*([["x"]] + [[i, "y"] for i in range(1, 10)]))  # rev 10
     with pytest.raises(LogGap):
-        editing._write_ops("d", rows_for(doc, 2), 10, 1, [], 3, conn)  # rev 1 is missing
-    editing._write_ops("d", rows_for(doc, 1)[:6], 6, 1, [(6, '{"rev": 6}')], 3, conn)
+        repos.write_doc_ops("d", rows_for(doc, 2), 10, 1, [], 3, conn)  # rev 1 is missing
+    repos.write_doc_ops("d", rows_for(doc, 1)[:6], 6, 1, [(6, '{"rev": 6}')], 3, conn)
     assert [r[0] for r in conn.execute("SELECT rev FROM doc_ops")] == [4, 5, 6]  # 3 before rev 6
-    editing._write_ops("d", rows_for(doc, 7), 10, 2, [], 3, conn)
+    repos.write_doc_ops("d", rows_for(doc, 7), 10, 2, [], 3, conn)
     assert [r[0] for r in conn.execute("SELECT rev FROM doc_ops")] == [4, 5, 6, 7, 8, 9, 10]
     assert conn.execute("SELECT rev, length, updated FROM docs").fetchone() == (10, 10, 2)
-    assert not editing._write_snapshot("d", 9, "{}", 3, conn)  # not the stored rev: refused
-    assert editing._write_snapshot("d", 10, "{}", 3, conn)
+    assert not repos.write_doc_snapshot("d", 9, "{}", 3, conn)  # not the stored rev: refused
+    assert repos.write_doc_snapshot("d", 10, "{}", 3, conn)
     assert [r[0] for r in conn.execute("SELECT rev FROM doc_snapshots")] == [10]
     assert [r[0] for r in conn.execute("SELECT rev FROM doc_ops")] == [8, 9, 10]
 
 
 def test_build_state_round_trip(conn: sqlite3.Connection) -> None:
-    editing._load_rows("d", True, 0, 4, conn)
+    repos.load_doc_rows("d", True, 0, 4, conn)
     doc, log = _replay(12)
     state9, _ = _replay(9)
-    rows = [("d", r, ujson.dumps(op), c, s, "u-" + c, 1) for r, op, c, s in log]
-    editing._write_ops("d", rows[:5], 5, 1, [], 4, conn)
+    rows = [StoredOp(r, ujson.dumps(op), c, s, "u-" + c) for r, op, c, s in log]
+    repos.write_doc_ops("d", rows[:5], 5, 1, [], 4, conn)
     snapshot = ujson.dumps(state9.to_snapshot(include_log=False), ensure_ascii=False)
-    editing._write_ops("d", rows[5:9], 9, 1, [(9, snapshot)], 4, conn)
-    editing._write_ops("d", rows[9:], 12, 1, [], 4, conn)
-    loaded = editing._load_rows("d", False, 0, 4, conn)
+    repos.write_doc_ops("d", rows[5:9], 9, 1, [(9, snapshot)], 4, conn)
+    repos.write_doc_ops("d", rows[9:], 12, 1, [], 4, conn)
+    loaded = repos.load_doc_rows("d", False, 0, 4, conn)
     assert loaded is not None and loaded.snapshot is not None and loaded.snapshot[0] == 9
     assert [op[0] for op in loaded.ops] == [6, 7, 8, 9, 10, 11, 12]  # 4 before the snapshot, all after
     state, snap_rev, owners = build_state("d", loaded, max_log=4)
@@ -173,9 +177,11 @@ class FakeMember:
     user: Identity = field(default_factory=lambda: Identity("u1", "ann", frozenset({"edit"})))
     got: list[dict[str, Any]] = field(default_factory=list)
     closed_with: tuple[int | None, str | None] | None = None
+    outs: list[Outgoing] = field(default_factory=list)
 
     def deliver(self, out: Outgoing) -> None:
         self.got.append(ujson.loads(out.text))
+        self.outs.append(out)
 
     def send(self, obj: dict[str, Any]) -> None:
         self.deliver(Outgoing(obj))
@@ -185,6 +191,11 @@ class FakeMember:
 
     def types(self) -> list[str]:
         return [m["type"] for m in self.got]
+
+
+def published(m: dict[str, Any]) -> Outgoing:
+    """As the service publishes it: the rev as seq and the client travel beside the payload."""
+    return Outgoing(m, seq=m.get("rev"), client=m.get("client"))
 
 
 def test_peer_holds_then_filters() -> None:
@@ -201,12 +212,12 @@ def test_peer_holds_then_filters() -> None:
         {"type": "peer_left", "client": "c-third"},
     ]
     for m in msgs:
-        peer.deliver(Outgoing(m))
+        peer.deliver(published(m))
     assert member.got == []  # held until the snapshot is out
     peer.after_rev = 1
     peer.release()
     assert [(m["type"], m.get("rev")) for m in member.got] == [("op", 2), ("cursor", 1), ("peer_left", None)]
-    peer.deliver(Outgoing({"type": "op", "rev": 4, "op": [3, "d"], "client": "c-other", "seq": 3}))
+    peer.deliver(published({"type": "op", "rev": 4, "op": [3, "d"], "client": "c-other", "seq": 3}))
     assert member.got[-1]["rev"] == 4
 
 
@@ -255,18 +266,19 @@ class ManualStore:
 
 
 def service(store: ManualStore, **kw: Any) -> EditingService:
-    return EditingService(store, Hub(MemoryBackplane()), edit_rate=0, **kw)  # type: ignore[arg-type]
+    return EditingService(SQLiteDocumentLog(store), Hub(MemoryBackplane()), edit_rate=0, **kw)  # type: ignore[arg-type]
 
 
-async def joined(svc: EditingService, store: ManualStore, name: str, uid: str | None = None) -> tuple[Peer, FakeMember]:
+async def joined(svc: EditingService, store: ManualStore, name: str, uid: str | None = None,
+                 units: str = CODEPOINT, since: int | None = None) -> tuple[Peer, FakeMember]:
     member = FakeMember(Identity(uid or "u-" + name, name, frozenset({"edit"})))
-    task = asyncio.ensure_future(svc.attach(member, "d"))
+    task = asyncio.ensure_future(svc.attach(member, "d", units=units))
     for _ in range(3):
         await asyncio.sleep(0)
     if not task.done():
         await store.commit()  # the create/load write
     peer = await task
-    await svc.welcome(peer)
+    await svc.welcome(peer, since)
     return peer, member
 
 
@@ -278,7 +290,7 @@ def test_acks_and_broadcasts_only_after_commit_in_rev_order() -> None:
         bob, bob_m = await joined(svc, store, "bob")
         assert ann_m.types() == ["snapshot", "peer_joined"] and bob_m.types() == ["snapshot"]
         svc.submit(ann, 0, ["a"], 1)
-        svc.submit(bob, 0, ["b"], 1)  # concurrent: transformed after ann's
+        svc.submit(bob, 0, ["b"], 1)  # concurrent: transformed over ann's, goes first on the tie
         await asyncio.sleep(0)
         assert len(store.queue) == 1 and ann_m.types()[-1] == "peer_joined"  # nothing acked yet
         svc.submit(ann, 1, [1, "c"], 2)  # while the first write is with the store: next batch
@@ -287,7 +299,7 @@ def test_acks_and_broadcasts_only_after_commit_in_rev_order() -> None:
         await store.commit()
         assert [m for m in ann_m.got[2:]] == [
             {"type": "ack", "rev": 1, "seq": 1},
-            {"type": "op", "rev": 2, "op": [1, "b"], "client": bob.client_id, "seq": 1},
+            {"type": "op", "rev": 2, "op": ["b", 1], "client": bob.client_id, "seq": 1},
         ]
         assert bob_m.got[1:] == [
             {"type": "op", "rev": 1, "op": ["a"], "client": ann.client_id, "seq": 1},
@@ -301,7 +313,7 @@ def test_acks_and_broadcasts_only_after_commit_in_rev_order() -> None:
         # A resend is acknowledged again (its rev has committed) and not applied.
         svc.submit(ann, 1, [1, "c"], 2)
         assert ann_m.got[-1] == {"type": "ack", "rev": 3, "seq": 2, "duplicate": True}
-        assert svc.docs["d"].state.text == "abc" and not store.queue
+        assert svc.docs["d"].state.text == "bac" and not store.queue
 
     asyncio.run(main())
 
@@ -421,20 +433,80 @@ def test_limits_on_peers_and_cursors() -> None:
     asyncio.run(main())
 
 
+def test_peers_get_their_units_and_each_unit_is_encoded_once() -> None:
+    async def main() -> None:
+        store = ManualStore()
+        svc = service(store, cursor_interval=0)
+        ann, ann_m = await joined(svc, store, "ann")
+        cat, cat_m = await joined(svc, store, "cat")
+        bob, bob_m = await joined(svc, store, "bob", units=UTF16)
+        eve, eve_m = await joined(svc, store, "eve", units=UTF16)
+        assert bob_m.got[0]["units"] == "utf16" and ann_m.got[0]["units"] == "codepoint"
+        assert bob_m.outs[-1] is ann_m.outs[-1]  # eve's peer_joined: one encoding for everyone
+        svc.submit(ann, 0, ["😀x"], 1)
+        await asyncio.sleep(0)
+        await store.commit()
+        svc.submit(bob, 1, [2, "!", 1], 1)  # UTF-16: after the emoji's two units
+        await asyncio.sleep(0)
+        await store.commit()
+        assert svc.docs["d"].state.text == "😀!x"
+        assert cat_m.got[-1]["op"] == [1, "!", 1] and ann_m.got[-1]["op"] == [1, "!", 1]
+        assert eve_m.got[-1]["op"] == [2, "!", 1] and bob_m.got[-1] == {"type": "ack", "rev": 2, "seq": 1}
+        assert ann_m.outs[-1] is cat_m.outs[-1]  # one encoding per unit, not per peer
+        assert bob_m.got[-2]["op"] == ["😀x"] and bob_m.outs[-2] is eve_m.outs[-2]
+        # cursors: sent in the sender's units, relayed in each receiver's
+        svc.cursor(bob, 2, 3, 4)  # "x" selected: 😀 is units 0-1, "!" 2, "x" 3
+        assert (ann_m.got[-1]["anchor"], ann_m.got[-1]["head"]) == (2, 3)
+        assert (eve_m.got[-1]["anchor"], eve_m.got[-1]["head"]) == (3, 4)
+        svc.cursor(ann, 2, 1, 1)
+        assert (eve_m.got[-1]["anchor"], bob_m.got[-1]["anchor"]) == (2, 2)
+        with pytest.raises(ProtocolError, match="the cursor would split a character") as e:
+            svc.cursor(eve, 2, 1, 1)
+        assert e.value.code == "bad_message"
+        with pytest.raises(ProtocolError, match=r"outside the text at rev 2 \(4 UTF-16 code units\)"):
+            svc.cursor(eve, 2, 5, 5)
+        # a UTF-16 op that splits the pair is refused, nothing changes
+        with pytest.raises(DocumentError, match="would split a character") as de:
+            svc.submit(eve, 2, [1, -1, 2], 1)
+        assert de.value.code == "bad_message" and svc.docs["d"].state.rev == 2
+        # joining: the others' cursors and the catch-up come in the joiner's units
+        zed, zed_m = await joined(svc, store, "zed", units=UTF16)
+        cursors = {p["user"]["name"]: p["cursor"] for p in zed_m.got[0]["peers"] if "cursor" in p}
+        assert cursors == {"bob": {"anchor": 3, "head": 4}, "ann": {"anchor": 2, "head": 2}}
+        _, late_m = await joined(svc, store, "late", units=UTF16, since=1)
+        assert late_m.got[0]["type"] == "ops" and late_m.got[0]["ops"][0]["op"] == [2, "!", 1]
+        _, old_m = await joined(svc, store, "old", since=1)
+        assert old_m.got[0]["ops"][0]["op"] == [1, "!", 1]
+
+    asyncio.run(main())
+
+
 # -- random interleavings of edits, deliveries and commits converge ----------------------------
 
 
 class SimClient:
-    """A client with the OT discipline, reading its member's messages when told to."""
+    """A client with the OT discipline, reading its member's messages when told to.
+
+    One that counts UTF-16 units keeps its text in the JavaScript view of
+    tests/unit/test_units.py, as an ot.js client would.
+    """
 
     def __init__(self, svc: EditingService, peer: Peer, member: FakeMember) -> None:
         snap = member.got[0]
         self.svc, self.peer, self.member = svc, peer, member
+        self.utf16 = snap["units"] == UTF16
         self.ot = OTClient(snap["rev"], snap["client"])
-        self.text = snap["text"]
+        self.text = js_op([snap["text"]])[0] if self.utf16 else snap["text"]
         self.read = 1
 
+    @property
+    def real_text(self) -> str:
+        return from_js(self.text) if self.utf16 else self.text
+
     def edit(self, op: list[Any]) -> None:
+        """``op`` counts code points of the real text."""
+        if self.utf16:
+            op = js_op(TextUnits(self.real_text).op_to_utf16(op))
         self.text = ot.apply(self.text, op)
         if self.ot.apply_client(op):
             self.send()
@@ -442,7 +514,7 @@ class SimClient:
     def send(self) -> None:
         p = self.ot.pending()
         assert p is not None
-        self.svc.submit(self.peer, p.rev, p.op, p.seq)
+        self.svc.submit(self.peer, p.rev, js_op(p.op, from_js) if self.utf16 else p.op, p.seq)
 
     def receive_one(self) -> bool:
         if self.read >= len(self.member.got):
@@ -455,7 +527,8 @@ class SimClient:
             assert self.ot.rev == msg["rev"]
         elif msg["type"] == "op":
             assert msg["client"] != self.ot.client_id
-            self.text = ot.apply(self.text, self.ot.apply_server(msg["op"]))
+            op = js_op(msg["op"]) if self.utf16 else msg["op"]
+            self.text = ot.apply(self.text, self.ot.apply_server(op))
             assert self.ot.rev == msg["rev"]
         return True
 
@@ -468,13 +541,14 @@ def test_random_interleavings_of_edits_deliveries_and_commits_converge(data: st.
         svc = service(store)
         clients = []
         for i in range(3):
-            peer, member = await joined(svc, store, "u%d" % i)
+            units = data.draw(st.sampled_from([CODEPOINT, UTF16]), label="units")
+            peer, member = await joined(svc, store, "u%d" % i, units=units)
             clients.append(SimClient(svc, peer, member))
         for _ in range(data.draw(st.integers(5, 40), label="steps")):
             c = data.draw(st.sampled_from(clients))
             action = data.draw(st.sampled_from(["edit", "edit", "receive", "commit", "tick"]))
             if action == "edit":
-                size = len(c.text)
+                size = len(c.real_text)
                 pos = data.draw(st.integers(0, size))
                 if size > pos and data.draw(st.booleans()):
                     k = data.draw(st.integers(1, size - pos))
@@ -496,7 +570,7 @@ def test_random_interleavings_of_edits_deliveries_and_commits_converge(data: st.
                 break
         doc = svc.docs["d"]
         assert doc.committed_rev == doc.state.rev
-        assert {c.text for c in clients} == {doc.state.text}
+        assert {c.real_text for c in clients} == {doc.state.text}
         assert all(c.ot.rev == doc.state.rev for c in clients)
 
     asyncio.run(main())

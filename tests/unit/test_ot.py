@@ -50,10 +50,11 @@ def doc_and_two_ops(draw: st.DrawFn) -> tuple[str, list, list]:
 
 
 def is_normal(op: list) -> bool:
+    """No empty components, no two of a kind in a row, never a delete before an insert."""
     kinds = ["i" if type(c) is str else "r" if c > 0 else "d" for c in op]
     if any(c == 0 or c == "" for c in op):
         return False
-    return all(x != y for x, y in pairwise(kinds))
+    return all(x != y and (x, y) != ("d", "i") for x, y in pairwise(kinds))
 
 
 # -- examples ----------------------------------------------------------------
@@ -74,10 +75,10 @@ def test_apply_examples_count_code_points() -> None:
 def test_check_normalizes() -> None:
     assert ot.check([]) == []
     assert ot.check((1, 2)) == [3]
-    assert ot.check([1, 2, "a", "b", -1, -2, "c", 3]) == [3, "ab", -3, "c", 3]
-    # never reordered: these two tie differently against an insert at 1
-    assert ot.check([-1, "x"]) == [-1, "x"]
-    assert ot.check(["x", -1]) == ["x", -1]
+    # between two retains: one insert, then one delete (ot.js's canonical order)
+    assert ot.check([1, 2, "a", "b", -1, -2, "c", 3]) == [3, "abc", -3, 3]
+    assert ot.check([-1, "x"]) == ["x", -1] == ot.check(["x", -1])
+    assert ot.check([-1, "a", -1, "b", 1, -1]) == ["ab", -2, 1, -1]
     assert ot.check(["😀", "👍"]) == ["😀👍"]
     op = [2, "x", -1, 1]
     assert ot.check(op) == op and ot.check(op) is not op
@@ -258,8 +259,10 @@ def test_transform_converges_tp1(case: tuple[str, list, list]) -> None:
     assert is_normal(a2) and is_normal(b2)
     # compose(a, b') and compose(b, a') are the same edit.
     assert ot.apply(text, ot.compose(a, b2)) == both == ot.apply(text, ot.compose(b, a2))
-    # The server transforms check(op); it must behave exactly like the client's op.
-    assert ot.transform(ot.check(a), ot.check(b)) == (a2, b2)
+    # What server and clients transform: ops in normal form (check, apply_client).
+    na2, nb2 = ot.transform(ot.check(a), ot.check(b))
+    assert ot.apply(ot.apply(text, a), nb2) == ot.apply(ot.apply(text, b), na2)
+    assert ot.check(na2) == na2 and ot.check(nb2) == nb2
 
 
 @FAST
@@ -307,9 +310,9 @@ def test_transform_index_follows_a_marked_character(
     text, op = case
     index = min(index, len(text))
     marked = text[:index] + "\0" + text[index:]
-    expected = ot.apply(marked, with_cursor(op, index, own)).index("\0")
-    assert ot.transform_index(index, op, own=own) == expected
-    assert ot.transform_index(index, ot.check(op), own=own) == expected
+    for form in (op, ot.check(op)):  # normalising may move a cursor next to a replaced span
+        expected = ot.apply(marked, with_cursor(form, index, own)).index("\0")
+        assert ot.transform_index(index, form, own=own) == expected
 
 
 def test_transform_index_around_a_replaced_span() -> None:
@@ -351,8 +354,8 @@ def test_client_states() -> None:
     assert c.server_ack() is None and c.rev == 7  # stray ack: ignored
 
 
-def test_client_transforms_server_ops_with_server_first() -> None:
-    # Local "x" -> "xL" pending; the server first applied another's "xS".
+def test_client_puts_its_own_pending_edits_first_on_a_tie() -> None:
+    # Local "x" -> "xL" pending, "!" buffered; the server first applied another's "xS".
     c = OTClient(0, "me")
     local = "x"
     op = [1, "L"]
@@ -362,10 +365,23 @@ def test_client_transforms_server_ops_with_server_first() -> None:
     local = ot.apply(local, [2, "!"])
     server_op = c.apply_server([1, "S"])
     local = ot.apply(local, server_op)
-    assert local == "xSL!"  # the server's op won the tie, as on the server
-    assert c.rev == 1 and c.outstanding == [2, "L"] and c.buffer == [3, "!"]
-    # server text "xS": a cursor at its end stays before our pending "L!"
-    assert c.transform_cursor(1) == 1 and c.transform_cursor(2) == 2
+    # ot.js's rule: our ops reach the server after "S", so on the tie they go first.
+    assert local == "xL!S"
+    assert c.rev == 1 and c.outstanding == [1, "L", 1] and c.buffer == [2, "!", 1]
+    # ... and the server, transforming our op over "S" when it arrives, agrees.
+    server = ot.apply("x", [1, "S"])
+    server = ot.apply(server, ot.transform([1, "L"], [1, "S"])[0])
+    assert ot.apply(server, c.buffer) == local
+    # server text "xS": a cursor at 1 stays before our "L", one at its end follows "L!"
+    assert c.transform_cursor(1) == 1 and c.transform_cursor(2) == 4
+
+
+def test_client_keeps_its_ops_in_normal_form() -> None:
+    c = OTClient(0, "me")
+    c.apply_client([1, -1, "x", 1])
+    assert c.outstanding == [1, "x", -1, 1]
+    with pytest.raises(OTError):
+        c.apply_client([0])
 
 
 def test_client_without_id_never_owns() -> None:
