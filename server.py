@@ -124,6 +124,7 @@ define("max_text", default=2000, type=int, help="longest chat message, in charac
 define("max_rooms", default=20, type=int, help="rooms one connection may be in at once")
 define("members_max", default=100, type=int, help="members listed in 'joined' and presence 'sync' (member_count is exact)")
 define("presence_window", default=0.1, type=float, help="seconds over which presence changes are coalesced")
+define("presence_ttl", default=15.0, type=float, help="cluster mode: seconds after which the members of a node that stopped answering leave everyone's presence")
 define("typing_interval", default=1.0, type=float, help="minimum seconds between relayed typing events per user and room")
 
 
@@ -245,6 +246,8 @@ def make_app(cfg: SimpleNamespace | None = None, **overrides: Any) -> RealtimeAp
         ctx.storage.chat_log(keep=max(cfg.history_keep, cfg.history_size), topic=ChatService.topic), hub, history_size=cfg.history_size, history_keep=cfg.history_keep,
         max_text=cfg.max_text, max_rooms=cfg.max_rooms, members_max=cfg.members_max,
         presence_window=cfg.presence_window, typing_interval=cfg.typing_interval,
+        presence_store=storage.presence_store(), node_id=getattr(backplane, "node_id", ""),
+        presence_ttl=cfg.presence_ttl,
     )
     extra_routes: list[Any] = []
     # Apps added by later modules register themselves here (sensors, editor).

@@ -36,7 +36,7 @@ from typing import Any, Callable, Protocol
 from realtime.auth import Identity
 from realtime.hub import Hub
 from realtime.protocol import Outgoing, ProtocolError, has_control_chars
-from realtime.storage.base import ChatLog, RoomRecord, StorageError, StoreBusy
+from realtime.storage.base import ChatLog, PresenceStore, RoomRecord, StorageError, StoreBusy
 
 log = logging.getLogger("realtime.chat")
 
@@ -265,6 +265,142 @@ class RoomSubscription:
             self.deliver(out)
 
 
+PRESENCE_HINT = "presence_hint"  # "re-read this room's presence": between nodes, never to clients
+
+
+class ClusterPresence:
+    """Presence across nodes (cluster mode).
+
+    Each node writes its own members into the shared :class:`PresenceStore`,
+    as entries that expire unless refreshed: a node refreshes them every
+    ``ttl / 3``, so the members of a node that dies leave everyone's presence
+    within ``ttl``.  A join or leave anywhere is a hint on the room's topic;
+    every node with members in the room then re-reads the room's members
+    (coalesced over ``presence_window``) and tells its own members the
+    difference from what it told them before, as the same ``presence``
+    messages the single-process server sends.  A user with connections on
+    several nodes is one member until the last of them leaves.
+    """
+
+    def __init__(self, svc: "ChatService", store: PresenceStore, node_id: str, ttl: float) -> None:
+        self.svc = svc
+        self.store = store
+        self.node = node_id
+        self.ttl = ttl
+        self.views: dict[str, dict[str, str]] = {}  # room -> user id -> name, as told to this node's members
+        self._dirty: set[str] = set()
+        self._handle: asyncio.TimerHandle | None = None
+        self._tasks: set[asyncio.Future[Any]] = set()
+        self._beat: asyncio.Task[None] | None = None
+
+    def _key(self, user_id: str) -> str:
+        return self.node + "|" + user_id
+
+    def start(self) -> None:
+        self._beat = asyncio.ensure_future(self._heartbeat())
+
+    async def stop(self) -> None:
+        if self._beat is not None:
+            self._beat.cancel()
+        if self._handle is not None:
+            self._handle.cancel()
+        entries = [(room, self._key(u["id"])) for room in self.svc.presence.rooms()
+                   for u in self.svc.presence.members(room, 1 << 30)]
+        if entries:
+            try:
+                await self.store.leave_all(entries)  # a clean stop: the others see the leaves at once
+            except StorageError:
+                pass
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def baseline(self, room: str) -> None:
+        """What this node's first member of ``room`` is told about comes after this."""
+        try:
+            self.views[room] = await self.store.members(room)
+        except StorageError:
+            self.views[room] = {}
+
+    async def members(self, room: str, limit: int) -> tuple[list[dict[str, str]], int]:
+        try:
+            view = await self.store.members(room)
+        except StorageError:
+            view = self.views.get(room, {})
+        listed = [{"id": uid, "name": name} for uid, name in list(view.items())[:limit]]
+        return listed, len(view)
+
+    def local_change(self, room: str, event: str, user: Identity) -> None:
+        self._spawn(self.write(room, event, user.id, user.name))
+
+    async def write(self, room: str, event: str, user_id: str, name: str) -> None:
+        """Store this node's change, then hint every node (this one too) to re-read."""
+        try:
+            if event == "join":
+                await self.store.enter(room, self._key(user_id), user_id, name, self.ttl)
+            else:
+                await self.store.leave(room, self._key(user_id))
+        except StorageError as e:
+            log.warning("presence of %s in %s not stored (%s); the heartbeat retries", user_id, room, e)
+            return
+        self.svc.hub.publish(ChatService.topic(room), {"type": PRESENCE_HINT, "room": room})
+
+    def changed(self, room: str) -> None:
+        self._dirty.add(room)
+        if self._handle is None:
+            self._handle = asyncio.get_running_loop().call_later(self.svc.presence_window, self._flush)
+
+    def _flush(self) -> None:
+        self._handle = None
+        rooms, self._dirty = self._dirty, set()
+        self._spawn(self._announce(rooms))
+
+    async def _announce(self, rooms: set[str]) -> None:
+        svc = self.svc
+        for room in rooms:
+            relay = svc._relays.get(room)
+            if relay is None:
+                self.views.pop(room, None)
+                continue
+            try:
+                view = await self.store.members(room)
+            except StorageError:
+                continue
+            old = self.views.get(room, {})
+            self.views[room] = view
+            batch = PresenceBatch()
+            for uid, name in old.items():
+                if view.get(uid) != name:
+                    batch.leave({"id": uid, "name": name})
+            for uid, name in view.items():
+                if old.get(uid) != name:
+                    batch.join({"id": uid, "name": name})
+            members = [{"id": uid, "name": name} for uid, name in list(view.items())[:svc.members_max]]
+            msg = batch.message(room, len(view), functools.partial(list, members), svc.presence_diff_max)
+            if msg is not None:
+                relay._fan(Outgoing(msg))  # this node's members only: every node tells its own
+
+    async def _heartbeat(self) -> None:
+        """Keep this node's entries alive; notice the others' that expired."""
+        svc = self.svc
+        while True:
+            await asyncio.sleep(self.ttl / 3)
+            entries = [(room, self._key(u["id"]), u["id"], u["name"]) for room in svc.presence.rooms()
+                       for u in svc.presence.members(room, 1 << 30)]
+            try:
+                if entries:
+                    await self.store.refresh(entries, self.ttl)
+            except StorageError as e:
+                log.warning("presence heartbeat failed: %s", e)
+                continue
+            for room in list(svc._relays):
+                self.changed(room)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+
 class RoomRelay:
     """This node's one subscription to a room's topic.
 
@@ -302,6 +438,8 @@ class RoomRelay:
             self.ready.set_exception(e if isinstance(e, Exception) else ConnectionError("cancelled"))
             self.ready.exception()
             raise
+        if svc.cluster is not None:
+            await svc.cluster.baseline(self.name)
         if self.closed:  # every member left while this was loading
             svc.hub.unsubscribe(self.topic, self)
         self.state = svc.room_state(self.name, record)
@@ -310,6 +448,11 @@ class RoomRelay:
 
     def deliver(self, out: Outgoing) -> None:
         if out.seq is None:
+            if out.kind == PRESENCE_HINT:  # between nodes only: this node re-reads the room's presence
+                cluster = self.service.cluster
+                if cluster is not None:
+                    cluster.changed(self.name)
+                return
             self._fan(out)
             return
         if self.state is None or self.filling is not None:
@@ -397,7 +540,9 @@ class ChatService:
     def __init__(self, log: ChatLog, hub: Hub, *, history_size: int = 50,
                  history_keep: int = 1000, max_text: int = 2000, max_rooms: int = 20,
                  members_max: int = 100, presence_window: float = 0.1,
-                 presence_diff_max: int = 50, typing_interval: float = 1.0) -> None:
+                 presence_diff_max: int = 50, typing_interval: float = 1.0,
+                 presence_store: PresenceStore | None = None, node_id: str = "",
+                 presence_ttl: float = 15.0) -> None:
         self.log = log
         self.hub = hub
         self.history_size = history_size
@@ -408,7 +553,10 @@ class ChatService:
         self.presence_window = presence_window
         self.presence_diff_max = presence_diff_max
         self.typing_interval = typing_interval
-        self.presence = Presence()
+        self.presence = Presence()  # this node's connections
+        # Across nodes (cluster mode): who is in each room, from the shared store.
+        self.cluster = (ClusterPresence(self, presence_store, node_id, presence_ttl)
+                        if presence_store is not None else None)
         self._relays: dict[str, RoomRelay] = {}
         self._batches: dict[str, PresenceBatch] = {}
         self._flush_handle: asyncio.TimerHandle | None = None
@@ -511,11 +659,17 @@ class ChatService:
             upto = max(upto, messages[-1]["seq"])
         if subs.get(name) is sub:  # still subscribed (the member may have left meanwhile)
             if self.presence.add(name, member.user):
-                self._presence_change(name, "join", member.user)
+                if self.cluster is not None:  # stored before the reply, so the joiner is in its own list
+                    await self.cluster.write(name, "join", member.user.id, member.user.name)
+                else:
+                    self._presence_change(name, "join", member.user)
+        if self.cluster is not None:
+            members, count = await self.cluster.members(name, self.members_max)
+        else:
+            members, count = self.presence.members(name, self.members_max), self.presence.count(name)
         return {"type": "joined", "room": name, "epoch": room.epoch, "seq": upto,
                 "recovered": plan.recovered, "messages": messages,
-                "members": self.presence.members(name, self.members_max),
-                "member_count": self.presence.count(name)}
+                "members": members, "member_count": count}
 
     def _drop(self, relay: RoomRelay, sub: RoomSubscription) -> None:
         relay.members.pop(sub, None)
@@ -539,6 +693,9 @@ class ChatService:
             self.leave(member, subs, name)
 
     def _presence_change(self, room: str, event: str, user: Identity) -> None:
+        if self.cluster is not None:
+            self.cluster.local_change(room, event, user)
+            return
         batch = self._batches.get(room)
         if batch is None:
             batch = self._batches[room] = PresenceBatch()
@@ -618,4 +775,14 @@ class ChatService:
             rows = await self.log.rooms(1000)
         except StorageError:
             raise ProtocolError("unavailable", "rooms could not be read; retry shortly")
-        return [{"room": n, "seq": s, "members": self.presence.count(n)} for n, s in rows]
+        views = self.cluster.views if self.cluster is not None else {}
+        return [{"room": n, "seq": s, "members": len(views[n]) if n in views else self.presence.count(n)}
+                for n, s in rows]
+
+    async def start(self) -> None:
+        if self.cluster is not None:
+            self.cluster.start()
+
+    async def stop(self) -> None:
+        if self.cluster is not None:
+            await self.cluster.stop()

@@ -100,17 +100,20 @@ class RedisBackplane:
         self._closing = True
         for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self._flush_outbox()
+        self._wake.set()
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=2.0)
+        # Each step is bounded: a shutdown never hangs on a Redis that went
+        # away, nor on a subscription whose reader was cancelled mid-read.
+        steps = [self._flush_outbox()]
         if self._pubsub is not None:
+            steps.append(self._pubsub.aclose())
+        steps.append(self.redis.aclose())
+        for step in steps:
             try:
-                await self._pubsub.aclose()
-            except (RedisError, OSError):
+                await asyncio.wait_for(step, 2.0)
+            except (RedisError, OSError, asyncio.TimeoutError):
                 pass
-        try:
-            await self.redis.aclose()
-        except (RedisError, OSError):
-            pass
 
     # -- publishing ----------------------------------------------------------
 
@@ -125,7 +128,7 @@ class RedisBackplane:
         self._wake.set()
 
     async def _write_loop(self) -> None:
-        while True:
+        while not self._closing:  # not only the cancel: redis-py can swallow one mid-command
             await self._wake.wait()
             self._wake.clear()
             await self._flush_outbox()
@@ -226,6 +229,7 @@ class RedisBackplane:
                 self.reason = "reconnecting: %s" % e
                 continue
             log.warning("Redis is back: resubscribed %d topics", len(self._topics))
+            await self._drop_stale_connections()
             self.healthy, self.reason = True, ""
             self.resyncs += 1
             asyncio.get_running_loop().call_soon(self._run_resync)
@@ -250,7 +254,16 @@ class RedisBackplane:
                 self._unhealthy("ping failed: %s" % (e or "timeout"))
                 continue
             if not self.healthy and self.reason.startswith("ping"):
+                await self._drop_stale_connections()
                 self.healthy, self.reason = True, ""
+
+    async def _drop_stale_connections(self) -> None:
+        """Pooled connections from before an outage are dead: close the idle
+        ones so the next command opens a fresh one instead of failing once."""
+        try:
+            await self.redis.connection_pool.disconnect(inuse_connections=False)
+        except (RedisError, OSError):
+            pass
 
     def _unhealthy(self, reason: str) -> None:
         if self.healthy:

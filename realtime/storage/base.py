@@ -85,6 +85,25 @@ def message_json(room: str, seq: int, user_id: str, name: str, text: str, ts: in
     return msg
 
 
+class PresenceStore(Protocol):
+    """Who is in each room across nodes (cluster mode).  An entry is one
+    node's view of one user (``key`` = node id + user id) and expires ``ttl``
+    seconds after it was last written unless refreshed."""
+
+    async def enter(self, room: str, key: str, user_id: str, name: str, ttl: float) -> None: ...
+
+    async def leave(self, room: str, key: str) -> None: ...
+
+    async def leave_all(self, entries: list[tuple[str, str]]) -> None:
+        """``(room, key)`` pairs: a node that stops cleanly."""
+
+    async def refresh(self, entries: list[tuple[str, str, str, str]], ttl: float) -> None:
+        """``(room, key, user_id, name)``: keep these alive (and back, if they expired)."""
+
+    async def members(self, room: str) -> dict[str, str]:
+        """The room's live members, ``user id -> name`` (each user once), in join order."""
+
+
 # -- documents --------------------------------------------------------------------------
 
 

@@ -223,6 +223,73 @@ class RedisChatLog:
         return [(n, int(s or 0)) for n, s in zip(names, seqs)]
 
 
+# -- presence --------------------------------------------------------------------------
+
+
+class RedisPresenceStore:
+    """Each room: ``pres`` (a sorted set of entry keys scored by when they
+    expire) and ``who`` (entry key -> user id and name).  Expired entries are
+    dropped by whoever reads the room next.  Expiry uses the nodes' clocks:
+    keep them in sync (NTP), as any cluster does."""
+
+    def __init__(self, redis: Any) -> None:
+        self.redis = redis
+
+    @staticmethod
+    def keys(room: str) -> tuple[str, str]:
+        tag = "rt:room:{%s}:" % room
+        return tag + "pres", tag + "who"
+
+    async def _call(self, coro: Any) -> Any:
+        try:
+            return await coro
+        except (RedisError, OSError) as e:
+            raise StorageError("Redis is unreachable: %s" % e) from None
+
+    async def refresh(self, entries: list[tuple[str, str, str, str]], ttl: float) -> None:
+        until = time.time() + ttl
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for room, key, user_id, name in entries:
+                pres, who = self.keys(room)
+                pipe.zadd(pres, {key: until})
+                pipe.hset(who, key, user_id + "\x1f" + name)
+            await self._call(pipe.execute())
+
+    async def enter(self, room: str, key: str, user_id: str, name: str, ttl: float) -> None:
+        await self.refresh([(room, key, user_id, name)], ttl)
+
+    async def leave_all(self, entries: list[tuple[str, str]]) -> None:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for room, key in entries:
+                pres, who = self.keys(room)
+                pipe.zrem(pres, key)
+                pipe.hdel(who, key)
+            await self._call(pipe.execute())
+
+    async def leave(self, room: str, key: str) -> None:
+        await self.leave_all([(room, key)])
+
+    async def members(self, room: str) -> dict[str, str]:
+        pres, who = self.keys(room)
+        now = time.time()
+        expired = await self._call(self.redis.zrangebyscore(pres, "-inf", now))
+        if expired:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.zrem(pres, *expired)
+                pipe.hdel(who, *expired)
+                await self._call(pipe.execute())
+        live = await self._call(self.redis.zrange(pres, 0, -1))
+        if not live:
+            return {}
+        out: dict[str, str] = {}
+        for value in await self._call(self.redis.hmget(who, live)):
+            if value is None:
+                continue
+            user_id, _, name = _text(value).partition("\x1f")
+            out.setdefault(user_id, name)
+        return out
+
+
 # -- sensors ---------------------------------------------------------------------------
 
 SENSORS_KEY = "rt:sensors"
@@ -463,6 +530,9 @@ class RedisStorage:
 
     def document_log(self) -> RedisDocumentLog:
         return RedisDocumentLog(self.redis)
+
+    def presence_store(self) -> RedisPresenceStore:
+        return RedisPresenceStore(self.redis)
 
     async def open(self) -> None:
         pass  # the backplane connected (and checked) Redis

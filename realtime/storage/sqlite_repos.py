@@ -421,6 +421,10 @@ class SQLiteStorage:
         """Why writes fail right now (the database's error), or None."""
         return self.store.write_error
 
+    def presence_store(self) -> None:
+        """One process knows its members itself: no shared presence."""
+        return None
+
     async def open(self) -> None:
         """Create or migrate the tables of the repositories handed out."""
         await self.store.open(self._schemas)

@@ -291,3 +291,39 @@ def test_an_unreachable_redis_at_start_is_one_clear_line(tmp_path: Any) -> None:
                           "--data_dir=%s" % tmp_path], cwd=ROOT, capture_output=True, text=True, timeout=30)
     assert out.returncode == 2
     assert "cannot reach Redis" in out.stderr and "Traceback" not in out.stderr
+
+
+async def presence_until(chat: Chat, pred: Any, timeout: float = 10.0) -> dict[str, Any]:
+    """Presence messages until one satisfies ``pred``."""
+    async with asyncio.timeout(timeout):
+        while True:
+            msg = json.loads(await chat.ws.recv())
+            if msg["type"] == "presence" and pred(msg):
+                return msg
+
+
+def test_presence_is_cluster_wide_and_a_dead_nodes_members_leave_within_the_ttl(cluster: Any) -> None:
+    a, b = cluster(2, "--presence_ttl=2")
+
+    async def main() -> None:
+        ann = await Chat.open(a)
+        first = await ann.join()
+        assert [m["name"] for m in first["members"]] == ["ann"] and first["member_count"] == 1
+        bob = await Chat.open(b, "name=bob")
+        joined = await bob.join()
+        assert sorted(m["name"] for m in joined["members"]) == ["ann", "bob"] and joined["member_count"] == 2
+        seen = await presence_until(ann, lambda m: m.get("member_count") == 2)
+        # Changes within one presence window are coalesced (ann's own join may share it).
+        names = [seen["user"]["name"]] if seen["event"] == "join" else [u["name"] for u in seen["joined"]]
+        assert "bob" in names, seen
+        # Ann's second tab, on node B: still one ann.
+        tab = await Chat.open(b, "session=" + ann.welcome["session"])
+        again = await tab.join()
+        assert again["member_count"] == 2
+        # Node B dies with bob and ann's second tab: bob leaves, ann (still on A) stays.
+        cluster.procs[1].send_signal(signal.SIGKILL)
+        left = await presence_until(ann, lambda m: m.get("member_count") == 1, timeout=10)
+        assert left["event"] == "leave" and left["user"]["name"] == "bob"
+        await ann.close()
+
+    run(main())

@@ -177,3 +177,30 @@ def test_readings_round_trip_with_metadata(storage: Any) -> None:
             assert [row.id for row, _ in await rs.load(0.0, 100)] == ["boiler"]
 
     run(main())
+
+
+# -- presence (cluster storages only: one process knows its members itself) -----------------
+
+
+def test_presence_entries_count_a_user_once_and_expire_unless_refreshed(storage: Any) -> None:
+    async def main() -> None:
+        async with storage() as s:
+            ps = s.presence_store()
+            if ps is None:
+                assert s.name == "sqlite"
+                return
+            await ps.enter("r", "n1|u1", "u1", "ann", 30)
+            await ps.enter("r", "n2|u1", "u1", "ann", 30)  # the same user through another node
+            await ps.enter("r", "n2|u2", "u2", "bob", 0.3)
+            assert await ps.members("r") == {"u1": "ann", "u2": "bob"}
+            await ps.leave("r", "n1|u1")
+            assert await ps.members("r") == {"u1": "ann", "u2": "bob"}  # still there through n2
+            await asyncio.sleep(0.4)
+            assert await ps.members("r") == {"u1": "ann"}  # bob's node stopped refreshing
+            await ps.refresh([("r", "n2|u2", "u2", "bob")], 30)
+            assert await ps.members("r") == {"u1": "ann", "u2": "bob"}
+            await ps.leave_all([("r", "n2|u1"), ("r", "n2|u2")])
+            assert await ps.members("r") == {}
+            assert await ps.members("other") == {}
+
+    run(main())
