@@ -881,8 +881,12 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     if not args.no_write:
         os.makedirs(os.path.dirname(args.out), exist_ok=True)
+        old_page = ""
+        if os.path.exists(args.out):
+            with open(args.out) as f:
+                old_page = f.read()
         with open(args.out, "w") as f:
-            f.write(text)
+            f.write(report.keep_sections(old_page, text))
         results_dir = os.path.join(ROOT, "bench", "results")
         os.makedirs(results_dir, exist_ok=True)
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
