@@ -902,10 +902,10 @@ class EditingService:
 
     def _publish(self, doc: LiveDoc, obj: dict[str, Any]) -> None:
         """Send a message without positions to the document's peers of every unit (encoded once)."""
-        out = None
+        out: Outgoing | None = None
         for topic in (doc.topic, doc.topic16):
             if self.hub.subscribers(topic):
-                out = self.hub.publish(topic, out or obj)
+                out = self.hub.publish(topic, obj if out is None else out)
 
     def cursor(self, peer: Peer, rev: int, anchor: int, head: int) -> None:
         """Relay the peer's selection to the others at the latest committed rev.
