@@ -14,14 +14,16 @@ import asyncio
 import importlib
 import logging
 import os
+import secrets
 import signal
+import sqlite3
+import ssl
 import sys
 import time
-import urllib.parse
 from types import SimpleNamespace
 from typing import Any
 
-import tornado.httpserver
+import tornado.httputil
 import tornado.ioloop
 import tornado.log
 import tornado.netutil
@@ -30,16 +32,23 @@ from tornado.options import define, options, parse_command_line, parse_config_fi
 
 import handlers.api as api
 import handlers.chat as chat_handlers
+import handlers.echo as echo
 import handlers.pages as pages
-from handlers.base import Flusher
+import realtime.redact
+from handlers.gate import HostPolicy, RequestGate, local_host_names
+from handlers.listener import RealtimeHTTPServer, raise_open_file_limit
+from handlers.pages import StaticFiles
+from handlers.writer import Flusher
 from realtime.auth import Authenticator, load_or_create_secret
 from realtime.backplane import make_backplane
-from realtime.chat import CHAT_SCHEMA, ChatService
+from realtime.chat import ChatService
 from realtime.context import Context
 from realtime.hub import Hub
 from realtime.limits import ConnectionCounter
 from realtime.protocol import Close
+from realtime.redact import redact_uri
 from realtime.storage.sqlite import SQLiteStore
+from realtime.storage.sqlite_repos import SQLiteStorage
 
 
 def _load_plugins() -> list[Any]:
@@ -71,16 +80,24 @@ define("address", default="", type=str, help="address to bind ('' = all interfac
 define("config", default="", type=str, help="path to a config file (tornado.options syntax); the command line wins")
 define("data_dir", default="./data", type=str, help="where the SQLite database and the cookie secret live")
 define("debug", default=False, type=bool, help="Tornado debug mode (autoreload, tracebacks in pages); never in production")
-define("cookie_secret", default="", type=str, help="secret for signed sessions; default: generated once into data_dir/secret")
-define("backplane", default="memory", type=str, help="fan-out between processes: 'memory' (one process; the only one in this version)")
+define("cookie_secret", default="", type=str, help="secret for signed sessions; default: generated once into data_dir/secret (or into Redis in cluster mode)")
+define("backplane", default="memory", type=str, help="'memory' (one process, SQLite) or redis://host:port/db (cluster mode: fan-out, history and secrets in Redis)")
+define("processes", default=1, type=int, help="worker processes sharing the port (0 = one per core); more than 1 needs a Redis backplane")
 define("xheaders", default=False, type=bool, help="trust X-Real-Ip / X-Forwarded-For (only behind a proxy you run)")
 define("certfile", default="", type=str, help="TLS certificate (PEM) for https:// and wss://")
 define("keyfile", default="", type=str, help="TLS private key (PEM)")
 define("backlog", default=2048, type=int, help="listen backlog")
 define("shutdown_grace", default=3.0, type=float, help="seconds to let sockets close on SIGTERM/SIGINT before exiting")
+# What a client can hold before it is authenticated
+define("handshake_timeout", default=10.0, type=float, help="seconds a client has to send a whole request head (a WebSocket handshake; a TLS handshake first), and again its body; an idle keep-alive connection closes after as long")
+define("max_half_open_per_ip", default=64, type=int, help="connections from one address that have not sent a whole request head yet; past this, new ones from there are closed at once (0 = no limit)")
+define("max_header_size", default=16 * 1024, type=int, help="largest request head (request line and headers, tokens included) in bytes; bigger gets HTTP 431")
+define("max_body_size", default=64 * 1024, type=int, help="largest request body in bytes, on the route that takes the biggest (POST /api/sensors/<id>/readings); bigger is refused with 413 before it is read")
+define("allowed_hosts", default=[], type=str, multiple=True, help="Host names this server answers to, comma separated ('.example.com' = it and its subdomains, '*' = any); always: localhost, this machine's addresses and name, the hosts of allowed_origins")
 # Identity
 define("auth", default="open", type=str, help="'open' (guests with names) or 'token' (JWT HS256 from ?token= or Authorization: Bearer)")
-define("jwt_secret", default="", type=str, help="HS256 secret for token mode")
+define("jwt_secret", default="", type=str, help="HS256 secret for token mode (at least 32 random bytes; shorter is warned about at start)")
+define("max_token_lifetime", default=86400.0, type=float, help="seconds a token may still be valid when presented (exp - now); a token valid for longer is refused (0 = no limit)")
 # Every socket
 define("allowed_origins", default=[], type=str, multiple=True, help="browser origins allowed to connect, exact match, comma separated ('*' = any); default: same host only")
 define("max_message_size", default=64 * 1024, type=int, help="largest client frame in bytes (bigger: close 1009)")
@@ -92,8 +109,11 @@ define("max_write_buffer", default=1024 * 1024, type=int, help="unflushed bytes 
 define("max_inflight", default=32, type=int, help="messages per connection being processed at once before reading pauses")
 define("ping_interval", default=20.0, type=float, help="seconds between WebSocket pings (0 = off)")
 define("ping_timeout", default=20.0, type=float, help="close a connection whose pong is this late (seconds)")
-define("websocket_compression", default=False, type=bool, help="offer permessage-deflate (costs CPU and memory per connection)")
-define("fast_path", default=True, type=bool, help="write pre-built frames to streams (falls back to write_message when off)")
+define("websocket_compression", default=False, type=bool,
+       help="accept permessage-deflate, without context takeover: each message is compressed once for all its recipients")
+define("fast_path", default=True, type=bool,
+       help="serve WebSockets with our own frames, built once per message (off: Tornado's protocol and write_message,"
+            " which compresses per connection)")
 # Storage
 define("sqlite_synchronous", default="FULL", type=str, help="SQLite synchronous pragma: FULL (fsync every commit) or NORMAL")
 define("commit_delay", default=0.0, type=float, help="seconds the writer waits after a write so that more share its commit (0 = commit at once)")
@@ -114,30 +134,28 @@ def config_from_options(**overrides: Any) -> SimpleNamespace:
     if unknown:
         raise TypeError("unknown options: %s" % ", ".join(sorted(unknown)))
     values.update(overrides)
-    origins: list[str] = []
-    for item in values["allowed_origins"] or []:
-        origins.extend(o.strip() for o in item.split(",") if o.strip())
-    values["allowed_origins"] = origins
+    for name in ("allowed_origins", "allowed_hosts"):
+        items: list[str] = []
+        for item in values[name] or []:
+            items.extend(o.strip() for o in item.split(",") if o.strip())
+        values[name] = items
     return SimpleNamespace(**values)
 
 
-def _cookie_secret(cfg: SimpleNamespace) -> bytes:
-    if cfg.cookie_secret:
-        return cfg.cookie_secret.encode("utf-8")
-    return load_or_create_secret(os.path.join(cfg.data_dir, "secret")).encode("ascii")
+def _secrets(cfg: SimpleNamespace) -> Any:
+    """``secret(name)``: a generated secret, the same for every node of a
+    cluster (kept in Redis) or for every restart of one process (a file in
+    data_dir)."""
+    if cfg.backplane.startswith(("redis://", "rediss://", "unix://")):
+        from realtime.storage.redis_repos import shared_secret
 
+        return lambda name: shared_secret(cfg.backplane, name, lambda: secrets.token_urlsafe(32))
+    files = {"cookie": "secret"}
 
-_SENSITIVE = {"token", "session", "key", "ingest_key", "access_token"}
+    def from_file(name: str) -> str:
+        return load_or_create_secret(os.path.join(cfg.data_dir, files.get(name) or name))
 
-
-def redact(uri: str) -> str:
-    """A request URI with credentials in the query string replaced by ``***``."""
-    path, sep, query = uri.partition("?")
-    if not sep:
-        return uri
-    parts = urllib.parse.parse_qsl(query, keep_blank_values=True)
-    safe = [(k, "***" if k.lower() in _SENSITIVE else v) for k, v in parts]
-    return path + "?" + urllib.parse.urlencode(safe, safe="*")
+    return from_file
 
 
 def log_request(handler: tornado.web.RequestHandler) -> None:
@@ -146,23 +164,39 @@ def log_request(handler: tornado.web.RequestHandler) -> None:
     access = logging.getLogger("tornado.access")
     method = access.info if status < 400 else access.warning if status < 500 else access.error
     req = handler.request
-    method("%d %s %s (%s) %.2fms", status, req.method, redact(req.uri or ""), req.remote_ip,
+    method("%d %s %s (%s) %.2fms", status, req.method, redact_uri(req.uri or ""), req.remote_ip,
            1000.0 * req.request_time())
+
+
+class StartupError(Exception):
+    """The server cannot start; the message says why, in one line."""
 
 
 class RealtimeApplication(tornado.web.Application):
     ctx: Context
+    hosts: HostPolicy
+
+    def get_handler_delegate(self, request: tornado.httputil.HTTPServerRequest, target_class: type[Any],
+                             target_kwargs: dict[str, Any] | None = None, path_args: list[bytes] | None = None,
+                             path_kwargs: dict[str, bytes] | None = None) -> Any:
+        """Every request passes the gate (head size, Host, body size) first."""
+        inner = super().get_handler_delegate(request, target_class, target_kwargs, path_args, path_kwargs)
+        return RequestGate(inner, request, target_class, self.ctx.cfg, self.hosts, self.ctx.stats.request_refused)
 
     async def start(self) -> None:
-        """Open storage and the backplane; call before serving."""
+        """Open storage and the backplane; call before serving.  A database
+        that cannot be opened or written is a :class:`StartupError`."""
         ctx = self.ctx
-        schemas = [CHAT_SCHEMA] + [s for svc in ctx.services.values() for s in getattr(svc, "schemas", [])]
-        await ctx.store.open(schemas)
-        await ctx.hub.backplane.start()
-        for svc in ctx.services.values():
-            start = getattr(svc, "start", None)
-            if start is not None:
-                await start()
+        try:
+            await ctx.storage.open()
+            await ctx.hub.backplane.start()
+            for svc in ctx.services.values():
+                start = getattr(svc, "start", None)
+                if start is not None:
+                    await start()
+        except sqlite3.Error as e:
+            raise StartupError("database %s: %s (is it a SQLite file this user may write?)"
+                               % (ctx.store.path, e)) from None
 
     async def shutdown(self, grace: float = 3.0) -> None:
         """Close every socket with 1001, stop the services, flush storage."""
@@ -180,7 +214,7 @@ class RealtimeApplication(tornado.web.Application):
             if stop is not None:
                 await stop()
         await ctx.hub.backplane.close()
-        await ctx.store.close()
+        await ctx.storage.close()
 
 
 def make_app(cfg: SimpleNamespace | None = None, **overrides: Any) -> RealtimeApplication:
@@ -192,13 +226,23 @@ def make_app(cfg: SimpleNamespace | None = None, **overrides: Any) -> RealtimeAp
     os.makedirs(cfg.data_dir, exist_ok=True)
     store = SQLiteStore(os.path.join(cfg.data_dir, "realtime.sqlite3"), synchronous=cfg.sqlite_synchronous,
                         commit_delay=cfg.commit_delay)
-    hub = Hub(make_backplane(cfg.backplane))
-    auth = Authenticator(_cookie_secret(cfg), mode=cfg.auth, jwt_secret=cfg.jwt_secret)
-    ctx = Context(cfg=cfg, hub=hub, store=store, auth=auth,
+    backplane = make_backplane(cfg.backplane)
+    hub = Hub(backplane)
+    realtime.redact.install()
+    secret = _secrets(cfg)
+    cookie_secret = cfg.cookie_secret or secret("cookie")
+    auth = Authenticator(cookie_secret.encode("utf-8"), mode=cfg.auth, jwt_secret=cfg.jwt_secret,
+                         max_token_lifetime=cfg.max_token_lifetime)
+    storage: Any = SQLiteStorage(store)
+    if backplane.name == "redis":
+        from realtime.storage.redis_repos import RedisStorage
+
+        storage = RedisStorage(backplane)
+    ctx = Context(cfg=cfg, hub=hub, store=store, storage=storage, secret=secret, auth=auth,
                   conn_limit=ConnectionCounter(cfg.max_connections_per_ip))
     ctx.flusher = Flusher()
     ctx.services["chat"] = ChatService(
-        store, hub, history_size=cfg.history_size, history_keep=cfg.history_keep,
+        ctx.storage.chat_log(keep=max(cfg.history_keep, cfg.history_size), topic=ChatService.topic), hub, history_size=cfg.history_size, history_keep=cfg.history_keep,
         max_text=cfg.max_text, max_rooms=cfg.max_rooms, members_max=cfg.members_max,
         presence_window=cfg.presence_window, typing_interval=cfg.typing_interval,
     )
@@ -211,6 +255,7 @@ def make_app(cfg: SimpleNamespace | None = None, **overrides: Any) -> RealtimeAp
         (r"/", pages.IndexPage, kw),
         (r"/chat", pages.ChatPage, kw),
         (r"/ws/chat", chat_handlers.ChatSocketHandler, kw),
+        (r"/ws/echo", echo.EchoSocketHandler, kw),
         (r"/api/rooms", api.RoomsAPI, kw),
         (r"/api/rooms/([^/]+)/messages", api.RoomMessagesAPI, kw),
         (r"/healthz", api.HealthHandler, kw),
@@ -221,6 +266,7 @@ def make_app(cfg: SimpleNamespace | None = None, **overrides: Any) -> RealtimeAp
         routes,
         template_path=os.path.join(ROOT, "templates"),
         static_path=os.path.join(ROOT, "static"),
+        static_handler_class=StaticFiles,
         cookie_secret=auth.signer._secret.decode("utf-8", "replace"),
         xsrf_cookies=False,
         debug=cfg.debug,
@@ -232,6 +278,7 @@ def make_app(cfg: SimpleNamespace | None = None, **overrides: Any) -> RealtimeAp
         default_handler_args=kw,
     )
     app.ctx = ctx
+    app.hosts = HostPolicy(cfg.allowed_hosts, local_host_names(cfg.address, cfg.allowed_origins))
     return app
 
 
@@ -246,15 +293,95 @@ def parse_options(argv: list[str] | None = None) -> None:
     options.run_parse_callbacks()
 
 
-async def serve() -> None:
-    cfg = config_from_options()
+def bind(cfg: SimpleNamespace) -> list[Any]:
+    """The listening sockets; with ``--processes`` other than 1, fork the workers
+    here (before any event loop exists), each serving the same sockets."""
+    is_redis = cfg.backplane.startswith(("redis://", "rediss://", "unix://"))
+    if cfg.processes != 1 and not is_redis:
+        raise ValueError("--processes=%d needs a shared backplane: add --backplane=redis://host:6379/0 "
+                         "(with the memory backplane each process would be a separate server)" % cfg.processes)
+    sockets = tornado.netutil.bind_sockets(cfg.port, cfg.address or None, backlog=cfg.backlog)
+    if cfg.processes != 1:
+        fork_workers(cfg.processes or os.cpu_count() or 1)
+    return sockets
+
+
+def fork_workers(n: int) -> None:
+    """Fork ``n`` workers and return in each of them.  The parent never
+    returns: it restarts a worker that dies (a crash, ``kill -9``), forwards
+    SIGTERM/SIGINT to every worker (each closes its sockets with 1001 and
+    flushes), and exits 0 once they all have."""
+    children: dict[int, int] = {}
+
+    def spawn(i: int) -> bool:
+        pid = os.fork()
+        if pid == 0:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            return True
+        children[pid] = i
+        return False
+
+    for i in range(n):
+        if spawn(i):
+            return
+    stopping = False
+
+    def forward(sig: int, _frame: Any) -> None:
+        nonlocal stopping
+        stopping = True
+        for pid in list(children):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    log.info("started %d workers: %s", n, " ".join(map(str, children)))
+    while children:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            break
+        i = children.pop(pid, -1)
+        if i < 0:
+            continue
+        code = os.waitstatus_to_exitcode(status)
+        if not stopping and code != 0:
+            log.warning("worker %d (pid %d) exited with %d; starting another", i, pid, code)
+            time.sleep(0.5)
+            if spawn(i):
+                return
+    sys.exit(0)
+
+
+def tls_context(cfg: SimpleNamespace) -> ssl.SSLContext | None:
+    """The TLS context for ``--certfile``/``--keyfile``, checked now: a
+    mismatched or swapped pair would otherwise fail every handshake later."""
+    if not cfg.certfile:
+        if cfg.keyfile:
+            raise StartupError("--keyfile is set but --certfile is not")
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(cfg.certfile, cfg.keyfile or None)
+    except (ssl.SSLError, OSError) as e:
+        raise StartupError("cannot load --certfile=%s --keyfile=%s: %s (the certificate first, then its own "
+                           "private key)" % (cfg.certfile, cfg.keyfile, e)) from None
+    return context
+
+
+def make_server(app: RealtimeApplication, ssl_options: ssl.SSLContext | None = None) -> RealtimeHTTPServer:
+    """The HTTP server for ``app``, with the handshake deadline and connection limits."""
+    return RealtimeHTTPServer.for_app(app, app.ctx.cfg, ssl_options)
+
+
+async def serve(cfg: SimpleNamespace, sockets: list[Any], ssl_options: ssl.SSLContext | None = None) -> None:
+    soft, _hard = raise_open_file_limit()
     app = make_app(cfg)
     await app.start()
-    ssl_options = None
-    if cfg.certfile:
-        ssl_options = {"certfile": cfg.certfile, "keyfile": cfg.keyfile}
-    sockets = tornado.netutil.bind_sockets(cfg.port, cfg.address or None, backlog=cfg.backlog)
-    server = tornado.httpserver.HTTPServer(app, xheaders=cfg.xheaders, ssl_options=ssl_options)
+    server = make_server(app, ssl_options)
     server.add_sockets(sockets)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -262,8 +389,8 @@ async def serve() -> None:
         loop.add_signal_handler(sig, stop.set)
     scheme = "https" if ssl_options else "http"
     host = cfg.address or "127.0.0.1"
-    log.info("listening on %s://%s:%d/ (data in %s, backplane %s)", scheme, host, cfg.port,
-                os.path.abspath(cfg.data_dir), cfg.backplane)
+    log.info("listening on %s://%s:%d/ (data in %s, backplane %s, open file limit %d)", scheme, host, cfg.port,
+             os.path.abspath(cfg.data_dir), cfg.backplane, soft)
     await stop.wait()
     log.info("shutting down")
     server.stop()
@@ -274,9 +401,13 @@ async def serve() -> None:
 def main(argv: list[str] | None = None) -> None:
     parse_options(argv)
     try:
-        asyncio.run(serve())
-    except (ValueError, OSError) as e:
-        # A bad option value or a port in use: say so in one line, no traceback.
+        cfg = config_from_options()
+        ssl_options = tls_context(cfg)
+        sockets = bind(cfg)
+        asyncio.run(serve(cfg, sockets, ssl_options))
+    except (ValueError, OSError, StartupError) as e:
+        # A bad option value, a port in use, Redis unreachable, an unusable
+        # database or TLS pair: say so in one line, no traceback.
         logging.getLogger("realtime.server").error("cannot start: %s", e)
         sys.exit(2)
 

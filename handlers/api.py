@@ -46,17 +46,32 @@ class RoomMessagesAPI(JSONHandler):
 
 
 class HealthHandler(JSONHandler):
+    public = True  # for load balancers; says nothing about users or data
+
+    def head(self) -> None:
+        self.get()
+
     def get(self) -> None:
+        """503 while shutting down, while the backplane is unreachable, and
+        while writes to the store fail (disk full, I/O error): ``reason`` says which."""
         ctx = self.ctx
-        healthy = not ctx.shutting_down and getattr(ctx.hub.backplane, "healthy", True)
+        backplane_ok = getattr(ctx.hub.backplane, "healthy", True)
+        write_error = getattr(ctx.storage, "degraded", None)
+        healthy = not ctx.shutting_down and backplane_ok and write_error is None
         if not healthy:
             self.set_status(503)
+        reason = {}
+        if not healthy and not ctx.shutting_down:
+            reason = {"reason": getattr(ctx.hub.backplane, "reason", "") if not backplane_ok
+                      else "writes to the store fail: %s" % write_error}
         self.finish({
             "status": "ok" if healthy else ("shutting_down" if ctx.shutting_down else "degraded"),
             "connections": len(ctx.connections),
             "uptime": round(time.time() - ctx.started, 3),
             "backplane": getattr(ctx.hub.backplane, "name", "memory"),
-            "store": {"pending_writes": ctx.store.pending, "commits": ctx.store.commits},
+            **reason,
+            "store": {"pending_writes": ctx.store.pending, "commits": ctx.store.commits,
+                      "write_error": write_error},
         })
 
 
@@ -90,6 +105,12 @@ class _Collector:
         for status, n in sorted(st.handshakes_refused.items()):
             refused.add_metric([str(status)], n)
         yield refused
+        gate = CounterMetricFamily("realtime_requests_refused", "HTTP requests refused before their handler"
+                                   " (head too large, host not allowed, body too large), by status",
+                                   labels=["status"])
+        for status, n in sorted(st.requests_refused.items()):
+            gate.add_metric([str(status)], n)
+        yield gate
         yield CounterMetricFamily("realtime_store_commits", "SQLite transactions committed", ctx.store.commits)
         yield CounterMetricFamily("realtime_store_writes", "Writes committed", ctx.store.writes)
         yield GaugeMetricFamily("realtime_store_pending", "Writes waiting for commit", ctx.store.pending)
@@ -106,7 +127,9 @@ class _Collector:
 
 
 class MetricsHandler(JSONHandler):
-    """Prometheus text format."""
+    """Prometheus text format (restrict it in the proxy if it should not be public)."""
+
+    public = True
 
     def initialize(self, ctx: Any) -> None:  # type: ignore[override]
         super().initialize(ctx)
@@ -116,6 +139,9 @@ class MetricsHandler(JSONHandler):
             registry.register(_Collector(ctx))
             ctx.__dict__["_metrics_registry"] = registry
         self.registry = registry
+
+    def head(self) -> None:
+        self.get()
 
     def get(self) -> None:
         self.set_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")

@@ -14,9 +14,10 @@ connection's unflushed bytes (the slow-consumer bound).
 
 Outgoing messages take a fast path: the frame is built once per message (see
 :class:`realtime.protocol.Outgoing`) and the same bytes are written to every
-recipient's stream, several messages of one loop iteration in one write.
-Connections with permessage-deflate, or a Tornado this code does not know, fall
-back to ``write_message``.
+recipient's stream, several messages of one loop iteration in one write
+(handlers/writer.py, which counts each connection's unflushed bytes with
+public IOStream API only).  With ``--fast_path=false`` or compression, messages
+go through ``write_message`` instead.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-from typing import Any, Awaitable, Callable
+from types import MappingProxyType
+from typing import Any, Awaitable, Callable, Mapping
 
 import tornado
 import tornado.httputil
@@ -33,6 +35,8 @@ import tornado.web
 import tornado.websocket
 from tornado.iostream import StreamClosedError
 
+from handlers.websocket import WireParams, WireProtocol
+from handlers.writer import MessageWriter, StreamWriter
 from realtime.auth import AuthError, Identity
 from realtime.context import Context
 from realtime.limits import FloodGuard
@@ -40,57 +44,58 @@ from realtime.protocol import (
     Close,
     Outgoing,
     ProtocolError,
+    WireFormat,
     close_reason,
     decode,
+    decode_msgpack,
     decode_value,
     error_message,
 )
+from realtime.wire import OP_BINARY, OP_TEXT, frame
 
 log = logging.getLogger("realtime.socket")
 
-# The fast path writes finished frames to the stream itself; it relies on the
-# shape of Tornado's WebSocketProtocol13 (``stream``, ``_compressor``), which
-# is stable across these versions.
-_FAST_PATH_TORNADO = tornado.version_info[:2] in {(6, 3), (6, 4), (6, 5), (6, 6)}
 SESSION_COOKIE = "rt_session"
-_NO_HEADERS = tornado.httputil.HTTPHeaders()
-_NO_ARGS: dict[str, list[bytes]] = {}
+MSGPACK = "msgpack"  # the subprotocol for MessagePack binary frames
 
 
-class Flusher:
-    """Writes each connection's queued frames once per loop iteration.
+_DEFAULT_PORTS = {"http": "80", "https": "443"}
 
-    Many messages to one connection within an iteration become one
-    ``stream.write`` (one syscall) instead of one each.
-    """
 
-    def __init__(self) -> None:
-        self._dirty: list["BaseSocketHandler"] = []
-        self._scheduled = False
+def same_origin(origin: str, scheme: str, host: str) -> bool:
+    """Whether a browser's ``Origin`` names ``scheme://host`` (default ports
+    may be left out on either side)."""
+    o_scheme, sep, o_host = origin.lower().partition("://")
+    if not sep:
+        return False
 
-    def mark(self, conn: "BaseSocketHandler") -> None:
-        self._dirty.append(conn)
-        if not self._scheduled:
-            self._scheduled = True
-            asyncio.get_running_loop().call_soon(self.flush)
+    def strip(s: str, h: str) -> str:
+        port = _DEFAULT_PORTS.get(s)
+        return h[: -len(port) - 1] if port and h.endswith(":" + port) else h
 
-    def flush(self) -> None:
-        self._scheduled = False
-        dirty, self._dirty = self._dirty, []
-        for conn in dirty:
-            try:
-                conn._flush()
-            except Exception:
-                log.exception("flush failed")
-                conn.rt.outq = None
-                conn.rt.outq_bytes = 0
+    return o_scheme == scheme.lower() and strip(o_scheme, o_host) == strip(scheme.lower(), host.lower())
+
+
+class _ShedHeaders(tornado.httputil.HTTPHeaders):
+    """No headers, and no way to add any: what a connection's request and
+    response headers become once the upgrade is done.  Being immutable, one
+    instance can stand in for every connection's."""
+
+    def _refuse(self, *args: Any, **kwargs: Any) -> None:
+        raise TypeError("this connection's HTTP headers were released after the WebSocket upgrade")
+
+    add = __setitem__ = __delitem__ = parse_line = _refuse  # type: ignore[assignment]
+
+
+_NO_HEADERS = _ShedHeaders()
+_NO_ARGS: Mapping[str, list[bytes]] = MappingProxyType({})
 
 
 class ConnState:
     """Everything the base keeps per connection, in slots."""
 
-    __slots__ = ("ctx", "user", "ip", "conn_id", "flood", "ip_counted", "opened", "closing", "fast",
-                 "inflight", "inflight_done", "tasks", "outq", "outq_bytes", "wfut", "waiting", "cap", "sock")
+    __slots__ = ("ctx", "user", "ip", "conn_id", "flood", "ip_counted", "opened", "closing",
+                 "inflight", "inflight_done", "tasks", "outq", "outq_bytes", "writer", "fmt", "cap")
 
     def __init__(self, ctx: Context, flood: FloodGuard) -> None:
         self.ctx = ctx
@@ -101,16 +106,14 @@ class ConnState:
         self.ip_counted = False
         self.opened = False
         self.closing = False
-        self.fast = False
         self.inflight = 0
         self.inflight_done: asyncio.Event | None = None
         self.tasks: set[asyncio.Task[Any]] | None = None
         self.outq: list[bytes] | None = None  # frames waiting for this iteration's flush
         self.outq_bytes = 0
-        self.wfut: Any = None  # the last stream write, done when the kernel took it all
-        self.waiting = False  # a flush is parked until wfut is done
+        self.writer: StreamWriter | MessageWriter | None = None  # set at open (handlers/writer.py)
+        self.fmt: WireFormat = ctx.formats.json  # JSON text or MessagePack binary, deflated or not
         self.cap: int = ctx.cfg.max_write_buffer
-        self.sock: Any = None  # the raw socket, for the fast path's direct send
 
 
 def _state(name: str) -> Any:
@@ -141,7 +144,6 @@ class BaseSocketHandler(tornado.websocket.WebSocketHandler):
     _ip_counted = _state("ip_counted")
     _opened = _state("opened")
     _closing = _state("closing")
-    _fast = _state("fast")
     _inflight = _state("inflight")
     _inflight_done = _state("inflight_done")
     _tasks = _state("tasks")
@@ -161,10 +163,27 @@ class BaseSocketHandler(tornado.websocket.WebSocketHandler):
         allowed = self.cfg.allowed_origins
         if allowed:
             return "*" in allowed or origin in allowed
-        return super().check_origin(origin)
+        # Same origin: scheme, host and port of this request.  The host was
+        # checked against --allowed_hosts by the gate (a DNS-rebinding page
+        # sends its own name as Host and as Origin, and is refused there).
+        return same_origin(origin, self.request.protocol, self.request.host)
 
     def get_compression_options(self) -> dict[str, Any] | None:
         return {} if self.cfg.websocket_compression else None
+
+    def select_subprotocol(self, subprotocols: list[str]) -> str | None:
+        """``msgpack``: the same messages as MessagePack binary frames."""
+        return MSGPACK if MSGPACK in subprotocols else None
+
+    def get_websocket_protocol(self) -> tornado.websocket.WebSocketProtocol | None:
+        """Our own frames (handlers/websocket.py) unless ``--fast_path=false``."""
+        if not self.cfg.fast_path or self.request.headers.get("Sec-WebSocket-Version") != "13":
+            return super().get_websocket_protocol()
+        ctx = self.rt.ctx
+        if ctx.wire_params is None:
+            ctx.wire_params = WireParams(self.max_message_size, self.ping_interval, self.ping_timeout,
+                                         compression=bool(self.cfg.websocket_compression), formats=ctx.formats)
+        return WireProtocol(self, ctx.wire_params)
 
     def refuse(self, status: int, message: str) -> None:
         """Answer the handshake with an HTTP error instead of an upgrade."""
@@ -181,10 +200,14 @@ class BaseSocketHandler(tornado.websocket.WebSocketHandler):
         if self.ctx.shutting_down:
             self.refuse(503, "server is shutting down")
             return
-        token = self.get_query_argument("token", None)
-        auth_header = self.request.headers.get("Authorization", "")
-        if not token and auth_header.lower().startswith("bearer "):
-            token = auth_header[7:].strip()
+        # Checked here as well as by Tornado after prepare(): Tornado lets an
+        # Origin whose host:port equals Host through without comparing the
+        # scheme (an http:// page opening this wss:// endpoint).
+        origin = self.request.headers.get("Origin")
+        if origin is not None and not self.check_origin(origin):
+            self.refuse(403, "origin %r may not connect here (see --allowed_origins)" % origin[:100])
+            return
+        token = request_token(self)
         session = self.get_query_argument("session", None) or self.get_cookie(SESSION_COOKIE)
         try:
             self.user = self.ctx.auth.identify(
@@ -213,28 +236,31 @@ class BaseSocketHandler(tornado.websocket.WebSocketHandler):
         self._opened = True
         self.ctx.connections.add(self)
         self.ctx.stats.connections_total += 1
-        ws = self.ws_connection
-        self._fast = (
-            _FAST_PATH_TORNADO
-            and self.cfg.fast_path
-            and ws is not None
-            and getattr(ws, "_compressor", None) is None
-            and hasattr(ws, "stream")
-        )
-        if self._fast and type(ws.stream) is tornado.iostream.IOStream:  # type: ignore[union-attr]
-            # Plain TCP (not TLS): frames may go straight to the socket while
-            # the stream has nothing queued.
-            self.rt.sock = ws.stream.socket  # type: ignore[union-attr]
+        self._setup_writer()
         self.set_nodelay(True)
         self._shed_handshake_state()
         return self._guard(self.opened, *args)
 
+    def _setup_writer(self) -> None:
+        """Finished frames through our protocol's writer; with Tornado's own
+        protocol (``--fast_path=false``), whole messages via ``write_message``."""
+        rt = self.rt
+        ws = self.ws_connection
+        binary = ws is not None and ws.selected_subprotocol == MSGPACK
+        if isinstance(ws, WireProtocol) and ws.writer is not None:
+            rt.writer = ws.writer
+            rt.fmt = rt.ctx.formats.get(binary, ws.deflate_wbits)
+        else:
+            rt.writer = MessageWriter(self, binary)
+            rt.fmt = rt.ctx.formats.get(binary, None)
+
     def _shed_handshake_state(self) -> None:
         """Drop what only the handshake needed (request and response headers,
-        parsed query and cookies); about 2 KiB per connection, kept for hours."""
+        parsed query and cookies); about 2 KiB per connection, kept for hours.
+        What replaces them is empty and immutable, so sharing it is safe."""
         req = self.request
         req.headers = _NO_HEADERS
-        req.query_arguments = req.arguments = req.body_arguments = _NO_ARGS
+        req.query_arguments = req.arguments = req.body_arguments = _NO_ARGS  # type: ignore[assignment]
         self._headers = _NO_HEADERS
 
     def opened(self, *args: str) -> Awaitable[None] | None:
@@ -279,16 +305,19 @@ class BaseSocketHandler(tornado.websocket.WebSocketHandler):
     def on_message(self, message: str | bytes) -> Awaitable[None] | None:
         if self._closing:
             return None
-        if isinstance(message, bytes):
-            self.close(Close.UNSUPPORTED, "binary frames are not supported; send JSON text")
+        binary = not isinstance(message, str)
+        if binary != self.rt.fmt.binary:
+            if binary:
+                self.close(Close.UNSUPPORTED, "binary frames are not supported; send JSON text"
+                           " (or connect with the msgpack subprotocol)")
+            else:
+                self.close(Close.UNSUPPORTED, "this connection speaks MessagePack: send binary frames, not text")
             return None
-        self.ctx.stats.messages_in += 1
-        verdict = self.flood.check()
-        if verdict == "flood":
-            self.close(Close.POLICY, "too many messages; slow down")
+        verdict = self.admit()
+        if verdict is None:
             return None
         try:
-            msg = decode(message)
+            msg = decode_msgpack(message) if binary else decode(message)  # type: ignore[arg-type]
         except ProtocolError as e:
             self.reply_error(e.code, e.message)
             return None
@@ -302,6 +331,17 @@ class BaseSocketHandler(tornado.websocket.WebSocketHandler):
             self.reply_error("unknown_type", "unknown message type %r" % msg["type"][:40], msg.get("ref"))
             return None
         return self._guard(handler, msg)
+
+    def admit(self) -> str | None:
+        """Count one incoming message against the rate limit: ``"ok"``, another
+        verdict (answer ``rate_limited``), or None when the client kept
+        flooding and the connection is closed."""
+        self.ctx.stats.messages_in += 1
+        verdict = self.flood.check()
+        if verdict == "flood":
+            self.close(Close.POLICY, "too many messages; slow down")
+            return None
+        return verdict
 
     def msg_ping(self, msg: dict[str, Any]) -> None:
         """An application-level ping, on every endpoint, for clients that can't
@@ -378,11 +418,8 @@ class BaseSocketHandler(tornado.websocket.WebSocketHandler):
 
     def buffered_bytes(self) -> int:
         """Bytes queued for this client and not yet taken by the kernel."""
-        stream = getattr(self.ws_connection, "stream", None)
-        pending = self.rt.outq_bytes
-        if stream is not None:
-            pending += stream._total_write_index - stream._total_write_done_index
-        return pending
+        writer = self.rt.writer
+        return self.rt.outq_bytes + (writer.sent - writer.done if writer is not None else 0)
 
     def deliver(self, out: Outgoing) -> None:
         """Queue an encoded message; never blocks, never raises.
@@ -391,12 +428,11 @@ class BaseSocketHandler(tornado.websocket.WebSocketHandler):
         consumer: see :meth:`on_backlog`.
         """
         rt = self.rt
-        ws = self.ws_connection
-        if rt.closing or ws is None:
+        writer = rt.writer
+        if rt.closing or writer is None or self.ws_connection is None:
             return
         # buffered_bytes(), inlined: this runs once per recipient per message.
-        stream = ws.stream  # type: ignore[attr-defined]
-        if rt.outq_bytes + stream._total_write_index - stream._total_write_done_index > rt.cap:
+        if rt.outq_bytes + writer.sent - writer.done > rt.cap:
             self.on_backlog(out)
             return
         self.enqueue(out)
@@ -404,7 +440,39 @@ class BaseSocketHandler(tornado.websocket.WebSocketHandler):
     def enqueue(self, out: Outgoing) -> None:
         """Queue ``out`` for this iteration's flush, with no backlog check."""
         rt = self.rt
-        data = out.frame if rt.fast else out.data
+        assert rt.writer is not None
+        fmt = rt.fmt
+        if rt.writer.frames:
+            data = out.frame if fmt.key == 0 else out.frame_for(fmt)
+        else:
+            data = out.packed if fmt.binary else out.data
+        self._queue(data)
+
+    def send_raw(self, payload: str | bytes) -> None:
+        """Send one message as it is, text or binary (the echo endpoint), behind
+        what is queued; the same backlog bound applies."""
+        rt = self.rt
+        writer = rt.writer
+        if rt.closing or writer is None or self.ws_connection is None:
+            return
+        binary = not isinstance(payload, str)
+        data: bytes = payload if binary else payload.encode("utf-8")  # type: ignore[assignment, union-attr]
+        if rt.outq_bytes + writer.sent - writer.done > rt.cap:
+            self.drop_slow_consumer()
+            return
+        if isinstance(writer, StreamWriter):
+            opcode = OP_BINARY if binary else OP_TEXT
+            deflater = rt.fmt.deflater
+            self._queue(frame(deflater.compress(data), opcode, rsv1=True) if deflater else frame(data, opcode))
+            return
+        self._flush()  # what was queued goes first
+        try:
+            writer.write_one(data, binary)
+        except (StreamClosedError, tornado.websocket.WebSocketClosedError):
+            pass
+
+    def _queue(self, data: bytes) -> None:
+        rt = self.rt
         if rt.outq is None:
             rt.outq = [data]
             rt.ctx.flusher.mark(self)
@@ -413,9 +481,11 @@ class BaseSocketHandler(tornado.websocket.WebSocketHandler):
         rt.outq_bytes += len(data)
 
     def on_backlog(self, out: Outgoing) -> None:
-        """The client is not reading: close with 1013 (it reconnects and resumes).
+        """The client is not reading: close with 1013 (it reconnects and resumes)."""
+        self.drop_slow_consumer()
 
-        The close frame queues behind the backlog, which a stalled client may
+    def drop_slow_consumer(self) -> None:
+        """Close with 1013.  The close frame queues behind the backlog, which a stalled client may
         never read, so the TCP connection is dropped a second later instead of
         after Tornado's 5 s close timeout: its buffers are freed promptly."""
         self.ctx.stats.error("slow_consumer")
@@ -430,62 +500,85 @@ class BaseSocketHandler(tornado.websocket.WebSocketHandler):
         n = rt.outq_bytes
         rt.outq = None
         rt.outq_bytes = 0
-        if not q or rt.closing:
+        writer = rt.writer
+        if not q or rt.closing or writer is None:
             return
         ws = self.ws_connection
         if ws is None or ws.is_closing():
             return
-        if rt.fast and rt.wfut is not None and not rt.wfut.done():
+        if writer.busy():
             # The kernel has not taken the previous write: park these frames
             # (they still count toward max_write_buffer) until it has, rather
             # than pay a failing send() per message for a client that stalls.
             rt.outq = q
             rt.outq_bytes = n
-            if not rt.waiting:
-                rt.waiting = True
-                rt.wfut.add_done_callback(self._drained)
+            writer.on_drain = self._drained
             return
         stats = rt.ctx.stats
         stats.messages_out += len(q)
         stats.bytes_out += n
         try:
-            if rt.fast:
-                data = q[0] if len(q) == 1 else b"".join(q)
-                stream = ws.stream  # type: ignore[attr-defined]
-                sock = rt.sock
-                if sock is not None and not stream._write_buffer and not stream.closed():
-                    # Nothing queued in the stream: hand the bytes to the kernel
-                    # ourselves (what IOStream.write would do, minus its future
-                    # and buffer bookkeeping); only a remainder goes through it.
-                    try:
-                        sent = sock.send(data)
-                    except (BlockingIOError, InterruptedError):
-                        sent = 0
-                    except OSError:
-                        sent = 0  # let the stream see the error and close itself
-                    if sent == len(data):
-                        rt.wfut = None
-                        return
-                    data = data[sent:]
-                rt.wfut = stream.write(data)
-            else:
-                for data in q:
-                    ws.write_message(data)
+            writer.write_batch(q)
         except (StreamClosedError, tornado.websocket.WebSocketClosedError):
             pass
 
-    def _drained(self, _fut: Any) -> None:
-        self.rt.waiting = False
+    def _drained(self) -> None:
         if self.rt.outq and not self.rt.closing:
             self._flush()
 
 
+def request_token(handler: tornado.web.RequestHandler) -> str | None:
+    """The token a request presents: ``?token=`` or ``Authorization: Bearer``."""
+    token = handler.get_query_argument("token", None)
+    auth_header = handler.request.headers.get("Authorization", "")
+    if not token and auth_header[:7].lower() == "bearer ":
+        token = auth_header[7:].strip()
+    return token or None
+
+
+@tornado.web.stream_request_body
 class JSONHandler(tornado.web.RequestHandler):
-    """HTTP API base: JSON in and out, errors as ``{"error": code, "message": ...}``."""
+    """HTTP API base: JSON in and out, errors as ``{"error": code, "message": ...}``.
+
+    Identity first, body second: :meth:`prepare` runs when the request head
+    has arrived, before any body byte is read.  In token mode every route
+    needs a valid token, as its WebSocket twin does (401 otherwise);
+    ``public`` routes (health, metrics) need none.  A route takes the body
+    its ``body_limits`` allow per method (see handlers/gate.py; none unless
+    it says so)."""
+
+    public = False
+    body_limits: dict[str, int | str] = {}
 
     def initialize(self, ctx: Context) -> None:
         self.ctx = ctx
         self.cfg = ctx.cfg
+        self.user: Identity | None = None
+        self._body = bytearray()
+
+    def prepare(self) -> None:
+        if self.public or self.ctx.auth.mode != "token":
+            return
+        token = request_token(self)
+        if token is None:
+            self.unauthorized("a token is required (?token= or Authorization: Bearer)")
+            return
+        try:
+            self.user = self.ctx.auth.verify_token(token)
+        except AuthError as e:
+            self.unauthorized(e.message)
+
+    def unauthorized(self, message: str, realm: str = "realtime") -> None:
+        self.set_header("WWW-Authenticate", 'Bearer realm="%s"' % realm)
+        self.fail(401, "unauthorized", message)
+
+    def data_received(self, chunk: bytes) -> None:
+        # Bounded: the gate set this request's body limit before the first byte.
+        self._body += chunk
+
+    @property
+    def body_bytes(self) -> bytes:
+        return bytes(self._body)
 
     def set_default_headers(self) -> None:
         self.set_header("Content-Type", "application/json; charset=utf-8")
@@ -519,10 +612,10 @@ class JSONHandler(tornado.web.RequestHandler):
 
     def json_body(self) -> Any:
         """The request body as checked JSON (no NaN, Infinity, lone surrogates)."""
-        return decode_value(self.request.body or b"null")
+        return decode_value(self.body_bytes or b"null")
 
 
 STATUS_FOR_CODE = {
-    "bad_json": 400, "bad_message": 400, "unknown_type": 400, "too_large": 413,
+    "bad_json": 400, "bad_msgpack": 400, "bad_message": 400, "unknown_type": 400, "too_large": 413,
     "rate_limited": 429, "forbidden": 403, "not_found": 404, "conflict": 409, "unavailable": 503,
 }

@@ -178,6 +178,8 @@ class DocsPage(Page):
     title = "Documents"
 
     async def get(self, *args: str) -> None:  # type: ignore[override]
+        if not self.require_token():
+            return
         self.ensure_session()
         wanted = (self.get_query_argument("doc", "") or "").strip()
         error = ""
@@ -215,7 +217,7 @@ def register(ctx: Any) -> list[Any]:
     """Build the editing service into ``ctx.services["docs"]``; return the routes."""
     cfg = ctx.cfg
     svc = EditingService(
-        ctx.store, ctx.hub,
+        ctx.storage.document_log(), ctx.hub,
         max_doc_size=_option(cfg, "max_doc_size"),
         max_op_size=_option(cfg, "max_op_size"),
         edit_rate=_option(cfg, "edit_rate"),

@@ -6,7 +6,9 @@ from typing import Any
 
 import tornado.web
 
-from handlers.base import SESSION_COOKIE
+from handlers.base import SESSION_COOKIE, request_token
+from handlers.gate import split_host
+from realtime.auth import AuthError
 from realtime.context import Context
 
 
@@ -18,12 +20,15 @@ class Page(tornado.web.RequestHandler):
         self.ctx = ctx
 
     def set_default_headers(self) -> None:
+        # The gate has refused a Host outside --allowed_hosts; the value is
+        # still parsed again here, so nothing but a host[:port] reaches the CSP.
         host = self.request.host
+        sockets = " ws://%s wss://%s" % (host, host) if split_host(host) is not None else ""
         self.set_header(
             "Content-Security-Policy",
             "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
-            "connect-src 'self' ws://%s wss://%s; object-src 'none'; base-uri 'none'; "
-            "frame-ancestors 'none'; form-action 'self'" % (host, host),
+            "connect-src 'self'%s; object-src 'none'; base-uri 'none'; "
+            "frame-ancestors 'none'; form-action 'self'" % sockets,
         )
         self.set_header("X-Content-Type-Options", "nosniff")
         self.set_header("Referrer-Policy", "same-origin")
@@ -38,6 +43,23 @@ class Page(tornado.web.RequestHandler):
             self.set_cookie(SESSION_COOKIE, self.ctx.auth.session_for(ident), httponly=True,
                             samesite="Lax", expires_days=30,
                             secure=self.request.protocol == "https")
+
+    def require_token(self) -> bool:
+        """In token mode, a page that shows stored data needs a valid token
+        (``?token=``), as the socket it mirrors does; answers 401 otherwise."""
+        if self.ctx.auth.mode != "token":
+            return True
+        token = request_token(self)
+        try:
+            if token is None:
+                raise AuthError(401, "a token is required (?token=)")
+            self.ctx.auth.verify_token(token)
+        except AuthError as e:
+            self.set_status(401)
+            self.set_header("Content-Type", "text/plain; charset=utf-8")
+            self.finish("401: %s\n" % e.message)
+            return False
+        return True
 
     def get(self, *args: str) -> None:
         self.ensure_session()
@@ -65,3 +87,16 @@ class NotFoundPage(Page):
             self.finish({"error": "not_found", "message": "no such endpoint"})
             return
         self.render("404.html", title="Not found")
+
+
+class StaticFiles(tornado.web.StaticFileHandler):
+    """``/static/``: Tornado's file handler with ``nosniff``, and 404 (not a
+    500 and a traceback) for a path no file can have."""
+
+    def set_default_headers(self) -> None:
+        self.set_header("X-Content-Type-Options", "nosniff")
+
+    def validate_absolute_path(self, root: str, absolute_path: str) -> str | None:
+        if "\x00" in absolute_path:
+            raise tornado.web.HTTPError(404)
+        return super().validate_absolute_path(root, absolute_path)

@@ -36,6 +36,8 @@ from realtime.sensors import SensorConfig, SensorService, Viewer
 
 log = logging.getLogger("realtime.sensors")
 
+META_BODY_LIMIT = 4096  # bytes of a PUT /api/sensors/<id> body (label and unit are short)
+
 # -- options -------------------------------------------------------------------
 define("sensor_window", default=600.0, type=float,
        help="seconds of readings kept per sensor (ring buffer and SQLite); also the longest backfill")
@@ -75,9 +77,13 @@ def _opt(cfg: Any, name: str) -> Any:
     return getattr(cfg, name) if hasattr(cfg, name) else getattr(options, name)
 
 
-def sensor_config(cfg: Any) -> SensorConfig:
+def sensor_config(cfg: Any, secret: Any = None) -> SensorConfig:
+    """``secret(name)`` gives a generated secret (a file in data_dir, or the
+    cluster's in Redis); used for the ingest key when none is configured."""
     key = _opt(cfg, "ingest_key")
-    if not key:
+    if not key and secret is not None:
+        key = secret("ingest_key")
+    elif not key:
         path = os.path.join(cfg.data_dir, "ingest_key")
         key = load_or_create_secret(path)
         log.info("sensor ingest key is in %s (send it as Authorization: Bearer <key>)", os.path.abspath(path))
@@ -104,7 +110,8 @@ def sensor_config(cfg: Any) -> SensorConfig:
 
 def register(ctx: Context) -> list[Any]:
     """Build the sensor service into ``ctx.services["sensors"]``; return the routes."""
-    ctx.services["sensors"] = SensorService(ctx.store, sensor_config(ctx.cfg))
+    ctx.services["sensors"] = SensorService(ctx.storage.reading_store(), sensor_config(ctx.cfg, ctx.secret),
+                                            hub=ctx.hub)
     kw = {"ctx": ctx}
     return [
         (r"/dashboard", DashboardPage, kw),
@@ -212,9 +219,18 @@ class SensorSocketHandler(BaseSocketHandler):
 
 
 class _SensorHTTP(JSONHandler):
+    """Reads need what the socket needs (a token in token mode, else nothing);
+    writes need the ingest key or a publish token, checked before the body is read."""
+
     @property
     def svc(self) -> SensorService:
         return self.ctx.sensors  # type: ignore[no-any-return]
+
+    def prepare(self) -> None:
+        if self.request.method in ("PUT", "POST", "DELETE"):
+            self.authorized()
+            return
+        super().prepare()
 
     def authorized(self) -> bool:
         """The ingest key (``Authorization: Bearer``, ``X-Ingest-Key`` or ``?key=``),
@@ -248,9 +264,8 @@ class _SensorHTTP(JSONHandler):
         return False
 
     def body(self) -> Any:
-        if len(self.request.body) > self.cfg.max_message_size:
-            raise ProtocolError("too_large", "request body is larger than %d bytes" % self.cfg.max_message_size)
-        if not self.request.body.strip():
+        """The JSON body (its size was bounded by ``body_limits`` before it was read)."""
+        if not self.body_bytes.strip():
             raise ProtocolError("bad_message", "send a JSON body")
         return self.json_body()
 
@@ -265,27 +280,27 @@ class SensorListAPI(_SensorHTTP):
 class SensorAPI(_SensorHTTP):
     """``GET``, ``PUT`` (label, unit, rate_hz) and ``DELETE /api/sensors/<id>``."""
 
+    body_limits = {"PUT": META_BODY_LIMIT}
+
     def get(self, sensor_id: str) -> None:
         sensor = self.svc.require(sensor_id)
         self.finish({"sensor": {**sensor.to_json(), "points": len(sensor.ring)}})
 
     async def put(self, sensor_id: str) -> None:
-        if not self.authorized():
-            return
         body = self.body()
         sensor, created = await self.svc.set_meta(sensor_id, body)
         self.set_status(201 if created else 200)
         self.finish({"sensor": sensor, "created": created})
 
     async def delete(self, sensor_id: str) -> None:
-        if not self.authorized():
-            return
         await self.svc.delete(sensor_id)
         self.finish({"deleted": sensor_id})
 
 
 class SensorReadingsAPI(_SensorHTTP):
     """``GET /api/sensors/<id>/readings?since=&limit=`` and ``POST`` readings."""
+
+    body_limits = {"POST": "max_body_size"}
 
     def get(self, sensor_id: str) -> None:
         since = self._float_arg("since")
@@ -315,8 +330,6 @@ class SensorReadingsAPI(_SensorHTTP):
     async def post(self, sensor_id: str) -> None:
         """Body: ``[[t, v], ...]``, ``21.5``, ``{"value": v, "t": t}`` or
         ``{"points": [[t, v], ...]}``.  200 ``{"stored": n}`` after commit."""
-        if not self.authorized():
-            return
         body = self.body()
         if type(body) is dict and "points" in body:
             if len(body) > 1:

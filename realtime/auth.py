@@ -21,6 +21,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import logging
 import os
 import re
 import secrets
@@ -30,6 +31,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 NAME_MAX = 32
+MIN_JWT_SECRET = 32  # bytes: RFC 7518 3.2 asks for a key at least as long as the hash (256 bits)
+log = logging.getLogger("realtime.auth")
 
 
 def load_or_create_secret(path: str) -> str:
@@ -126,11 +129,16 @@ class Authenticator:
         jwt_secret: str = "",
         session_max_age: float = 30 * 86400,
         guest_roles: frozenset[str] = frozenset({"chat", "edit"}),
+        max_token_lifetime: float = 86400.0,
     ) -> None:
         if mode not in ("open", "token"):
             raise ValueError("auth mode must be 'open' or 'token'")
         if mode == "token" and not jwt_secret:
             raise ValueError("token mode needs --jwt_secret")
+        if mode == "token" and len(jwt_secret.encode("utf-8")) < MIN_JWT_SECRET:
+            log.warning("--jwt_secret is %d bytes: anyone holding one token can guess it offline and mint "
+                        "their own; use at least %d random bytes", len(jwt_secret.encode("utf-8")), MIN_JWT_SECRET)
+        self.max_token_lifetime = max_token_lifetime
         self.mode = mode
         self.signer = Signer(secret)
         self.jwt_secret = jwt_secret
@@ -195,6 +203,9 @@ class Authenticator:
             raise AuthError(401, "token expired", expired=True)
         except jwt.InvalidTokenError as e:
             raise AuthError(401, "invalid token: %s" % e)
+        if self.max_token_lifetime > 0 and float(claims["exp"]) - time.time() > self.max_token_lifetime:
+            raise AuthError(401, "invalid token: it expires more than %g seconds from now (--max_token_lifetime)"
+                            % self.max_token_lifetime)
         sub = str(claims.get("sub", ""))
         if not _ID_RE.match(sub):
             raise AuthError(401, "invalid token: bad 'sub'")

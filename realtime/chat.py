@@ -2,9 +2,10 @@
 
 Contracts:
 
-* A message is acknowledged (``ack``) and broadcast only after its SQLite
-  transaction has committed.  Its ``seq`` is assigned inside that transaction,
-  so sequence numbers have no gaps and are in commit order.
+* A message is acknowledged (``ack``) and broadcast only after the chat log
+  (:class:`~realtime.storage.base.ChatLog`: SQLite, or Redis in a cluster)
+  has stored it.  Its ``seq`` is assigned by that store, so sequence numbers
+  have no gaps and are in commit order.
 * A ``say`` with a ``cid`` that this user already used in this room is
   acknowledged again with the first ``seq``; it is neither stored nor broadcast
   twice (the check runs inside the writing transaction, so it also holds across
@@ -12,6 +13,10 @@ Contracts:
 * Joining subscribes first, reads history second, then releases the live
   messages buffered meanwhile, dropping those the history already had: nothing
   is lost or doubled at the seam.
+* Each node has one :class:`RoomRelay` per room with local members: it keeps
+  the room's state current from what arrives on the room's topic (from any
+  node), fills any gap in the seqs from the log before passing messages on,
+  and so hands every member each message once, in seq order.
 * Each room has an ``epoch``; a client that resumes with another epoch (the store
   was reset) or from before the kept history gets ``recovered: false`` and the
   recent history instead.
@@ -23,8 +28,6 @@ import asyncio
 import functools
 import logging
 import re
-import secrets
-import sqlite3
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -33,34 +36,9 @@ from typing import Any, Callable, Protocol
 from realtime.auth import Identity
 from realtime.hub import Hub
 from realtime.protocol import Outgoing, ProtocolError, has_control_chars
-from realtime.storage.sqlite import Schema, SQLiteStore, StoreBusy
+from realtime.storage.base import ChatLog, RoomRecord, StorageError, StoreBusy
 
 log = logging.getLogger("realtime.chat")
-
-CHAT_SCHEMA = Schema(
-    "chat",
-    [
-        """
-        CREATE TABLE rooms(
-            name TEXT PRIMARY KEY,
-            epoch TEXT NOT NULL,
-            last_seq INTEGER NOT NULL DEFAULT 0,
-            created REAL NOT NULL
-        );
-        CREATE TABLE messages(
-            room TEXT NOT NULL,
-            seq INTEGER NOT NULL,
-            user_id TEXT NOT NULL,
-            name TEXT NOT NULL,
-            text TEXT NOT NULL,
-            ts INTEGER NOT NULL,
-            cid TEXT,
-            PRIMARY KEY(room, seq)
-        ) WITHOUT ROWID;
-        CREATE UNIQUE INDEX messages_cid ON messages(room, user_id, cid) WHERE cid IS NOT NULL
-        """
-    ],
-)
 
 _ROOM_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _CID_MAX = 64
@@ -117,15 +95,6 @@ def resume_plan(
     if last_seq - since > resume_max:
         return recent
     return ResumePlan(True, since, last_seq - since)
-
-
-def message_row(row: sqlite3.Row | tuple[Any, ...], room: str) -> dict[str, Any]:
-    seq, user_id, name, text, ts, cid = row
-    msg = {"type": "message", "room": room, "seq": seq, "user": user_id, "name": name,
-           "text": text, "ts": ts}
-    if cid is not None:
-        msg["cid"] = cid
-    return msg
 
 
 class RoomState:
@@ -296,14 +265,140 @@ class RoomSubscription:
             self.deliver(out)
 
 
-class ChatService:
-    """Rooms, history, presence and typing, over a store and a hub."""
+class RoomRelay:
+    """This node's one subscription to a room's topic.
 
-    def __init__(self, store: SQLiteStore, hub: Hub, *, history_size: int = 50,
+    Messages with a ``seq`` arrive from any node, possibly late, twice, or with
+    one missing (a cluster backplane's pub/sub is at-most-once).  The relay
+    keeps the room's :class:`RoomState` current from them and passes each on to
+    the members' subscriptions exactly once and in seq order: older ones are
+    dropped, and a gap is filled from the log before anything after it goes
+    out.  Messages without a seq (presence, typing) pass straight through.
+    """
+
+    def __init__(self, service: "ChatService", name: str) -> None:
+        self.service = service
+        self.name = name
+        self.topic = ChatService.topic(name)
+        self.state: RoomState | None = None
+        self.members: dict[RoomSubscription, None] = {}
+        self.held: list[Outgoing] = []  # arrived before the state, or behind a gap
+        self.ready: asyncio.Future[RoomState] = asyncio.get_running_loop().create_future()
+        self.filling: asyncio.Task[None] | None = None
+        self.closed = False
+
+    async def start(self) -> None:
+        """Subscribe, then load the room: whatever is published from now on
+        arrives here, and the state covers everything before it."""
+        svc = self.service
+        try:
+            await svc.hub.subscribe(self.topic, self)
+            try:
+                record = await svc.log.open_room(self.name, svc.history_size)
+            except BaseException:
+                svc.hub.unsubscribe(self.topic, self)
+                raise
+        except BaseException as e:
+            self.ready.set_exception(e if isinstance(e, Exception) else ConnectionError("cancelled"))
+            self.ready.exception()
+            raise
+        if self.closed:  # every member left while this was loading
+            svc.hub.unsubscribe(self.topic, self)
+        self.state = svc.room_state(self.name, record)
+        self.ready.set_result(self.state)
+        self._drain()
+
+    def deliver(self, out: Outgoing) -> None:
+        if out.seq is None:
+            self._fan(out)
+            return
+        if self.state is None or self.filling is not None:
+            self.held.append(out)
+            return
+        self._take(out)
+
+    def _take(self, out: Outgoing) -> None:
+        state = self.state
+        assert state is not None and out.seq is not None
+        if out.seq <= state.last_seq:
+            return  # already passed on (a duplicate, or covered by the loaded state)
+        if out.seq > state.last_seq + 1:
+            self.held.append(out)
+            self.filling = asyncio.ensure_future(self._fill(out.seq))
+            return
+        state.committed(out.obj, self.service.history_keep)
+        self._fan(out)
+
+    def _fan(self, out: Outgoing) -> None:
+        for sub in tuple(self.members):
+            sub.deliver(out)
+        self.service.delivered += len(self.members)
+
+    def _drain(self) -> None:
+        held, self.held = self.held, []
+        held.sort(key=lambda o: -1 if o.seq is None else o.seq)
+        for i, out in enumerate(held):
+            if self.filling is not None:
+                self.held.extend(held[i:])
+                return
+            self.deliver(out)
+
+    async def _fill(self, upto: int) -> None:
+        """Read the messages between the last one passed on and ``upto`` from
+        the log, pass them on, then what was held behind them."""
+        svc = self.service
+        delay = 0.05
+        while not self.closed:
+            state = self.state
+            assert state is not None
+            try:
+                msgs = await svc.log.read(self.name, state.last_seq, min(upto - state.last_seq - 1,
+                                                                         svc.history_keep), False)
+            except StorageError as e:
+                log.warning("room %s: filling seqs %d..%d failed (%s); retrying", self.name,
+                            state.last_seq + 1, upto - 1, e)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+                continue
+            svc.gaps_filled += 1
+            for msg in msgs:
+                if msg["seq"] == state.last_seq + 1:
+                    state.committed(msg, svc.history_keep)
+                    self._fan(Outgoing(msg, seq=msg["seq"]))
+            if self.held and state.last_seq < upto - 1:
+                # Not in the log (trimmed, or another epoch): skip ahead rather than stall.
+                log.warning("room %s: seqs %d..%d are not in the log; skipping them", self.name,
+                            state.last_seq + 1, upto - 1)
+                state.last_seq = upto - 1
+                state.recent.clear()  # the cache holds only an unbroken run of seqs
+            break
+        self.filling = None
+        if not self.closed:
+            self._drain()
+
+    def catch_up(self) -> None:
+        """After this node lost its subscription for a while: pass on what the
+        log has beyond the last message passed on."""
+        state = self.state
+        if state is None or self.filling is not None or self.closed:
+            return
+        self.filling = asyncio.ensure_future(self._fill(state.last_seq + 1 + self.service.history_keep))
+
+    def close(self) -> None:
+        self.closed = True
+        if self.filling is not None:
+            self.filling.cancel()
+        self.service.hub.unsubscribe(self.topic, self)
+
+
+class ChatService:
+    """Rooms, history, presence and typing, over a chat log and a hub."""
+
+    def __init__(self, log: ChatLog, hub: Hub, *, history_size: int = 50,
                  history_keep: int = 1000, max_text: int = 2000, max_rooms: int = 20,
                  members_max: int = 100, presence_window: float = 0.1,
                  presence_diff_max: int = 50, typing_interval: float = 1.0) -> None:
-        self.store = store
+        self.log = log
         self.hub = hub
         self.history_size = history_size
         self.history_keep = max(history_keep, history_size)
@@ -314,11 +409,20 @@ class ChatService:
         self.presence_diff_max = presence_diff_max
         self.typing_interval = typing_interval
         self.presence = Presence()
-        self._rooms: dict[str, RoomState] = {}
-        self._loading: dict[str, asyncio.Future[RoomState]] = {}
+        self._relays: dict[str, RoomRelay] = {}
         self._batches: dict[str, PresenceBatch] = {}
         self._flush_handle: asyncio.TimerHandle | None = None
         self.messages_stored = 0
+        self.delivered = 0
+        self.gaps_filled = 0
+        on_resync = getattr(hub.backplane, "on_resync", None)
+        if on_resync is not None:
+            on_resync(self.resync)
+
+    def resync(self) -> None:
+        """The backplane was cut off and is back: every room catches up from the log."""
+        for relay in list(self._relays.values()):
+            relay.catch_up()
 
     @staticmethod
     def topic(room: str) -> str:
@@ -326,51 +430,29 @@ class ChatService:
 
     # -- rooms -----------------------------------------------------------
 
-    async def room(self, name: str, create: bool = True) -> RoomState:
-        """The room's state, created in the store on first use (``create``), else
-        ProtocolError not_found for a room that never existed."""
-        state = self._rooms.get(name)
-        if state is not None:
-            return state
-        if not create:
-            exists = await self.store.read(
-                lambda conn: conn.execute("SELECT 1 FROM rooms WHERE name=?", (name,)).fetchone())
-            if not exists:
-                raise ProtocolError("not_found", "no room named %s" % name)
-        fut = self._loading.get(name)
-        if fut is None:
-            fut = asyncio.ensure_future(self._load_room(name))
-            self._loading[name] = fut
-            fut.add_done_callback(lambda _f: self._loading.pop(name, None))
-        return await asyncio.shield(fut)
-
-    async def _load_room(self, name: str) -> RoomState:
-        keep = self.history_keep
-
-        def load(conn: sqlite3.Connection) -> tuple[str, int, int, list[tuple[Any, ...]]]:
-            conn.execute(
-                "INSERT OR IGNORE INTO rooms(name, epoch, last_seq, created) VALUES (?, ?, 0, ?)",
-                (name, secrets.token_hex(8), time.time()),
-            )
-            epoch, last_seq = conn.execute(
-                "SELECT epoch, last_seq FROM rooms WHERE name=?", (name,)
-            ).fetchone()
-            row = conn.execute("SELECT MIN(seq) FROM messages WHERE room=?", (name,)).fetchone()
-            oldest = row[0] if row[0] is not None else last_seq + 1
-            recent = conn.execute(
-                "SELECT seq, user_id, name, text, ts, cid FROM messages WHERE room=? "
-                "ORDER BY seq DESC LIMIT ?", (name, self.history_size),
-            ).fetchall()
-            return epoch, last_seq, max(oldest, last_seq - keep + 1), recent[::-1]
-
-        epoch, last_seq, oldest, recent = await self.store.write(load)
-        state = self._rooms.get(name)
-        if state is None:
-            state = RoomState(name, epoch, last_seq, oldest, max(self.history_size, 200))
-            for row in recent:
-                state.recent.append(message_row(tuple(row), name))
-            self._rooms[name] = state
+    def room_state(self, name: str, record: RoomRecord) -> RoomState:
+        state = RoomState(name, record.epoch, record.last_seq, record.oldest_seq, max(self.history_size, 200))
+        state.recent.extend(record.recent)
         return state
+
+    async def room(self, name: str, create: bool = True) -> RoomState:
+        """The room's state: this node's live one while it has members, else read
+        from the log (created on first use with ``create``; otherwise
+        ProtocolError not_found for a room that never existed)."""
+        relay = self._relays.get(name)
+        if relay is not None:
+            return await asyncio.shield(relay.ready)
+        try:
+            if create:
+                record = await self.log.open_room(name, self.history_size)
+            else:
+                found = await self.log.find_room(name, self.history_size)
+                if found is None:
+                    raise ProtocolError("not_found", "no room named %s" % name)
+                record = found
+        except StorageError:
+            raise ProtocolError("unavailable", "the room could not be read; retry shortly")
+        return self.room_state(name, record)
 
     async def history(self, room: RoomState, after: int, limit: int, *,
                       newest: bool = True) -> list[dict[str, Any]]:
@@ -379,17 +461,10 @@ class ChatService:
         cached = room.cached_after(after, limit)
         if cached is not None and (newest or len(cached) < limit):
             return cached
-        name = room.name
-        order = "DESC" if newest else "ASC"
-
-        def read(conn: sqlite3.Connection) -> list[tuple[Any, ...]]:
-            rows = conn.execute(
-                "SELECT seq, user_id, name, text, ts, cid FROM messages WHERE room=? AND seq>? "
-                "ORDER BY seq %s LIMIT ?" % order, (name, after, limit),
-            ).fetchall()
-            return [tuple(r) for r in (rows[::-1] if newest else rows)]
-
-        return [message_row(r, name) for r in await self.store.read(read)]
+        try:
+            return await self.log.read(room.name, after, limit, newest)
+        except StorageError:
+            raise ProtocolError("unavailable", "history could not be read; retry shortly")
 
     # -- membership ------------------------------------------------------
 
@@ -406,9 +481,18 @@ class ChatService:
             raise ProtocolError("too_large", "at most %d rooms per connection" % self.max_rooms)
         sub = RoomSubscription(member, name)
         subs[name] = sub
-        self.hub.subscribe(self.topic(name), sub)
+        relay = self._relays.get(name)
+        if relay is None:
+            relay = self._relays[name] = RoomRelay(self, name)
+            relay.members[sub] = None
+            starting: asyncio.Future[None] | None = asyncio.ensure_future(relay.start())
+        else:
+            relay.members[sub] = None
+            starting = None
         try:
-            room = await self.room(name)
+            if starting is not None:
+                await asyncio.shield(starting)
+            room = await asyncio.shield(relay.ready)
             plan = resume_plan(epoch=room.epoch, last_seq=room.last_seq, oldest_seq=room.oldest_seq,
                                since=since, client_epoch=epoch, history_size=self.history_size,
                                resume_max=self.history_keep)
@@ -417,9 +501,11 @@ class ChatService:
                 messages = await self.history(room, plan.after, self.history_keep, newest=False)
             else:
                 messages = await self.history(room, plan.after, plan.limit)
-        except BaseException:
+        except BaseException as e:
             subs.pop(name, None)
-            self.hub.unsubscribe(self.topic(name), sub)
+            self._drop(relay, sub)
+            if isinstance(e, StorageError):
+                raise ProtocolError("unavailable", "the room could not be opened; retry shortly")
             raise
         if messages:
             upto = max(upto, messages[-1]["seq"])
@@ -431,15 +517,21 @@ class ChatService:
                 "members": self.presence.members(name, self.members_max),
                 "member_count": self.presence.count(name)}
 
+    def _drop(self, relay: RoomRelay, sub: RoomSubscription) -> None:
+        relay.members.pop(sub, None)
+        if not relay.members and self._relays.get(relay.name) is relay:
+            del self._relays[relay.name]
+            relay.close()
+
     def leave(self, member: Member, subs: dict[str, RoomSubscription], name: str) -> bool:
         sub = subs.pop(name, None)
         if sub is None:
             return False
-        self.hub.unsubscribe(self.topic(name), sub)
+        relay = self._relays.get(name)
+        if relay is not None:
+            self._drop(relay, sub)
         if self.presence.remove(name, member.user):
             self._presence_change(name, "leave", member.user)
-        if self.hub.subscribers(self.topic(name)) == 0 and not self._batches.get(name):
-            self._rooms.pop(name, None)
         return True
 
     def leave_all(self, member: Member, subs: dict[str, RoomSubscription]) -> None:
@@ -469,39 +561,19 @@ class ChatService:
 
     async def say(self, user: Identity, name: str, text: object, cid: object,
                   reply: Callable[[dict[str, Any]], None]) -> None:
-        """Store one message; after commit, ``reply(ack)`` to the sender, then
-        broadcast the message to the room (unless it was a retry)."""
+        """Store one message; once stored, ``reply(ack)`` to the sender, then
+        publish the message to the room on every node (unless it was a retry)."""
         text = check_text(text, self.max_text)
         if cid is not None and (not isinstance(cid, str) or not cid or len(cid) > _CID_MAX):
             raise ProtocolError("bad_message", "'cid' must be a string of 1-%d characters" % _CID_MAX)
-        room = await self.room(name)
-        ts = int(time.time() * 1000)
-
-        def append(conn: sqlite3.Connection) -> tuple[int, int, bool]:
-            if cid is not None:
-                row = conn.execute(
-                    "SELECT seq, ts FROM messages WHERE room=? AND user_id=? AND cid=?",
-                    (name, user.id, cid),
-                ).fetchone()
-                if row is not None:
-                    return row[0], row[1], True
-            seq = conn.execute(
-                "UPDATE rooms SET last_seq=last_seq+1 WHERE name=? RETURNING last_seq", (name,)
-            ).fetchone()[0]
-            conn.execute(
-                "INSERT INTO messages(room, seq, user_id, name, text, ts, cid) VALUES (?,?,?,?,?,?,?)",
-                (name, seq, user.id, user.name, text, ts, cid),
-            )
-            if seq % 100 == 0 and seq > self.history_keep:
-                conn.execute("DELETE FROM messages WHERE room=? AND seq<=?", (name, seq - self.history_keep))
-            return seq, ts, False
-
+        await self.room(name)  # exists in the log (a member's room always does)
         try:
-            seq, stored_ts, duplicate = await self.store.write(append)
+            seq, stored_ts, duplicate = await self.log.append(name, user.id, user.name, text,
+                                                              int(time.time() * 1000), cid)
         except StoreBusy:
             raise ProtocolError("unavailable", "the server is overloaded; retry shortly")
-        except sqlite3.Error as e:
-            # Disk full, I/O error: nothing was stored; the client may retry with its cid.
+        except StorageError as e:
+            # Disk full, I/O error, store unreachable: nothing was stored; the client may retry with its cid.
             log.error("storing a message in %s failed: %s", name, e)
             raise ProtocolError("unavailable", "the message could not be stored; retry shortly")
         ack: dict[str, Any] = {"type": "ack", "room": name, "seq": seq}
@@ -517,9 +589,10 @@ class ChatService:
                "text": text, "ts": stored_ts}
         if cid is not None:
             msg["cid"] = cid
-        state = self._rooms.get(name, room)
-        state.committed(msg, self.history_keep)
-        self.hub.publish(self.topic(name), Outgoing(msg, seq=seq))
+        if self.log.broadcasts:  # the other nodes have it from the log's append
+            self.hub.dispatch(self.topic(name), Outgoing(msg, seq=seq))
+        else:
+            self.hub.publish(self.topic(name), msg, seq=seq)
 
     def typing(self, user: Identity, name: str) -> None:
         self.hub.publish(self.topic(name), {"type": "typing", "room": name, "user": user.to_json()})
@@ -541,9 +614,8 @@ class ChatService:
                 "complete": since is None or since >= room.oldest_seq - 1}
 
     async def room_list(self) -> list[dict[str, Any]]:
-        def read(conn: sqlite3.Connection) -> list[tuple[Any, ...]]:
-            return [tuple(r) for r in conn.execute(
-                "SELECT name, last_seq FROM rooms ORDER BY name LIMIT 1000").fetchall()]
-
-        rows = await self.store.read(read)
+        try:
+            rows = await self.log.rooms(1000)
+        except StorageError:
+            raise ProtocolError("unavailable", "rooms could not be read; retry shortly")
         return [{"room": n, "seq": s, "members": self.presence.count(n)} for n, s in rows]

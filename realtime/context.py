@@ -6,12 +6,18 @@ import itertools
 import time
 from dataclasses import dataclass, field
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, Callable
 
 from realtime.auth import Authenticator
 from realtime.hub import Hub
 from realtime.limits import ConnectionCounter
+from realtime.protocol import Formats
 from realtime.storage.sqlite import SQLiteStore
+from realtime.storage.sqlite_repos import SQLiteStorage
+
+# The close codes RFC 6455 defines (1004 is reserved) and the ones this server sends.
+METRIC_CLOSE_CODES = frozenset({1000, 1001, 1002, 1003, 1005, 1006, 1007, 1008, 1009, 1010, 1011, 1012, 1013,
+                                1014, 1015, 4001, 4003})
 
 
 @dataclass
@@ -23,17 +29,25 @@ class Stats:
     messages_out: int = 0
     bytes_out: int = 0
     errors: dict[str, int] = field(default_factory=dict)
-    closes: dict[int, int] = field(default_factory=dict)
+    closes: dict[str, int] = field(default_factory=dict)
     handshakes_refused: dict[int, int] = field(default_factory=dict)
+    requests_refused: dict[int, int] = field(default_factory=dict)
 
     def error(self, code: str) -> None:
         self.errors[code] = self.errors.get(code, 0) + 1
 
     def closed(self, code: int) -> None:
-        self.closes[code] = self.closes.get(code, 0) + 1
+        """Counted by code; a code outside :data:`METRIC_CLOSE_CODES` (a
+        client may send any number) counts as ``other``, so that clients
+        cannot add series to /metrics."""
+        key = str(code) if code in METRIC_CLOSE_CODES else "other"
+        self.closes[key] = self.closes.get(key, 0) + 1
 
     def refused(self, status: int) -> None:
         self.handshakes_refused[status] = self.handshakes_refused.get(status, 0) + 1
+
+    def request_refused(self, status: int) -> None:
+        self.requests_refused[status] = self.requests_refused.get(status, 0) + 1
 
 
 @dataclass
@@ -41,6 +55,8 @@ class Context:
     cfg: SimpleNamespace
     hub: Hub
     store: SQLiteStore
+    storage: SQLiteStorage  # hands each app its repository (or RedisStorage in cluster mode)
+    secret: Callable[[str], str]  # generated secrets, shared by every node
     auth: Authenticator
     conn_limit: ConnectionCounter
     services: dict[str, Any] = field(default_factory=dict)
@@ -48,7 +64,9 @@ class Context:
     stats: Stats = field(default_factory=Stats)
     started: float = field(default_factory=time.time)
     shutting_down: bool = False
-    flusher: Any = None  # handlers.base.Flusher, set by make_app
+    flusher: Any = None  # handlers.writer.Flusher, set by make_app
+    formats: Formats = field(default_factory=Formats)  # wire formats and their compressors
+    wire_params: Any = None  # handlers.websocket.WireParams, made by the first connection
     _ids: Any = field(default_factory=lambda: itertools.count(1))
 
     def next_id(self) -> int:

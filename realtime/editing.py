@@ -51,10 +51,8 @@ import asyncio
 import logging
 import re
 import secrets
-import sqlite3
 import time
 from collections import OrderedDict, deque
-from dataclasses import dataclass
 from functools import partial
 from typing import Any, Callable, Iterator, NamedTuple, Protocol
 
@@ -73,43 +71,10 @@ from realtime.documents import (
 from realtime.hub import Hub
 from realtime.limits import TokenBucket
 from realtime.protocol import Close, Outgoing, ProtocolError
-from realtime.storage.sqlite import Schema, SQLiteStore, StoreBusy, StoreClosed
+from realtime.storage.base import DocumentLog, Loaded, StorageError, StoreBusy, StoredOp, TooManyDocuments
 from realtime.units import CODEPOINT, UTF16, TextUnits, utf16_length
 
 log = logging.getLogger("realtime.editing")
-
-DOCS_SCHEMA = Schema(
-    "docs",
-    [
-        """
-        CREATE TABLE docs(
-            id TEXT PRIMARY KEY,
-            rev INTEGER NOT NULL DEFAULT 0,
-            length INTEGER NOT NULL DEFAULT 0,
-            created INTEGER NOT NULL,
-            updated INTEGER NOT NULL
-        );
-        CREATE TABLE doc_ops(
-            doc TEXT NOT NULL,
-            rev INTEGER NOT NULL,
-            op TEXT NOT NULL,
-            client TEXT,
-            seq INTEGER,
-            user_id TEXT,
-            ts INTEGER NOT NULL,
-            PRIMARY KEY(doc, rev)
-        ) WITHOUT ROWID;
-        CREATE TABLE doc_snapshots(
-            doc TEXT NOT NULL,
-            rev INTEGER NOT NULL,
-            format INTEGER NOT NULL,
-            data TEXT NOT NULL,
-            ts INTEGER NOT NULL,
-            PRIMARY KEY(doc, rev)
-        ) WITHOUT ROWID
-        """
-    ],
-)
 
 COLORS = 8  # peers get colour indexes 0..7 (the page maps them to its palette)
 OWNERS_MAX = 10_000  # client id -> user id, per document, for ?client= reuse
@@ -167,102 +132,6 @@ def pick_color(used: Iterator[int]) -> int:
     for c in used:
         counts[c % COLORS] += 1
     return counts.index(min(counts))
-
-
-# -- storage (these run on the store's threads) -------------------------------------
-
-
-class TooManyDocuments(Exception):
-    pass
-
-
-class LogGap(Exception):
-    """A write for a revision that does not follow the stored one (an earlier write failed)."""
-
-
-@dataclass
-class Loaded:
-    rev: int
-    updated: int
-    snapshot: tuple[int, int, str] | None  # (rev, format, data)
-    ops: list[tuple[int, str, str | None, int | None, str | None]]  # (rev, op, client, seq, user)
-
-
-def _load_rows(doc_id: str, create: bool, max_docs: int, keep: int, conn: sqlite3.Connection) -> Loaded | None:
-    row = conn.execute("SELECT rev, updated FROM docs WHERE id=?", (doc_id,)).fetchone()
-    if row is None:
-        if not create:
-            return None
-        if max_docs > 0 and conn.execute("SELECT COUNT(*) FROM docs").fetchone()[0] >= max_docs:
-            raise TooManyDocuments()
-        ts = now_ms()
-        conn.execute(
-            "INSERT INTO docs(id, rev, length, created, updated) VALUES (?, 0, 0, ?, ?)", (doc_id, ts, ts)
-        )
-        return Loaded(0, ts, None, [])
-    rev, updated = row
-    snap = conn.execute(
-        "SELECT rev, format, data FROM doc_snapshots WHERE doc=? ORDER BY rev DESC LIMIT 1", (doc_id,)
-    ).fetchone()
-    snap_rev = snap[0] if snap else 0
-    start = max(0, min(snap_rev, rev) - keep)
-    ops = conn.execute(
-        "SELECT rev, op, client, seq, user_id FROM doc_ops WHERE doc=? AND rev>? ORDER BY rev", (doc_id, start)
-    ).fetchall()
-    return Loaded(rev, updated, tuple(snap) if snap else None, [tuple(r) for r in ops])  # type: ignore[misc]
-
-
-def _write_ops(
-    doc_id: str,
-    rows: list[tuple[Any, ...]],
-    length: int,
-    ts: int,
-    snapshots: list[tuple[int, str]],
-    keep: int,
-    conn: sqlite3.Connection,
-) -> None:
-    first, last = rows[0][1], rows[-1][1]
-    row = conn.execute("SELECT rev FROM docs WHERE id=?", (doc_id,)).fetchone()
-    if row is None or row[0] != first - 1:
-        raise LogGap(f"document {doc_id}: stored rev {row and row[0]}, writing {first}..{last}")
-    conn.executemany(
-        "INSERT INTO doc_ops(doc, rev, op, client, seq, user_id, ts) VALUES (?, ?, ?, ?, ?, ?, ?)", rows
-    )
-    conn.execute("UPDATE docs SET rev=?, length=?, updated=? WHERE id=?", (last, length, ts, doc_id))
-    if snapshots:
-        for rev, data in snapshots:
-            conn.execute(
-                "INSERT OR REPLACE INTO doc_snapshots(doc, rev, format, data, ts) VALUES (?, ?, ?, ?, ?)",
-                (doc_id, rev, SNAPSHOT_FORMAT, data, ts),
-            )
-        _trim(conn, doc_id, snapshots[-1][0], last, keep)
-
-
-def _write_snapshot(doc_id: str, rev: int, data: str, keep: int, conn: sqlite3.Connection) -> bool:
-    row = conn.execute("SELECT rev FROM docs WHERE id=?", (doc_id,)).fetchone()
-    if row is None or row[0] != rev:
-        return False  # the store holds something else: that snapshot would be wrong
-    conn.execute(
-        "INSERT OR REPLACE INTO doc_snapshots(doc, rev, format, data, ts) VALUES (?, ?, ?, ?, ?)",
-        (doc_id, rev, SNAPSHOT_FORMAT, data, now_ms()),
-    )
-    _trim(conn, doc_id, rev, rev, keep)
-    return True
-
-
-def _trim(conn: sqlite3.Connection, doc_id: str, snap_rev: int, last: int, keep: int) -> None:
-    """Keep the newest snapshot, every op after it, and ``keep`` ops before ``last``."""
-    conn.execute("DELETE FROM doc_snapshots WHERE doc=? AND rev<?", (doc_id, snap_rev))
-    conn.execute("DELETE FROM doc_ops WHERE doc=? AND rev<=?", (doc_id, min(snap_rev, last - keep)))
-
-
-def _list_rows(limit: int, conn: sqlite3.Connection) -> list[tuple[Any, ...]]:
-    return [
-        tuple(r)
-        for r in conn.execute(
-            "SELECT id, rev, length, created, updated FROM docs ORDER BY updated DESC, id LIMIT ?", (limit,)
-        ).fetchall()
-    ]
 
 
 def build_state(doc_id: str, loaded: Loaded, **limits: int) -> tuple[DocumentState, int, dict[str, str]]:
@@ -350,16 +219,15 @@ class Peer:
         if self.buffer is not None:
             self.buffer.append(out)
             return
-        obj = out.obj
-        if obj is not None:
-            if obj.get("client") == self.client_id:
+        # Only what a backplane envelope carries: kind, rev (as seq), client.
+        if out.client == self.client_id:
+            return
+        kind = out.kind
+        if kind == "op":
+            if out.seq is not None and out.seq <= self.after_rev:
                 return
-            kind = obj.get("type")
-            if kind == "op":
-                if obj["rev"] <= self.after_rev:
-                    return
-            elif kind == "cursor" and obj["rev"] < self.after_rev:
-                return
+        elif kind == "cursor" and out.seq is not None and out.seq < self.after_rev:
+            return
         self.member.deliver(out)
 
     def release(self) -> None:
@@ -477,7 +345,7 @@ class EditingService:
 
     def __init__(
         self,
-        store: SQLiteStore,
+        log: DocumentLog,
         hub: Hub,
         *,
         max_doc_size: int = 200_000,
@@ -498,7 +366,7 @@ class EditingService:
     ) -> None:
         if log_keep < 1 or snapshot_every < 1:
             raise ValueError("doc_log_keep and snapshot_every must be at least 1")
-        self.store = store
+        self.log = log
         self.hub = hub
         self.max_doc_size = max_doc_size
         self.max_op_size = max_op_size
@@ -515,7 +383,6 @@ class EditingService:
         self.message_rate = message_rate
         self.message_burst = message_burst
         self.clock = clock
-        self.schemas = [DOCS_SCHEMA]
         self.docs: dict[str, LiveDoc] = {}
         self._loading: dict[str, tuple[asyncio.Future[LiveDoc | None], bool]] = {}
         self._background: set[asyncio.Future[Any]] = set()
@@ -604,15 +471,17 @@ class EditingService:
             fut.exception()  # retrieved: the awaiting callers (if any) get it through shield()
 
     async def _load(self, doc_id: str, create: bool) -> LiveDoc | None:
-        fn = partial(_load_rows, doc_id, create, self.max_docs, self.log_keep)
         try:
-            loaded = await (self.store.write(fn) if create else self.store.read(fn))
+            loaded = await self.log.load(doc_id, create=create, max_docs=self.max_docs, keep=self.log_keep)
         except TooManyDocuments:
             raise ProtocolError(
                 "too_large", f"this server already holds {self.max_docs} documents; open an existing one",
                 close=Close.POLICY) from None
         except StoreBusy:
             raise ProtocolError("unavailable", "the server is overloaded; retry shortly", close=Close.TRY_AGAIN)
+        except StorageError:
+            raise ProtocolError("unavailable", "the document could not be read; retry shortly",
+                                close=Close.TRY_AGAIN) from None
         if loaded is None:
             return None
         existing = self.docs.get(doc_id)
@@ -646,8 +515,8 @@ class EditingService:
     def _save_snapshot(self, doc: LiveDoc) -> None:
         data = ujson.dumps(doc.state.to_snapshot(include_log=False), ensure_ascii=False)
         try:
-            fut = self.store.write(partial(_write_snapshot, doc.id, doc.state.rev, data, self.log_keep))
-        except (StoreBusy, StoreClosed):
+            fut = asyncio.ensure_future(self.log.save_snapshot(doc.id, doc.state.rev, data, self.log_keep))
+        except StorageError:
             return  # only a shortcut for the next load: the log has everything
         doc.snapshot_rev = doc.state.rev
 
@@ -698,7 +567,11 @@ class EditingService:
         if doc.evict_handle is not None:
             doc.evict_handle.cancel()
             doc.evict_handle = None
-        self.hub.subscribe(_topic(peer), peer)
+        try:
+            await self.hub.subscribe(_topic(peer), peer)
+        except BaseException:
+            self.leave(peer)
+            raise
         return peer
 
     async def welcome(self, peer: Peer, since: int | None = None) -> None:
@@ -740,7 +613,7 @@ class EditingService:
         peer.after_rev = rev
         peer.member.send(msg)
         peer.joined = True
-        self._publish(doc, {"type": "peer_joined", **peer.info()})
+        self._publish(doc, {"type": "peer_joined", **peer.info()}, client=peer.client_id)
         peer.release()
 
     def leave(self, peer: Peer) -> None:
@@ -754,7 +627,8 @@ class EditingService:
         if doc.peers.get(peer.client_id) is peer:
             del doc.peers[peer.client_id]
         if peer.joined and not doc.broken:
-            self._publish(doc, {"type": "peer_left", "client": peer.client_id, "user": peer.user_json})
+            self._publish(doc, {"type": "peer_left", "client": peer.client_id, "user": peer.user_json},
+                          client=peer.client_id)
         if not doc.peers and not doc.broken and self.docs.get(doc.id) is doc and not self._stopping:
             self._schedule_evict(doc)
 
@@ -778,7 +652,7 @@ class EditingService:
             if not peer.bucket.take():
                 raise DocumentError(
                     "rate_limited", f"more than {self.edit_rate:g} edits per second; resend this op shortly")
-            if self.store.pending >= self.store.max_pending // 2:
+            if self.log.overloaded:
                 raise DocumentError("unavailable", "the server is overloaded; resend this op shortly")
             result = doc.state.submit(base_rev, op, peer.client_id, seq, units=peer.units)
         except DocumentError as exc:
@@ -832,12 +706,10 @@ class EditingService:
         batch, doc.batch = doc.batch, []
         snapshots, doc.snapshots = doc.snapshots, []
         ts = now_ms()
-        rows = [(doc.id, p.rev, ujson.dumps(p.op, ensure_ascii=False), p.client, p.seq, p.user_id, ts)
-                for p in batch]
-        fn = partial(_write_ops, doc.id, rows, batch[-1].length, ts, snapshots, self.log_keep)
+        ops = [StoredOp(p.rev, ujson.dumps(p.op, ensure_ascii=False), p.client, p.seq, p.user_id) for p in batch]
         try:
-            fut = self.store.write(fn)
-        except (StoreBusy, StoreClosed) as exc:
+            fut = asyncio.ensure_future(self.log.append(doc.id, ops, batch[-1].length, ts, snapshots, self.log_keep))
+        except StorageError as exc:
             self._fail(doc, exc)
             return
         doc.inflight.extend(batch)
@@ -861,15 +733,20 @@ class EditingService:
             doc.committed_text = text
         publish = self.hub.publish
         subscribers = self.hub.subscribers
+        every_unit = self.hub.backplane.name != "memory"
         topic, topic16 = doc.topic, doc.topic16
         while doc.inflight and doc.inflight[0].rev <= last:
             p = doc.inflight.popleft()
             if p.peer is not None and not p.peer.gone:
                 p.peer.member.send({"type": "ack", "rev": p.rev, "seq": p.seq})
-            if subscribers(topic):
-                publish(topic, {"type": "op", "rev": p.rev, "op": p.op, "client": p.client, "seq": p.seq})
-            if subscribers(topic16):
-                publish(topic16, {"type": "op", "rev": p.rev, "op": p.op16, "client": p.client, "seq": p.seq})
+            # Encoded once per unit that has subscribers on this node; with a
+            # cluster backplane the other nodes' peers may use either, so both go.
+            if every_unit or subscribers(topic):
+                publish(topic, {"type": "op", "rev": p.rev, "op": p.op, "client": p.client, "seq": p.seq},
+                        seq=p.rev, client=p.client)
+            if every_unit or subscribers(topic16):
+                publish(topic16, {"type": "op", "rev": p.rev, "op": p.op16, "client": p.client, "seq": p.seq},
+                        seq=p.rev, client=p.client)
             self.ops_applied += 1
         doc.run_waiters(doc.committed_rev)
         if doc.batch and doc.flush_handle is None:
@@ -900,12 +777,13 @@ class EditingService:
               units: str = CODEPOINT) -> tuple[int, ...] | None:
         return move_positions(doc.state, rev, positions, upto, units)
 
-    def _publish(self, doc: LiveDoc, obj: dict[str, Any]) -> None:
+    def _publish(self, doc: LiveDoc, obj: dict[str, Any], client: str | None = None) -> None:
         """Send a message without positions to the document's peers of every unit (encoded once)."""
         out: Outgoing | None = None
+        every_unit = self.hub.backplane.name != "memory"
         for topic in (doc.topic, doc.topic16):
-            if self.hub.subscribers(topic):
-                out = self.hub.publish(topic, obj if out is None else out)
+            if every_unit or self.hub.subscribers(topic):
+                out = self.hub.publish(topic, obj if out is None else out, client=client)
 
     def cursor(self, peer: Peer, rev: int, anchor: int, head: int) -> None:
         """Relay the peer's selection to the others at the latest committed rev.
@@ -959,11 +837,13 @@ class EditingService:
         peer.cursor_sent = self.clock()
         msg = {"type": "cursor", "client": peer.client_id, "user": peer.user_json,
                "color": peer.color, "rev": doc.committed_rev, "anchor": anchor, "head": head}
-        if self.hub.subscribers(doc.topic):
-            self.hub.publish(doc.topic, msg)
-        if self.hub.subscribers(doc.topic16):
+        every_unit = self.hub.backplane.name != "memory"
+        if every_unit or self.hub.subscribers(doc.topic):
+            self.hub.publish(doc.topic, msg, seq=doc.committed_rev, client=peer.client_id)
+        if every_unit or self.hub.subscribers(doc.topic16):
             to16 = doc.committed_units().to_utf16
-            self.hub.publish(doc.topic16, {**msg, "anchor": to16(anchor), "head": to16(head)})
+            self.hub.publish(doc.topic16, {**msg, "anchor": to16(anchor), "head": to16(head)},
+                             seq=doc.committed_rev, client=peer.client_id)
 
     def _cancel_cursor(self, peer: Peer) -> None:
         if peer.cursor_timer is not None:
@@ -974,7 +854,10 @@ class EditingService:
 
     async def list_docs(self, limit: int = 1000) -> list[dict[str, Any]]:
         """Stored documents, most recently edited first (committed values)."""
-        rows = await self.store.read(partial(_list_rows, limit))
+        try:
+            rows = await self.log.list(limit)
+        except StorageError:
+            raise ProtocolError("unavailable", "documents could not be listed; retry shortly") from None
         out = []
         for doc_id, rev, length, created, updated in rows:
             live = self.docs.get(doc_id)

@@ -7,14 +7,24 @@ with a message it cannot send yet (queue within a bound, conflate, or close the
 connection) is its own business.
 
 The backplane carries published messages between processes.  The in-memory one
-(:mod:`realtime.backplane.memory`) loops them straight back; the Redis one
-publishes them on a channel every node subscribes to.
+(:mod:`realtime.backplane.memory`) loops them straight back; a cluster one
+carries an :class:`Envelope` to every node, whose hub rebuilds the
+``Outgoing`` from it.  Subscribers therefore read only what an envelope
+carries -- ``out.kind``, ``out.seq``, ``out.client`` and the payload -- never
+state that exists only on the publishing node.
+
+Contract: once ``await hub.subscribe(topic, sub)`` returns, every message
+published on ``topic`` afterwards, on any node, reaches ``sub`` (the chat
+join reads history only then, so nothing falls between the two).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
+
+import ujson
 
 from realtime.protocol import Outgoing
 
@@ -26,16 +36,52 @@ class Subscriber(Protocol):
         """Take one message.  Must not block, await or raise."""
 
 
+class Envelope(NamedTuple):
+    """What crosses between nodes: who sent it, where to, its ordering number
+    (chat seq, document rev), the client it came from, and the JSON payload."""
+
+    origin: str
+    topic: str
+    kind: str | None
+    seq: int | None
+    client: str | None
+    payload: str
+
+    @classmethod
+    def of(cls, origin: str, topic: str, out: Outgoing) -> "Envelope":
+        return cls(origin, topic, out.kind, out.seq, out.client, out.text)
+
+    def pack(self) -> bytes:
+        """One line of JSON header, then the payload as it is (not re-encoded)."""
+        head = ujson.dumps([self.origin, self.topic, self.kind, self.seq, self.client])
+        return (head + "\n" + self.payload).encode("utf-8")
+
+    @classmethod
+    def unpack(cls, data: bytes | str) -> "Envelope":
+        text = data.decode("utf-8") if isinstance(data, bytes) else data
+        head, _, payload = text.partition("\n")
+        origin, topic, kind, seq, client = ujson.loads(head)
+        return cls(origin, topic, kind, seq, client, payload)
+
+    def outgoing(self) -> Outgoing:
+        return Outgoing.from_text(self.payload, seq=self.seq, client=self.client, kind=self.kind)
+
+
 class Backplane(Protocol):
     """Moves published messages to every node's hub (this one included)."""
 
+    name: str
+    healthy: bool
+
     def attach(self, hub: "Hub") -> None: ...
 
-    def publish(self, topic: str, out: Outgoing) -> None: ...
+    def publish(self, topic: str, out: Outgoing) -> None:
+        """Send ``out`` to every node's subscribers of ``topic``; never blocks."""
 
-    def topic_added(self, topic: str) -> None: ...
+    async def subscribe(self, topic: str) -> None:
+        """Resolve once this node receives what is published on ``topic``."""
 
-    def topic_removed(self, topic: str) -> None: ...
+    def unsubscribe(self, topic: str) -> None: ...
 
     async def start(self) -> None: ...
 
@@ -47,16 +93,43 @@ class Hub:
 
     def __init__(self, backplane: Backplane) -> None:
         self._topics: dict[str, dict[Subscriber, None]] = {}
+        self._joining: dict[str, asyncio.Future[None]] = {}
         self.backplane = backplane
         self.delivered = 0  # messages handed to subscribers, for /metrics
         backplane.attach(self)
 
-    def subscribe(self, topic: str, sub: Subscriber) -> None:
+    async def subscribe(self, topic: str, sub: Subscriber) -> None:
+        """Add ``sub``; returns once messages on ``topic`` from every node reach it.
+
+        The first subscriber of a topic on this node asks the backplane (inline:
+        no task, so the in-memory backplane costs nothing); any others that
+        arrive meanwhile wait for that answer."""
         subs = self._topics.get(topic)
-        if subs is None:
-            subs = self._topics[topic] = {}
-            self.backplane.topic_added(topic)
-        subs[sub] = None
+        if subs is not None:
+            subs[sub] = None
+            waiter = self._joining.get(topic)
+            if waiter is not None:
+                try:
+                    await asyncio.shield(waiter)
+                except BaseException:
+                    self.unsubscribe(topic, sub)
+                    raise
+            return
+        self._topics[topic] = {sub: None}
+        waiter = asyncio.get_running_loop().create_future()
+        self._joining[topic] = waiter
+        try:
+            await self.backplane.subscribe(topic)
+        except BaseException as e:
+            self.unsubscribe(topic, sub)
+            waiter.set_exception(e if isinstance(e, Exception) else ConnectionError("subscribe cancelled"))
+            waiter.exception()  # retrieved here; the waiting subscribers re-raise it
+            raise
+        else:
+            waiter.set_result(None)
+        finally:
+            if self._joining.get(topic) is waiter:
+                del self._joining[topic]
 
     def unsubscribe(self, topic: str, sub: Subscriber) -> None:
         subs = self._topics.get(topic)
@@ -65,20 +138,24 @@ class Hub:
         subs.pop(sub, None)
         if not subs:
             del self._topics[topic]
-            self.backplane.topic_removed(topic)
+            self.backplane.unsubscribe(topic)
 
     def subscribers(self, topic: str) -> int:
         subs = self._topics.get(topic)
         return len(subs) if subs else 0
 
+    def subscribed(self) -> list[str]:
+        return list(self._topics)
+
     @property
     def topics(self) -> int:
         return len(self._topics)
 
-    def publish(self, topic: str, message: Any) -> Outgoing:
+    def publish(self, topic: str, message: Any, *, seq: int | None = None, client: str | None = None) -> Outgoing:
         """Encode ``message`` once and send it to every subscriber of ``topic``
-        on every node.  Returns the encoded message."""
-        out = message if isinstance(message, Outgoing) else Outgoing(message)
+        on every node.  ``seq`` (an ordering number subscribers may dedupe
+        on) and ``client`` travel with it.  Returns the encoded message."""
+        out = message if isinstance(message, Outgoing) else Outgoing(message, seq=seq, client=client)
         self.backplane.publish(topic, out)
         return out
 

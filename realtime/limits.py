@@ -75,6 +75,10 @@ class ConnectionCounter:
         self._counts[ip] = n + 1
         return True
 
+    def add(self, ip: str) -> None:
+        """Count one more for ``ip`` whatever the limit (it is already open)."""
+        self._counts[ip] = self._counts.get(ip, 0) + 1
+
     def release(self, ip: str) -> None:
         n = self._counts.get(ip, 0) - 1
         if n <= 0:

@@ -6,17 +6,21 @@ Sans-I/O: nothing here touches a socket.  A handler hands the text of a frame to
 
 Outgoing messages are encoded once into an :class:`Outgoing`, which also carries
 the finished WebSocket frame so that fan-out writes the same bytes to every
-recipient instead of re-encoding per connection.
+recipient instead of re-encoding per connection: one frame per wire format
+(:class:`WireFormat`: JSON text or MessagePack binary, deflated or not), each
+built the first time a recipient of that format needs it.
 """
 
 from __future__ import annotations
 
 import math
 import re
-import struct
 from typing import Any, Iterable
 
+import msgpack
 import ujson
+
+from realtime.wire import OP_BINARY, OP_TEXT, Deflater, frame
 
 # -- close codes -------------------------------------------------------------
 
@@ -26,8 +30,9 @@ class Close:
 
     NORMAL = 1000
     GOING_AWAY = 1001  # shutdown: reconnect (elsewhere)
-    UNSUPPORTED = 1003  # binary frame where text was expected
-    INVALID_DATA = 1007
+    PROTOCOL_ERROR = 1002  # a frame RFC 6455 forbids (unmasked, bad opcode or close code)
+    UNSUPPORTED = 1003  # binary frame where text was expected (or text on a msgpack connection)
+    INVALID_DATA = 1007  # text that is not UTF-8
     POLICY = 1008  # kept flooding, or another policy violation
     TOO_BIG = 1009
     SERVER_ERROR = 1011
@@ -47,6 +52,7 @@ def close_reason(text: str) -> str:
 ERROR_CODES = frozenset(
     {
         "bad_json",
+        "bad_msgpack",
         "bad_message",
         "unknown_type",
         "too_large",
@@ -110,6 +116,10 @@ def _check_value(value: Any, depth: int) -> None:
     elif t is list:
         for v in value:
             _check_value(v, depth + 1)
+    elif t is not int and t is not bool and value is not None:
+        # Only MessagePack gets here (bin, ext, timestamps): no JSON equivalent.
+        raise ProtocolError("bad_message", "values are strings, numbers, booleans, nil, arrays or maps;"
+                            " not %s" % type(value).__name__)
 
 
 def decode_value(text: str | bytes) -> Any:
@@ -127,9 +137,26 @@ def decode(text: str) -> dict[str, Any]:
 
     Raises :class:`ProtocolError` (``bad_json`` or ``bad_message``).
     """
-    value = decode_value(text)
+    return _message(decode_value(text))
+
+
+def decode_msgpack(data: bytes) -> dict[str, Any]:
+    """Parse one MessagePack frame (the ``msgpack`` subprotocol) into a message
+    ``dict``, checked exactly like :func:`decode`'s JSON.
+
+    Raises :class:`ProtocolError` (``bad_msgpack`` or ``bad_message``).
+    """
+    try:
+        value = msgpack.unpackb(data, raw=False, strict_map_key=True)
+    except (ValueError, TypeError, OverflowError, RecursionError, msgpack.UnpackException):
+        raise ProtocolError("bad_msgpack", "not valid MessagePack (one map per binary frame)") from None
+    _check_value(value, 0)
+    return _message(value)
+
+
+def _message(value: Any) -> dict[str, Any]:
     if type(value) is not dict:
-        raise ProtocolError("bad_message", "a message is a JSON object")
+        raise ProtocolError("bad_message", "a message is a JSON object (a MessagePack map)")
     mtype = value.get("type")
     if not isinstance(mtype, str) or not mtype:
         raise ProtocolError("bad_message", "a message needs a string 'type'")
@@ -140,50 +167,132 @@ def encode(obj: Any) -> str:
     return ujson.dumps(obj, ensure_ascii=False, escape_forward_slashes=False)
 
 
-def websocket_frame(payload: bytes, opcode: int = 0x1) -> bytes:
-    """An unmasked, unfragmented server-to-client frame (RFC 6455 section 5.2)."""
-    n = len(payload)
-    first = 0x80 | opcode
-    if n < 126:
-        header = struct.pack("!BB", first, n)
-    elif n <= 0xFFFF:
-        header = struct.pack("!BBH", first, 126, n)
-    else:
-        header = struct.pack("!BBQ", first, 127, n)
-    return header + payload
+websocket_frame = frame  # an unmasked, unfragmented server-to-client frame
+
+
+class WireFormat:
+    """How one connection's messages go on the wire: JSON text or MessagePack
+    binary frames, deflated or not.  ``key`` names the format's slot in every
+    :class:`Outgoing`'s frame cache; ``key`` 0 is plain JSON."""
+
+    __slots__ = ("key", "binary", "deflater")
+
+    def __init__(self, key: int, binary: bool, deflater: Deflater | None) -> None:
+        self.key = key
+        self.binary = binary
+        self.deflater = deflater
+
+
+class Formats:
+    """The wire formats of one application, and one compressor per window size
+    (made by ``make_app``; a compressor is used for one message at a time and
+    keeps nothing from it)."""
+
+    def __init__(self, level: int = 6) -> None:
+        self.level = level
+        self._formats: dict[tuple[bool, int | None], WireFormat] = {}
+        self._deflaters: dict[int, Deflater] = {}
+        self.json = self.get(False, None)
+        self.msgpack = self.get(True, None)
+
+    def deflater(self, wbits: int) -> Deflater:
+        d = self._deflaters.get(wbits)
+        if d is None:
+            d = self._deflaters[wbits] = Deflater(wbits, self.level)
+        return d
+
+    def get(self, binary: bool, wbits: int | None) -> WireFormat:
+        """``wbits``: the negotiated permessage-deflate window, None for no compression."""
+        fmt = self._formats.get((binary, wbits))
+        if fmt is None:
+            deflater = self.deflater(wbits) if wbits is not None else None
+            fmt = self._formats[(binary, wbits)] = WireFormat(len(self._formats), binary, deflater)
+        return fmt
 
 
 class Outgoing:
     """One message, encoded once, handed to every recipient.
 
     ``text`` is the JSON; ``data`` its UTF-8 bytes; ``frame`` the finished
-    WebSocket frame, built on first use and then shared.
+    WebSocket frame, built on first use and then shared.  Other wire formats'
+    frames (:meth:`frame_for`) and the MessagePack encoding (``packed``) are
+    built the first time a recipient needs them, once each.  ``kind`` (the
+    message's ``type``), ``seq`` (an ordering number: a chat seq, a document
+    rev) and ``client`` (the editor client it came from) are what subscribers
+    filter on; they travel in a backplane's envelope, so a message that came
+    from another node has them too.  ``obj`` is decoded from the text on first
+    use when the message arrived as text, and must not change once built.
     """
 
-    __slots__ = ("obj", "text", "data", "_frame", "seq")
+    __slots__ = ("_obj", "text", "data", "_frame", "seq", "client", "kind", "_frames", "_packed")
 
-    def __init__(self, obj: Any, seq: int | None = None) -> None:
-        self.obj = obj
+    def __init__(self, obj: Any, seq: int | None = None, client: str | None = None) -> None:
+        self._obj = obj
         self.text = encode(obj)
         self.data = self.text.encode("utf-8")
         self._frame: bytes | None = None
-        self.seq = seq  # a sequence number subscribers may dedupe on (chat messages)
+        self.seq = seq
+        self.client = client
+        self.kind: str | None = obj.get("type") if type(obj) is dict else None
+        self._frames: dict[int, bytes] | None = None
+        self._packed: bytes | None = None
 
     @classmethod
-    def from_text(cls, text: str, seq: int | None = None) -> "Outgoing":
+    def from_text(cls, text: str, seq: int | None = None, client: str | None = None,
+                  kind: str | None = None) -> "Outgoing":
+        """A message already encoded (received from another node)."""
         out = cls.__new__(cls)
-        out.obj = None
+        out._obj = None
         out.text = text
         out.data = text.encode("utf-8")
         out._frame = None
         out.seq = seq
+        out.client = client
+        out.kind = kind
+        out._frames = None
+        out._packed = None
         return out
+
+    @property
+    def obj(self) -> Any:
+        if self._obj is None:
+            self._obj = ujson.loads(self.text)
+        return self._obj
 
     @property
     def frame(self) -> bytes:
         if self._frame is None:
             self._frame = websocket_frame(self.data)
         return self._frame
+
+    @property
+    def packed(self) -> bytes:
+        """The message as MessagePack."""
+        if self._packed is None:
+            obj = self.obj
+            self._packed = msgpack.packb(obj)
+        return self._packed
+
+    def frame_for(self, fmt: WireFormat) -> bytes:
+        """The finished frame in ``fmt``: built (and compressed) once per format."""
+        key = fmt.key
+        if key == 0:
+            return self.frame
+        frames = self._frames
+        if frames is None:
+            frames = self._frames = {}
+        else:
+            cached = frames.get(key)
+            if cached is not None:
+                return cached
+        opcode = OP_BINARY if fmt.binary else OP_TEXT
+        payload = self.packed if fmt.binary else self.data
+        if fmt.deflater is None:
+            built = frame(payload, opcode)
+        else:
+            built = frame(fmt.deflater.compress(payload), opcode, rsv1=True)
+        frames[key] = built
+        return built
 
     def __len__(self) -> int:
         return len(self.data)

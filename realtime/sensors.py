@@ -35,9 +35,8 @@ import asyncio
 import hmac
 import logging
 import math
-import sqlite3
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -60,32 +59,11 @@ from realtime.feeds import (
     valid_sensor_id,
     validate_points,
 )
+from realtime.hub import Hub
 from realtime.protocol import Outgoing, ProtocolError, has_control_chars
-from realtime.storage.sqlite import Schema, SQLiteStore, StoreBusy
+from realtime.storage.base import ReadingStore, SensorRow, StorageError, StoreBusy
 
 log = logging.getLogger("realtime.sensors")
-
-SENSORS_SCHEMA = Schema(
-    "sensors",
-    [
-        """
-        CREATE TABLE sensor_meta(
-            id TEXT PRIMARY KEY,
-            label TEXT NOT NULL,
-            unit TEXT NOT NULL,
-            rate_hz REAL NOT NULL,
-            created REAL NOT NULL,
-            updated REAL NOT NULL
-        ) WITHOUT ROWID;
-        CREATE TABLE readings(
-            sensor TEXT NOT NULL,
-            t REAL NOT NULL,
-            v REAL NOT NULL
-        );
-        CREATE INDEX readings_by_sensor ON readings(sensor, t)
-        """
-    ],
-)
 
 ID_RULE = "sensor ids are 1-64 characters of A-Z a-z 0-9 _ . : -"
 
@@ -441,16 +419,22 @@ class Sensor:
         return d
 
 
-def _write_readings(sensor_id: str, points: list[Point], meta: tuple[str, str, float, float]
-                    ) -> Callable[[sqlite3.Connection], None]:
-    def write(conn: sqlite3.Connection) -> None:
-        label, unit, rate_hz, now = meta
-        conn.execute(
-            "INSERT OR IGNORE INTO sensor_meta(id, label, unit, rate_hz, created, updated)"
-            " VALUES (?, ?, ?, ?, ?, ?)", (sensor_id, label, unit, rate_hz, now, now))
-        conn.executemany("INSERT INTO readings(sensor, t, v) VALUES (?, ?, ?)",
-                         [(sensor_id, t, v) for t, v in points])
-    return write
+SENSOR_TOPIC = "sensors"  # device readings and sensor changes, between nodes
+
+
+class _Bus:
+    """The sensor service's subscription to :data:`SENSOR_TOPIC`: device readings
+    and sensor changes committed on any node reach every node's registry,
+    ring buffers and viewers through it (as data: each node conflates for its
+    own viewers)."""
+
+    __slots__ = ("service",)
+
+    def __init__(self, service: "SensorService") -> None:
+        self.service = service
+
+    def deliver(self, out: Outgoing) -> None:
+        self.service._on_bus(out.obj)
 
 
 class SensorService:
@@ -461,12 +445,17 @@ class SensorService:
     :meth:`check_key`, :meth:`publish`, :meth:`set_meta`, :meth:`delete`.
     """
 
-    def __init__(self, store: SQLiteStore, cfg: SensorConfig, *,
+    def __init__(self, readings: ReadingStore, cfg: SensorConfig, *, hub: Hub | None = None,
                  clock: Callable[[], float] = time.time, host: HostMetrics | None = None) -> None:
-        self.store = store
+        self.readings_store = readings
         self.cfg = cfg
         self.clock = clock
-        self.schemas = [SENSORS_SCHEMA]
+        if hub is None:
+            from realtime.backplane.memory import MemoryBackplane
+
+            hub = Hub(MemoryBackplane())
+        self.hub = hub
+        self._bus = _Bus(self)
         self.fanout = Fanout(conflate_points=cfg.conflate_points, backlog_bytes=cfg.backlog_bytes,
                              min_hz=cfg.min_hz, max_hz=cfg.max_hz)
         self._sensors: dict[str, Sensor] = {}
@@ -541,7 +530,8 @@ class SensorService:
         """Refill device sensors from SQLite, prime the simulated ones, start the timers."""
         now = self.clock()
         cfg = self.cfg
-        loaded = await self.store.read(lambda conn: _load(conn, now - cfg.window_s, cfg.max_points))
+        await self.hub.subscribe(SENSOR_TOPIC, self._bus)
+        loaded = await self.readings_store.load(now - cfg.window_s, cfg.max_points)
         for (sid, label, unit, rate_hz), points in loaded:
             if sid in self._sensors:
                 log.warning("stored device sensor %s is shadowed by a configured sensor; its readings are ignored",
@@ -590,6 +580,7 @@ class SensorService:
             pc.stop()
         self._timers.clear()
         self._handles.clear()
+        self.hub.unsubscribe(SENSOR_TOPIC, self._bus)
         if self._maintaining is not None and not self._maintaining.done():
             try:
                 await self._maintaining
@@ -776,18 +767,22 @@ class SensorService:
                                     % self.cfg.max_sensors)
         return None
 
-    async def _write(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
+    async def _write(self, write: Callable[[], Awaitable[Any]]) -> Any:
         try:
-            return await self.store.write(fn)
+            return await write()
         except StoreBusy:
             raise ProtocolError("unavailable", "storage is busy; retry shortly") from None
+        except StorageError as e:
+            log.error("storing sensor data failed: %s", e)
+            raise ProtocolError("unavailable", "the readings could not be stored; retry shortly") from None
 
     async def publish(self, sensor_id: str, raw: Any, *, now: float | None = None) -> int:
         """Store readings a device pushed; returns how many, after commit.
 
         ``raw`` is what :func:`~realtime.feeds.validate_points` accepts.  The
         sensor is created (and announced) on its first readings.  Nothing is
-        stored if anything is wrong."""
+        stored if anything is wrong.  Once stored, the readings go to every
+        node through the hub (this one at once)."""
         now = self.clock() if now is None else now
         sensor = self._device_sensor(sensor_id, create=True)
         points = validate_points(raw, now=now, max_points=self.cfg.max_points_per_publish,
@@ -795,13 +790,13 @@ class SensorService:
         if not points:
             return 0
         info = sensor.info if sensor is not None else SensorInfo(sensor_id, sensor_id, "", 1.0, "device")
-        write = _write_readings(sensor_id, points, (info.label, info.unit, info.rate_hz, now))
-        await self._write_for(sensor_id, sensor is None, write)
+        meta = SensorRow(sensor_id, info.label, info.unit, info.rate_hz)
+        await self._write_for(sensor_id, sensor is None, lambda: self.readings_store.append(meta, points, now))
         self.publishes += 1
-        self._committed(sensor_id, info, points)
+        self.hub.publish(SENSOR_TOPIC, {"type": "points", "sensor": info.to_json(), "points": points})
         return len(points)
 
-    async def _write_for(self, sensor_id: str, creating: bool, write: Any) -> None:
+    async def _write_for(self, sensor_id: str, creating: bool, write: Callable[[], Awaitable[Any]]) -> None:
         """Commit ``write``; while a write that creates ``sensor_id`` is in flight,
         the id counts as being created, so max_sensors counts it too."""
         if not creating:
@@ -820,11 +815,27 @@ class SensorService:
         else:
             self._creating.pop(sensor_id, None)
 
-    def _committed(self, sensor_id: str, info: SensorInfo, points: list[Point]) -> None:
+    def _on_bus(self, msg: dict[str, Any]) -> None:
+        """A committed change from some node (this one included)."""
+        kind = msg.get("type")
+        try:
+            if kind == "points":
+                self._committed(_info_of(msg["sensor"]), [(float(t), float(v)) for t, v in msg["points"]])
+            elif kind == "meta":
+                self._meta_committed(_info_of(msg["sensor"]))
+            elif kind == "removed":
+                self._removed(msg["sensor"], msg.get("reason", "deleted"))
+        except (KeyError, TypeError, ValueError) as e:
+            log.warning("ignoring a malformed sensor event %r: %s", kind, e)
+
+    def _committed(self, info: SensorInfo, points: list[Point]) -> None:
+        sensor_id = info.id
         sensor = self._sensors.get(sensor_id)
         if sensor is None:
             sensor = self._add(info)
             self._announce({"type": "sensor_added", "sensor": info.to_json()})
+        elif sensor.info.kind != "device":
+            return
         ring = sensor.ring
         kept = [p for p in points if ring.append(p[0], p[1])]
         sensor.last_ingest = self.clock()
@@ -832,6 +843,24 @@ class SensorService:
         if kept:
             self.fanout.push(sensor_id, kept)
             self._kick()
+
+    def _meta_committed(self, info: SensorInfo) -> None:
+        current = self._sensors.get(info.id)
+        if current is None:
+            current = self._add(info)
+            current.last_ingest = self.clock()
+            self._announce({"type": "sensor_added", "sensor": info.to_json()})
+        elif current.info.kind == "device" and current.info != info:
+            current.info = info
+            self._announce({"type": "sensor_updated", "sensor": info.to_json()})
+
+    def _removed(self, sensor_id: str, reason: str) -> None:
+        sensor = self._sensors.get(sensor_id)
+        if sensor is None or sensor.info.kind != "device":
+            return
+        del self._sensors[sensor_id]
+        self.fanout.forget_sensor(sensor_id)
+        self._announce({"type": "sensor_removed", "sensor": sensor_id, "reason": reason})
 
     async def set_meta(self, sensor_id: str, body: Any) -> tuple[dict[str, Any], bool]:
         """Create or update a device sensor's label, unit and rate from
@@ -859,25 +888,12 @@ class SensorService:
             raise ProtocolError("bad_message", "'rate_hz' must be a number in (0, %g]" % MAX_RATE_HZ)
         info = SensorInfo(sensor_id, label.strip() or sensor_id, unit.strip(), float(rate), "device")
         now = self.clock()
-
-        def write(conn: sqlite3.Connection) -> None:
-            conn.execute(
-                "INSERT INTO sensor_meta(id, label, unit, rate_hz, created, updated) VALUES (?, ?, ?, ?, ?, ?)"
-                " ON CONFLICT(id) DO UPDATE SET label=excluded.label, unit=excluded.unit,"
-                " rate_hz=excluded.rate_hz, updated=excluded.updated",
-                (sensor_id, info.label, info.unit, info.rate_hz, now, now))
-
-        await self._write_for(sensor_id, sensor is None, write)
+        meta = SensorRow(sensor_id, info.label, info.unit, info.rate_hz)
+        await self._write_for(sensor_id, sensor is None, lambda: self.readings_store.set_meta(meta, now))
+        created = self._sensors.get(sensor_id) is None
+        self.hub.publish(SENSOR_TOPIC, {"type": "meta", "sensor": info.to_json()})
         current = self._sensors.get(sensor_id)
-        if current is None:
-            current = self._add(info)
-            current.last_ingest = now
-            self._announce({"type": "sensor_added", "sensor": info.to_json()})
-            return current.to_json(), True
-        if current.info != info:
-            current.info = info
-            self._announce({"type": "sensor_updated", "sensor": info.to_json()})
-        return current.to_json(), False
+        return (current.to_json() if current is not None else info.to_json()), created
 
     async def delete(self, sensor_id: str, *, reason: str = "deleted") -> None:
         """Remove a device sensor and its stored readings; viewers get
@@ -887,16 +903,10 @@ class SensorService:
             raise ProtocolError("conflict", "sensor %s is %s: remove it from the configuration instead"
                                 % (sensor_id, sensor.info.kind))
 
-        def write(conn: sqlite3.Connection) -> None:
-            conn.execute("DELETE FROM readings WHERE sensor=?", (sensor_id,))
-            conn.execute("DELETE FROM sensor_meta WHERE id=?", (sensor_id,))
-
-        await self._write(write)
+        await self._write(lambda: self.readings_store.delete(sensor_id))
         if self._sensors.get(sensor_id) is not sensor:
             return  # deleted (or deleted and re-created) meanwhile
-        del self._sensors[sensor_id]
-        self.fanout.forget_sensor(sensor_id)
-        self._announce({"type": "sensor_removed", "sensor": sensor_id, "reason": reason})
+        self.hub.publish(SENSOR_TOPIC, {"type": "removed", "sensor": sensor_id, "reason": reason})
 
     # -- maintenance ---------------------------------------------------------------
 
@@ -914,7 +924,7 @@ class SensorService:
                 sensor.ring.trim(now)
             devices = [s.info.id for s in self._sensors.values() if s.info.kind == "device"]
             if devices:
-                await self._write(lambda conn: _trim(conn, devices, now - cfg.window_s, cfg.max_points))
+                await self._write(lambda: self.readings_store.trim(devices, now - cfg.window_s, cfg.max_points))
             if cfg.expiry_s > 0:
                 stale = [s.info.id for s in self._sensors.values()
                          if s.info.kind == "device" and now - s.last_ingest > cfg.expiry_s]
@@ -955,24 +965,5 @@ class SensorService:
         yield CounterMetricFamily("realtime_sensor_slow_viewer_events", "Times a viewer fell behind", fan.detaches)
 
 
-def _load(conn: sqlite3.Connection, since: float, limit: int
-          ) -> list[tuple[tuple[str, str, str, float], list[Point]]]:
-    out = []
-    for row in conn.execute("SELECT id, label, unit, rate_hz FROM sensor_meta ORDER BY id").fetchall():
-        rows = conn.execute(
-            "SELECT t, v FROM readings WHERE sensor=? AND t>=? ORDER BY t DESC, rowid DESC LIMIT ?",
-            (row[0], since, limit)).fetchall()
-        points = [(float(r[0]), float(r[1])) for r in reversed(rows)]
-        out.append(((row[0], row[1], row[2], float(row[3])), points))
-    return out
-
-
-def _trim(conn: sqlite3.Connection, sensor_ids: list[str], cutoff: float, max_points: int) -> int:
-    n = 0
-    for sid in sensor_ids:
-        n += conn.execute("DELETE FROM readings WHERE sensor=? AND t<?", (sid, cutoff)).rowcount
-        row = conn.execute("SELECT t FROM readings WHERE sensor=? ORDER BY t DESC LIMIT 1 OFFSET ?",
-                           (sid, max_points)).fetchone()
-        if row is not None:
-            n += conn.execute("DELETE FROM readings WHERE sensor=? AND t<=?", (sid, row[0])).rowcount
-    return n
+def _info_of(d: dict[str, Any]) -> SensorInfo:
+    return SensorInfo(d["id"], d["label"], d["unit"], float(d["rate_hz"]), "device")

@@ -38,6 +38,17 @@ def app(io_loop, tmp_path, app_options):
     io_loop.run_sync(lambda: application.shutdown(0.2))
 
 
+@pytest.fixture
+def http_server(request, io_loop, _unused_port, app):
+    """pytest-tornado's server fixture, with the server the app really runs
+    behind (handshake deadline, half-open cap, accept backoff)."""
+    srv = server.make_server(app)
+    srv.add_socket(_unused_port[0])
+    yield srv
+    srv.stop()
+    io_loop.run_sync(srv.close_all_connections, timeout=5)
+
+
 class Client:
     """A test peer: JSON in, JSON out, with a skip-list for noise."""
 

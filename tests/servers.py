@@ -9,6 +9,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from typing import Any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -19,13 +20,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(port: int, data_dir: str, *args: str, timeout: float = 15.0) -> subprocess.Popen:
-    """``python server.py`` on 127.0.0.1:port with ``args``; returns once /healthz answers."""
-    proc = subprocess.Popen(
-        [sys.executable, "server.py", "--port=%d" % port, "--address=127.0.0.1", "--data_dir=%s" % data_dir,
-         "--logging=warning", *args],
-        cwd=ROOT,
-    )
+def server_command(port: int, data_dir: str, *args: str) -> list[str]:
+    """``python server.py`` on 127.0.0.1:port with ``args`` (logging at warning unless they say)."""
+    logging = [] if any(a.startswith("--logging=") for a in args) else ["--logging=warning"]
+    return [sys.executable, "server.py", "--port=%d" % port, "--address=127.0.0.1", "--data_dir=%s" % data_dir,
+            *logging, *args]
+
+
+def start_server(port: int, data_dir: str, *args: str, timeout: float = 15.0, wrap: tuple[str, ...] = (),
+                 stderr: Any = None) -> subprocess.Popen:
+    """``python server.py`` on 127.0.0.1:port with ``args`` (under the ``wrap``
+    command, e.g. prlimit); returns once /healthz answers."""
+    proc = subprocess.Popen([*wrap, *server_command(port, data_dir, *args)], cwd=ROOT, stderr=stderr)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:

@@ -11,6 +11,8 @@ if TYPE_CHECKING:
 
 
 class MemoryBackplane:
+    """One node: messages go straight to this hub's subscribers, in publish order."""
+
     name = "memory"
 
     def __init__(self) -> None:
@@ -24,10 +26,10 @@ class MemoryBackplane:
         assert self._hub is not None
         self._hub.dispatch(topic, out)
 
-    def topic_added(self, topic: str) -> None:
+    async def subscribe(self, topic: str) -> None:
         pass
 
-    def topic_removed(self, topic: str) -> None:
+    def unsubscribe(self, topic: str) -> None:
         pass
 
     async def start(self) -> None:

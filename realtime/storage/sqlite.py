@@ -33,6 +33,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, TypeVar
 
+from realtime.storage.base import StoreBusy, StoreClosed
+
+__all__ = ["Schema", "SQLiteStore", "StoreBusy", "StoreClosed"]
+
 log = logging.getLogger("realtime.storage")
 
 T = TypeVar("T")
@@ -48,14 +52,6 @@ class Schema:
     @property
     def version(self) -> int:
         return len(self.migrations)
-
-
-class StoreBusy(Exception):
-    """Too many writes are waiting: the caller should refuse, not queue more."""
-
-
-class StoreClosed(Exception):
-    pass
 
 
 _STOP = object()
@@ -80,6 +76,9 @@ class SQLiteStore:
         self.commits = 0
         self.writes = 0
         self.last_commit_seconds = 0.0
+        # The database's own error (disk full, I/O error, read-only) while the
+        # most recent write fails; None once a write commits again.
+        self.write_error: str | None = None
         self._queue: "queue.SimpleQueue[Any]" = queue.SimpleQueue()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._writer: threading.Thread | None = None
@@ -215,6 +214,10 @@ class SQLiteStore:
                 try:
                     value = fn(conn)
                 except Exception as e:
+                    if not conn.in_transaction:
+                        # SQLite rolled the whole transaction back itself (disk
+                        # full, I/O error): nothing in this batch is stored.
+                        raise
                     conn.execute("ROLLBACK TO w")
                     conn.execute("RELEASE w")
                     results.append((fut, False, e))
@@ -223,7 +226,7 @@ class SQLiteStore:
                     results.append((fut, True, value))
             conn.execute("COMMIT")
         except Exception as e:  # the commit itself failed: nothing in the batch is durable
-            log.exception("sqlite commit failed")
+            log.error("sqlite commit failed: %s", e)
             try:
                 conn.execute("ROLLBACK")
             except sqlite3.Error:
@@ -241,6 +244,10 @@ class SQLiteStore:
         self.writes += len(results)
         self.pending -= len(results)
         for fut, ok, value in results:
+            if ok:
+                self.write_error = None
+            elif isinstance(value, sqlite3.Error) and not isinstance(value, sqlite3.IntegrityError):
+                self.write_error = str(value)
             if fut.cancelled():
                 continue
             if ok:

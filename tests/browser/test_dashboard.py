@@ -38,7 +38,8 @@ def canvas_pixels(page: Any, sensor: str) -> str:
 
 def ingest(server: ServerProcess, method: str, path: str, body: Any) -> dict:
     key = (server.data_dir / "ingest_key").read_text().strip()
-    req = urllib.request.Request(server.url + path, data=json.dumps(body).encode(), method=method,
+    data = None if body is None else json.dumps(body).encode()  # DELETE takes no body (413 otherwise)
+    req = urllib.request.Request(server.url + path, data=data, method=method,
                                  headers={"Authorization": "Bearer " + key})
     with urllib.request.urlopen(req, timeout=5) as resp:
         assert resp.status in (200, 201)

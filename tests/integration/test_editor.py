@@ -14,6 +14,7 @@ from tornado.httpclient import AsyncHTTPClient, HTTPClientError
 import handlers.editor  # noqa: F401  (defines the editor options before make_app sees overrides)
 from realtime import editing, ot
 from realtime.ot import OTClient
+from realtime.storage import sqlite_repos
 
 NOISE = ("peer_joined", "peer_left", "cursor")
 
@@ -504,7 +505,7 @@ async def test_a_failed_commit_closes_peers_and_the_resend_is_applied_once(conne
     ann = await seeded(connect, "base", session=session)
     bob = await open_editor(connect, name="bob")
     await ann.c.expect("peer_joined")
-    real = editing._write_ops
+    real = sqlite_repos.write_doc_ops
     calls = []
 
     def failing(*args: Any) -> None:
@@ -513,7 +514,7 @@ async def test_a_failed_commit_closes_peers_and_the_resend_is_applied_once(conne
             raise sqlite3.OperationalError("disk I/O error")
         return real(*args)
 
-    monkeypatch.setattr(editing, "_write_ops", failing)
+    monkeypatch.setattr(sqlite_repos, "write_doc_ops", failing)
     ann.edit([4, " lost?"])
     assert await ann.c.closed() == 1011
     assert await bob.c.closed() == 1011

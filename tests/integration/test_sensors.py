@@ -323,7 +323,10 @@ async def test_token_mode_a_publish_role_may_publish(connect, app, app_options, 
     assert code == 401
     code, _, _ = await http(http_port, "POST", "/api/sensors/dev.tok/readings", "6", key=KEY)
     assert code == 200
+    # Reads need a token, as the socket does (any role).
     code, body, _ = await http(http_port, "GET", "/api/sensors/dev.tok/readings", key=None)
+    assert code == 401 and body["error"] == "unauthorized"
+    code, body, _ = await http(http_port, "GET", "/api/sensors/dev.tok/readings", key=watcher)
     assert [p[1] for p in body["points"]] == [1.0, 3.0, 6.0]
 
 

@@ -12,7 +12,7 @@ import socket
 import pytest
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError
 
-from server import redact
+from realtime.redact import redact_uri as redact
 from tests.integration.test_chat import joined, user
 
 
@@ -207,25 +207,3 @@ async def test_external_client_reads_the_same_messages_either_path(http_server, 
             if msg["type"] == "message":
                 got.append(msg["text"])
         assert got == [t[:2000] for t in texts]
-
-
-@pytest.mark.gen_test
-@pytest.mark.parametrize("app_options", [{"websocket_compression": True}])
-async def test_compressed_connections_fall_back_to_write_message(http_server, http_port, app, app_options):
-    """permessage-deflate frames can't be shared: such a connection takes the
-    write_message path, and its messages still arrive intact."""
-    import websockets
-
-    url = "ws://127.0.0.1:%d/ws/chat?name=zip" % http_port
-    async with websockets.connect(url, compression="deflate") as ws:
-        assert "permessage-deflate" in (ws.response.headers.get("Sec-WebSocket-Extensions") or "")
-        json.loads(await ws.recv())
-        (conn,) = app.ctx.connections
-        assert conn.rt.fast is False
-        await ws.send(json.dumps({"type": "join", "room": "lobby"}))
-        await ws.send(json.dumps({"type": "say", "room": "lobby", "text": "z" * 1500, "cid": "1"}))
-        while True:
-            msg = json.loads(await asyncio.wait_for(ws.recv(), 3))
-            if msg["type"] == "message":
-                assert msg["text"] == "z" * 1500
-                break

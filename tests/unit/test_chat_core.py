@@ -68,6 +68,9 @@ class Sink:
     def send(self, obj):
         self.got.append(obj)
 
+    def seqs(self):
+        return [m["seq"] for m in self.got if m.get("type") == "message"]
+
 
 def test_seam_drops_what_history_had_and_keeps_order():
     sink = Sink()
@@ -159,3 +162,91 @@ def test_rename_within_the_window_is_announced():
     assert p.add("r", Identity("a", "old")) is True
     assert p.add("r", Identity("a", "new")) is True  # second tab under a new name
     assert p.members("r", 10) == [{"id": "a", "name": "new"}]
+
+
+# -- the room relay: what arrives from other nodes ---------------------------------
+
+
+def _relay_case(tmp_path, body):
+    """Run ``body(svc, log, hub, sink, subs)`` with ann joined to room r, over
+    SQLite and the in-memory hub."""
+    import asyncio
+
+    from realtime.backplane.memory import MemoryBackplane
+    from realtime.chat import ChatService
+    from realtime.hub import Hub
+    from realtime.storage.sqlite import SQLiteStore
+    from realtime.storage.sqlite_repos import SQLiteStorage
+
+    async def main():
+        storage = SQLiteStorage(SQLiteStore(str(tmp_path / "db")))
+        log = storage.chat_log(keep=1000)
+        await storage.open()
+        hub = Hub(MemoryBackplane())
+        svc = ChatService(log, hub, presence_window=0.001)
+        sink = Sink()
+        sink.user = Identity("u-ann", "ann")
+        subs = {}
+        try:
+            reply = await svc.join(sink, subs, "r", None, None)
+            subs["r"].release(reply["seq"])
+            await body(svc, log, hub, sink, subs)
+        finally:
+            svc.leave_all(sink, subs)
+            await storage.close()
+
+    asyncio.run(asyncio.wait_for(main(), 10))
+
+
+async def _stored(log, n, start=1):
+    """n messages written to the log as another node would: (seq, Outgoing) pairs."""
+    out = []
+    for i in range(n):
+        a = await log.append("r", "u-bob", "bob", "m%d" % (start + i), 1, None)
+        msg = {"type": "message", "room": "r", "seq": a.seq, "user": "u-bob", "name": "bob",
+               "text": "m%d" % (start + i), "ts": 1}
+        out.append(Outgoing(msg, seq=a.seq))
+    return out
+
+
+def test_relay_passes_messages_on_once_in_seq_order_and_fills_gaps(tmp_path):
+    import asyncio
+
+    async def body(svc, log, hub, sink, subs):
+        msgs = await _stored(log, 6)
+        hub.dispatch("chat:r", msgs[0])
+        hub.dispatch("chat:r", msgs[0])  # a duplicate
+        hub.dispatch("chat:r", msgs[3])  # 2 and 3 were lost in transit
+        hub.dispatch("chat:r", msgs[1])  # arrives late, while the gap is filled
+        hub.dispatch("chat:r", msgs[5])
+        for _ in range(100):
+            if len(sink.seqs()) >= 6:
+                break
+            await asyncio.sleep(0.01)
+        assert sink.seqs() == [1, 2, 3, 4, 5, 6]  # 5 came from the log too
+        assert svc.gaps_filled >= 1
+        state = await svc.room("r")
+        assert state.last_seq == 6 and [m["seq"] for m in state.recent] == [1, 2, 3, 4, 5, 6]
+        # A member who joins now gets the relayed messages from memory, in order.
+        other = Sink()
+        other.user = Identity("u-cy", "cy")
+        mine = {}
+        reply = await svc.join(other, mine, "r", 2, state.epoch)
+        assert reply["recovered"] and [m["seq"] for m in reply["messages"]] == [3, 4, 5, 6]
+        svc.leave_all(other, mine)
+
+    _relay_case(tmp_path, body)
+
+
+def test_relay_with_no_local_members_is_gone_and_http_reads_the_log(tmp_path):
+    import asyncio
+
+    async def body(svc, log, hub, sink, subs):
+        svc.leave_all(sink, subs)
+        assert hub.subscribers("chat:r") == 0
+        await _stored(log, 3)  # said through another node: nothing arrives here
+        page = await svc.messages_since("r", None, 10)
+        assert page["seq"] == 3 and [m["seq"] for m in page["messages"]] == [1, 2, 3]
+        await asyncio.sleep(0)
+
+    _relay_case(tmp_path, body)

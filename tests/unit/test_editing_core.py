@@ -20,12 +20,8 @@ from realtime.auth import Identity
 from realtime.backplane.memory import MemoryBackplane
 from realtime.documents import DocumentError, DocumentState, SnapshotError
 from realtime.editing import (
-    DOCS_SCHEMA,
     EditingService,
-    Loaded,
-    LogGap,
     Peer,
-    TooManyDocuments,
     build_state,
     move_positions,
     pick_color,
@@ -35,7 +31,10 @@ from realtime.hub import Hub
 from realtime.limits import TokenBucket
 from realtime.ot import OTClient
 from realtime.protocol import Outgoing, ProtocolError
-from realtime.storage.sqlite import SQLiteStore, StoreBusy
+from realtime.storage import sqlite_repos as repos
+from realtime.storage.base import Loaded, LogGap, StoreBusy, StoredOp, TooManyDocuments
+from realtime.storage.sqlite import SQLiteStore
+from realtime.storage.sqlite_repos import DOCS_SCHEMA, SQLiteDocumentLog
 from realtime.units import CODEPOINT, UTF16, TextUnits
 
 from .test_units import from_js, js_op
@@ -99,46 +98,46 @@ def conn() -> sqlite3.Connection:
     return c
 
 
-def rows_for(doc: DocumentState, first: int) -> list[tuple[Any, ...]]:
-    return [("d", e.rev, ujson.dumps(e.op), e.client_id, e.seq, "u1", 1) for e in doc.log if e.rev >= first]
+def rows_for(doc: DocumentState, first: int) -> list[StoredOp]:
+    return [StoredOp(e.rev, ujson.dumps(e.op), e.client_id, e.seq, "u1") for e in doc.log if e.rev >= first]
 
 
 def test_load_creates_once_and_respects_max_docs(conn: sqlite3.Connection) -> None:
-    assert editing._load_rows("d", False, 10, 5, conn) is None
-    loaded = editing._load_rows("d", True, 10, 5, conn)
+    assert repos.load_doc_rows("d", False, 10, 5, conn) is None
+    loaded = repos.load_doc_rows("d", True, 10, 5, conn)
     assert loaded is not None and (loaded.rev, loaded.snapshot, loaded.ops) == (0, None, [])
-    assert editing._load_rows("d", True, 1, 5, conn).rev == 0  # type: ignore[union-attr]  # exists: fine
+    assert repos.load_doc_rows("d", True, 1, 5, conn).rev == 0  # type: ignore[union-attr]  # exists: fine
     with pytest.raises(TooManyDocuments):
-        editing._load_rows("e", True, 1, 5, conn)
-    assert editing._load_rows("e", True, 0, 5, conn) is not None  # 0 = no limit
+        repos.load_doc_rows("e", True, 1, 5, conn)
+    assert repos.load_doc_rows("e", True, 0, 5, conn) is not None  # 0 = no limit
 
 
 def test_write_refuses_a_gap_and_snapshots_trim_the_log(conn: sqlite3.Connection) -> None:
-    editing._load_rows("d", True, 0, 3, conn)
+    repos.load_doc_rows("d", True, 0, 3, conn)
     doc = doc_with(*([["x"]] + [[i, "y"] for i in range(1, 10)]))  # rev 10
     with pytest.raises(LogGap):
-        editing._write_ops("d", rows_for(doc, 2), 10, 1, [], 3, conn)  # rev 1 is missing
-    editing._write_ops("d", rows_for(doc, 1)[:6], 6, 1, [(6, '{"rev": 6}')], 3, conn)
+        repos.write_doc_ops("d", rows_for(doc, 2), 10, 1, [], 3, conn)  # rev 1 is missing
+    repos.write_doc_ops("d", rows_for(doc, 1)[:6], 6, 1, [(6, '{"rev": 6}')], 3, conn)
     assert [r[0] for r in conn.execute("SELECT rev FROM doc_ops")] == [4, 5, 6]  # 3 before rev 6
-    editing._write_ops("d", rows_for(doc, 7), 10, 2, [], 3, conn)
+    repos.write_doc_ops("d", rows_for(doc, 7), 10, 2, [], 3, conn)
     assert [r[0] for r in conn.execute("SELECT rev FROM doc_ops")] == [4, 5, 6, 7, 8, 9, 10]
     assert conn.execute("SELECT rev, length, updated FROM docs").fetchone() == (10, 10, 2)
-    assert not editing._write_snapshot("d", 9, "{}", 3, conn)  # not the stored rev: refused
-    assert editing._write_snapshot("d", 10, "{}", 3, conn)
+    assert not repos.write_doc_snapshot("d", 9, "{}", 3, conn)  # not the stored rev: refused
+    assert repos.write_doc_snapshot("d", 10, "{}", 3, conn)
     assert [r[0] for r in conn.execute("SELECT rev FROM doc_snapshots")] == [10]
     assert [r[0] for r in conn.execute("SELECT rev FROM doc_ops")] == [8, 9, 10]
 
 
 def test_build_state_round_trip(conn: sqlite3.Connection) -> None:
-    editing._load_rows("d", True, 0, 4, conn)
+    repos.load_doc_rows("d", True, 0, 4, conn)
     doc, log = _replay(12)
     state9, _ = _replay(9)
-    rows = [("d", r, ujson.dumps(op), c, s, "u-" + c, 1) for r, op, c, s in log]
-    editing._write_ops("d", rows[:5], 5, 1, [], 4, conn)
+    rows = [StoredOp(r, ujson.dumps(op), c, s, "u-" + c) for r, op, c, s in log]
+    repos.write_doc_ops("d", rows[:5], 5, 1, [], 4, conn)
     snapshot = ujson.dumps(state9.to_snapshot(include_log=False), ensure_ascii=False)
-    editing._write_ops("d", rows[5:9], 9, 1, [(9, snapshot)], 4, conn)
-    editing._write_ops("d", rows[9:], 12, 1, [], 4, conn)
-    loaded = editing._load_rows("d", False, 0, 4, conn)
+    repos.write_doc_ops("d", rows[5:9], 9, 1, [(9, snapshot)], 4, conn)
+    repos.write_doc_ops("d", rows[9:], 12, 1, [], 4, conn)
+    loaded = repos.load_doc_rows("d", False, 0, 4, conn)
     assert loaded is not None and loaded.snapshot is not None and loaded.snapshot[0] == 9
     assert [op[0] for op in loaded.ops] == [6, 7, 8, 9, 10, 11, 12]  # 4 before the snapshot, all after
     state, snap_rev, owners = build_state("d", loaded, max_log=4)
@@ -194,6 +193,11 @@ class FakeMember:
         return [m["type"] for m in self.got]
 
 
+def published(m: dict[str, Any]) -> Outgoing:
+    """As the service publishes it: the rev as seq and the client travel beside the payload."""
+    return Outgoing(m, seq=m.get("rev"), client=m.get("client"))
+
+
 def test_peer_holds_then_filters() -> None:
     member = FakeMember()
     live = editing.LiveDoc(DocumentState("d"), 0, {}, 0)
@@ -208,12 +212,12 @@ def test_peer_holds_then_filters() -> None:
         {"type": "peer_left", "client": "c-third"},
     ]
     for m in msgs:
-        peer.deliver(Outgoing(m))
+        peer.deliver(published(m))
     assert member.got == []  # held until the snapshot is out
     peer.after_rev = 1
     peer.release()
     assert [(m["type"], m.get("rev")) for m in member.got] == [("op", 2), ("cursor", 1), ("peer_left", None)]
-    peer.deliver(Outgoing({"type": "op", "rev": 4, "op": [3, "d"], "client": "c-other", "seq": 3}))
+    peer.deliver(published({"type": "op", "rev": 4, "op": [3, "d"], "client": "c-other", "seq": 3}))
     assert member.got[-1]["rev"] == 4
 
 
@@ -262,7 +266,7 @@ class ManualStore:
 
 
 def service(store: ManualStore, **kw: Any) -> EditingService:
-    return EditingService(store, Hub(MemoryBackplane()), edit_rate=0, **kw)  # type: ignore[arg-type]
+    return EditingService(SQLiteDocumentLog(store), Hub(MemoryBackplane()), edit_rate=0, **kw)  # type: ignore[arg-type]
 
 
 async def joined(svc: EditingService, store: ManualStore, name: str, uid: str | None = None,

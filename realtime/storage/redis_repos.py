@@ -1,0 +1,489 @@
+"""The apps' storage interfaces on Redis (cluster mode).
+
+Keys carry a hash tag per room (``rt:room:{lobby}:...``) so that every key a
+script touches lives in one slot of a Redis Cluster.  Durability is Redis's:
+with ``appendonly yes`` and ``appendfsync always`` a reply means the write is
+on disk (docs/DEPLOY.md).  Every method raises
+:class:`~realtime.storage.base.StorageError` when Redis did not answer: nothing
+is acknowledged that Redis did not store.
+
+Chat: one Lua script per ``say`` does the cid dedupe, takes the next seq,
+appends to the room's stream (entry id ``<seq>-1``), trims it to ``keep``
+(dropping the trimmed messages' cids with them) and PUBLISHes the message's
+envelope to the other nodes -- so a message is never stored without being
+sent, nor sent without being stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from typing import Any, Callable
+
+import ujson
+from redis.exceptions import RedisError, ResponseError
+
+from realtime.protocol import encode
+from realtime.storage.base import (
+    Appended,
+    Loaded,
+    LogGap,
+    RoomRecord,
+    StorageError,
+    StoredOp,
+    TooManyDocuments,
+    message_json,
+)
+
+ROOMS_KEY = "rt:rooms"
+
+_OPEN_ROOM = """
+if redis.call('HSETNX', KEYS[1], 'epoch', ARGV[1]) == 1 then
+  redis.call('HSET', KEYS[1], 'seq', 0, 'created', ARGV[2])
+end
+return redis.call('HMGET', KEYS[1], 'epoch', 'seq')
+"""
+
+_SAY = """
+local user, cid, ts = ARGV[1], ARGV[5], ARGV[4]
+if cid ~= '' then
+  local prev = redis.call('HGET', KEYS[3], user .. '\\31' .. cid)
+  if prev then
+    local sep = string.find(prev, ':', 1, true)
+    return {tonumber(string.sub(prev, 1, sep - 1)), tonumber(string.sub(prev, sep + 1)), 1}
+  end
+end
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  return redis.error_reply('NOROOM no such room')
+end
+local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
+if cid ~= '' then
+  redis.call('XADD', KEYS[2], seq .. '-1', 'u', user, 'n', ARGV[2], 't', ARGV[3], 'ts', ts, 'c', cid)
+  redis.call('HSET', KEYS[3], user .. '\\31' .. cid, seq .. ':' .. ts)
+else
+  redis.call('XADD', KEYS[2], seq .. '-1', 'u', user, 'n', ARGV[2], 't', ARGV[3], 'ts', ts)
+end
+local keep = tonumber(ARGV[6])
+if seq % 100 == 0 and seq > keep then
+  local old = redis.call('XRANGE', KEYS[2], '-', (seq - keep) .. '-1')
+  for _, entry in ipairs(old) do
+    local f, u, c = entry[2], nil, nil
+    for i = 1, #f, 2 do
+      if f[i] == 'u' then u = f[i + 1] elseif f[i] == 'c' then c = f[i + 1] end
+    end
+    if c then redis.call('HDEL', KEYS[3], u .. '\\31' .. c) end
+  end
+  redis.call('XTRIM', KEYS[2], 'MINID', (seq - keep + 1) .. '-0')
+end
+if ARGV[7] ~= '' then
+  redis.call('PUBLISH', ARGV[7], ARGV[8] .. seq .. ARGV[9] .. seq .. ARGV[10])
+end
+return {seq, tonumber(ts), 0}
+"""
+
+
+def _text(v: Any) -> str:
+    return v.decode("utf-8") if isinstance(v, bytes) else str(v)
+
+
+def _seq_of(entry_id: Any) -> int:
+    return int(_text(entry_id).split("-", 1)[0])
+
+
+class RedisChatLog:
+    """Each room: ``meta`` (epoch, seq), ``log`` (a stream), ``cids`` (a hash)."""
+
+    def __init__(self, redis: Any, keep: int, *, node_id: str = "", channel: Callable[[str], str] | None = None,
+                 topic: Callable[[str], str] | None = None) -> None:
+        self.redis = redis
+        self.keep = keep
+        self.node_id = node_id
+        self._channel = channel
+        self._topic = topic
+        self._open = redis.register_script(_OPEN_ROOM)
+        self._say = redis.register_script(_SAY)
+        self._queue: list[tuple[list[str], list[Any], asyncio.Future[Any]]] = []
+        self._flusher: asyncio.Future[None] | None = None
+        # The service need not publish what this log's append already sent to the other nodes.
+        self.broadcasts = channel is not None and topic is not None
+
+    @staticmethod
+    def keys(room: str) -> list[str]:
+        tag = "rt:room:{%s}:" % room
+        return [tag + "meta", tag + "log", tag + "cids"]
+
+    async def _call(self, coro: Any) -> Any:
+        try:
+            return await coro
+        except ResponseError as e:
+            raise StorageError("Redis refused: %s" % e) from None
+        except (RedisError, OSError) as e:
+            raise StorageError("Redis is unreachable: %s" % e) from None
+
+    def _messages(self, room: str, entries: list[Any]) -> list[dict[str, Any]]:
+        out = []
+        for entry_id, fields in entries:
+            f = {_text(k): _text(v) for k, v in fields.items()}
+            out.append(message_json(room, _seq_of(entry_id), f["u"], f["n"], f["t"], int(f["ts"]), f.get("c")))
+        return out
+
+    async def _record(self, room: str, epoch: str, last_seq: int, recent: int) -> RoomRecord:
+        meta, log, _ = self.keys(room)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.xrange(log, "-", "+", count=1)
+            pipe.xrevrange(log, "+", "-", count=recent)
+            first, newest = await self._call(pipe.execute())
+        oldest = _seq_of(first[0][0]) if first else last_seq + 1
+        return RoomRecord(epoch, last_seq, max(oldest, last_seq - self.keep + 1),
+                          self._messages(room, newest[::-1]))
+
+    async def open_room(self, room: str, recent: int) -> RoomRecord:
+        now = time.time()
+        epoch, seq = await self._call(self._open(keys=self.keys(room)[:1], args=[secrets.token_hex(8), now]))
+        await self._call(self.redis.zadd(ROOMS_KEY, {room: 0}, nx=True))
+        return await self._record(room, _text(epoch), int(seq), recent)
+
+    async def find_room(self, room: str, recent: int) -> RoomRecord | None:
+        epoch, seq = await self._call(self.redis.hmget(self.keys(room)[0], "epoch", "seq"))
+        if epoch is None:
+            return None
+        return await self._record(room, _text(epoch), int(seq), recent)
+
+    async def append(self, room: str, user_id: str, name: str, text: str, ts: int,
+                     cid: str | None) -> Appended:
+        channel = ""
+        head = body = tail = ""
+        if self.broadcasts:
+            assert self._channel is not None and self._topic is not None
+            topic = self._topic(room)
+            channel = self._channel(topic)
+            # The envelope, written around the seq the script assigns: the
+            # header, then the message itself, exactly as Envelope.pack does.
+            head = ujson.dumps([self.node_id, topic, "message"])[:-1] + ","
+            body = ",null]\n" + encode({"type": "message", "room": room})[:-1] + ',"seq":'
+            rest: dict[str, Any] = {"user": user_id, "name": name, "text": text, "ts": ts}
+            if cid is not None:
+                rest["cid"] = cid
+            tail = "," + encode(rest)[1:]
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._queue.append((self.keys(room), [user_id, name, text, ts, cid or "", self.keep, channel, head, body,
+                                              tail], fut))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.ensure_future(self._flush())
+        seq, stored_ts, dup = await fut
+        return Appended(int(seq), int(stored_ts), bool(dup))
+
+    async def _flush(self) -> None:
+        """Send every queued ``say`` in one pipeline on one connection: Redis
+        runs them in the order they were said (a client's messages keep their
+        order) and, with ``appendfsync always``, a burst shares its fsyncs."""
+        while self._queue:
+            batch, self._queue = self._queue, []
+            try:
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    for keys, args, _ in batch:
+                        await self._say(keys=keys, args=args, client=pipe)
+                    results = await pipe.execute(raise_on_error=False)
+            except (RedisError, OSError) as e:
+                error = StorageError("Redis is unreachable: %s" % e)
+                for _, _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(error)
+                continue
+            for (_, _, fut), result in zip(batch, results):
+                if fut.done():
+                    continue
+                if isinstance(result, Exception):
+                    fut.set_exception(StorageError("Redis refused: %s" % result))
+                else:
+                    fut.set_result(result)
+            for _, _, fut in batch:
+                if not fut.done():
+                    fut.set_exception(StorageError("Redis gave no answer for this write"))
+
+    async def read(self, room: str, after: int, limit: int, newest: bool) -> list[dict[str, Any]]:
+        log = self.keys(room)[1]
+        start = "%d-0" % (after + 1)
+        if newest:
+            entries = await self._call(self.redis.xrevrange(log, "+", start, count=limit))
+            entries = entries[::-1]
+        else:
+            entries = await self._call(self.redis.xrange(log, start, "+", count=limit))
+        return self._messages(room, entries)
+
+    async def rooms(self, limit: int) -> list[tuple[str, int]]:
+        names = [_text(n) for n in await self._call(self.redis.zrange(ROOMS_KEY, 0, limit - 1))]
+        if not names:
+            return []
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for n in names:
+                pipe.hget(self.keys(n)[0], "seq")
+            seqs = await self._call(pipe.execute())
+        return [(n, int(s or 0)) for n, s in zip(names, seqs)]
+
+
+# -- sensors ---------------------------------------------------------------------------
+
+SENSORS_KEY = "rt:sensors"
+
+
+class RedisReadingStore:
+    """Each device sensor: ``meta`` (a hash) and ``pts`` (a sorted set scored by
+    time, trimmed to the window); the ids in ``rt:sensors``."""
+
+    def __init__(self, redis: Any) -> None:
+        self.redis = redis
+        self._n = 0
+
+    @staticmethod
+    def keys(sensor_id: str) -> tuple[str, str]:
+        tag = "rt:sensor:{%s}:" % sensor_id
+        return tag + "meta", tag + "pts"
+
+    async def _call(self, coro: Any) -> Any:
+        try:
+            return await coro
+        except (RedisError, OSError) as e:
+            raise StorageError("Redis is unreachable: %s" % e) from None
+
+    async def load(self, since: float, max_points: int) -> list[tuple[Any, list[tuple[float, float]]]]:
+        from realtime.storage.base import SensorRow
+
+        ids = sorted(_text(i) for i in await self._call(self.redis.smembers(SENSORS_KEY)))
+        out = []
+        for sid in ids:
+            meta_key, pts_key = self.keys(sid)
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.hmget(meta_key, "label", "unit", "rate_hz")
+                pipe.zrevrangebyscore(pts_key, "+inf", since, start=0, num=max_points)
+                (label, unit, rate), members = await self._call(pipe.execute())
+            if label is None:
+                continue
+            points = [_point(m) for m in reversed(members)]
+            out.append((SensorRow(sid, _text(label), _text(unit), float(rate)), points))
+        return out
+
+    def _members(self, points: list[tuple[float, float]]) -> dict[str, float]:
+        out = {}
+        for t, v in points:
+            self._n += 1
+            out["%r|%r|%s" % (t, v, secrets.token_hex(4))] = t
+        return out
+
+    async def append(self, meta: Any, points: list[tuple[float, float]], now: float) -> None:
+        meta_key, pts_key = self.keys(meta.id)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hsetnx(meta_key, "label", meta.label)
+            pipe.hsetnx(meta_key, "unit", meta.unit)
+            pipe.hsetnx(meta_key, "rate_hz", meta.rate_hz)
+            pipe.hsetnx(meta_key, "created", now)
+            pipe.zadd(pts_key, self._members(points))
+            await self._call(pipe.execute())
+        await self._call(self.redis.sadd(SENSORS_KEY, meta.id))
+
+    async def set_meta(self, meta: Any, now: float) -> None:
+        meta_key, _ = self.keys(meta.id)
+        await self._call(self.redis.hset(meta_key, mapping={
+            "label": meta.label, "unit": meta.unit, "rate_hz": meta.rate_hz, "updated": now}))
+        await self._call(self.redis.sadd(SENSORS_KEY, meta.id))
+
+    async def delete(self, sensor_id: str) -> None:
+        await self._call(self.redis.delete(*self.keys(sensor_id)))
+        await self._call(self.redis.srem(SENSORS_KEY, sensor_id))
+
+    async def trim(self, sensor_ids: list[str], cutoff: float, max_points: int) -> int:
+        n = 0
+        for sid in sensor_ids:
+            _, pts_key = self.keys(sid)
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.zremrangebyscore(pts_key, "-inf", "(%r" % cutoff)
+                pipe.zremrangebyrank(pts_key, 0, -(max_points + 1))
+                a, b = await self._call(pipe.execute())
+            n += int(a) + int(b)
+        return n
+
+
+def _point(member: Any) -> tuple[float, float]:
+    t, v, _ = _text(member).split("|", 2)
+    return float(t), float(v)
+
+
+# -- documents ----------------------------------------------------------------------
+
+DOCS_KEY = "rt:docs"
+
+_DOC_APPEND = """
+local rev = tonumber(redis.call('HGET', KEYS[1], 'rev') or '-1')
+local first = tonumber(ARGV[1])
+if rev ~= first - 1 then
+  return redis.error_reply('LOGGAP stored rev ' .. rev .. ', writing ' .. first)
+end
+local n = tonumber(ARGV[2])
+for i = 0, n - 1 do
+  redis.call('HSET', KEYS[2], first + i, ARGV[6 + i])
+end
+local last = first + n - 1
+redis.call('HSET', KEYS[1], 'rev', last, 'length', ARGV[3], 'updated', ARGV[4])
+local snaps = tonumber(ARGV[5])
+local keep = tonumber(ARGV[6 + n])
+local snap_rev = nil
+for j = 0, snaps - 1 do
+  snap_rev = tonumber(ARGV[7 + n + 2 * j])
+  redis.call('HSET', KEYS[3], 'rev', snap_rev, 'format', 1, 'data', ARGV[8 + n + 2 * j])
+end
+if snap_rev then
+  local cut = math.min(snap_rev, last - keep)
+  local low = tonumber(redis.call('HGET', KEYS[1], 'low') or '1')
+  for r = low, cut do redis.call('HDEL', KEYS[2], r) end
+  if cut >= low then redis.call('HSET', KEYS[1], 'low', cut + 1) end
+end
+return last
+"""
+
+_DOC_SNAPSHOT = """
+if tonumber(redis.call('HGET', KEYS[1], 'rev') or '-1') ~= tonumber(ARGV[1]) then return 0 end
+redis.call('HSET', KEYS[3], 'rev', ARGV[1], 'format', 1, 'data', ARGV[2])
+local cut = tonumber(ARGV[1]) - tonumber(ARGV[3])
+local low = tonumber(redis.call('HGET', KEYS[1], 'low') or '1')
+for r = low, cut do redis.call('HDEL', KEYS[2], r) end
+if cut >= low then redis.call('HSET', KEYS[1], 'low', cut + 1) end
+return 1
+"""
+
+_DOC_CREATE = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], 'rev', 0, 'length', 0, 'created', ARGV[1], 'updated', ARGV[1], 'low', 1)
+return 1
+"""
+
+
+class RedisDocumentLog:
+    """Each document: ``meta`` (rev, length, created, updated, low), ``ops`` (a
+    hash rev -> [op, client, seq, user]) and ``snap``; ids in ``rt:docs`` by
+    last edit.  ``append`` is one compare-and-append script: it stores the ops
+    for revision r only if the document holds exactly r - 1 (else LogGap), so
+    every node appends to one order."""
+
+    overloaded = False
+
+    def __init__(self, redis: Any) -> None:
+        self.redis = redis
+        self._append = redis.register_script(_DOC_APPEND)
+        self._snapshot = redis.register_script(_DOC_SNAPSHOT)
+        self._create = redis.register_script(_DOC_CREATE)
+
+    @staticmethod
+    def keys(doc_id: str) -> list[str]:
+        tag = "rt:doc:{%s}:" % doc_id
+        return [tag + "meta", tag + "ops", tag + "snap"]
+
+    async def _call(self, coro: Any) -> Any:
+        try:
+            return await coro
+        except ResponseError as e:
+            if str(e).startswith("LOGGAP"):
+                raise LogGap(str(e)) from None
+            raise StorageError("Redis refused: %s" % e) from None
+        except (RedisError, OSError) as e:
+            raise StorageError("Redis is unreachable: %s" % e) from None
+
+    async def load(self, doc_id: str, *, create: bool, max_docs: int, keep: int) -> Loaded | None:
+        meta_key, ops_key, snap_key = self.keys(doc_id)
+        meta = await self._call(self.redis.hgetall(meta_key))
+        if not meta:
+            if not create:
+                return None
+            if max_docs > 0 and await self._call(self.redis.zcard(DOCS_KEY)) >= max_docs:
+                raise TooManyDocuments()
+            ts = int(time.time() * 1000)
+            await self._call(self._create(keys=[meta_key], args=[ts]))
+            await self._call(self.redis.zadd(DOCS_KEY, {doc_id: ts}, nx=True))
+            meta = await self._call(self.redis.hgetall(meta_key))
+        m = {_text(k): _text(v) for k, v in meta.items()}
+        rev = int(m["rev"])
+        snap = {_text(k): _text(v) for k, v in (await self._call(self.redis.hgetall(snap_key))).items()}
+        snapshot = (int(snap["rev"]), int(snap["format"]), snap["data"]) if snap else None
+        snap_rev = snapshot[0] if snapshot else 0
+        start = max(int(m.get("low", 1)) - 1, min(snap_rev, rev) - keep)
+        revs = list(range(start + 1, rev + 1))
+        raw = await self._call(self.redis.hmget(ops_key, revs)) if revs else []
+        ops = []
+        for r, item in zip(revs, raw):
+            if item is None:
+                raise StorageError("document %s: op %d is missing from Redis" % (doc_id, r))
+            op, client, seq, user = ujson.loads(_text(item))
+            ops.append(StoredOp(r, op, client, seq, user))
+        return Loaded(rev, int(m["updated"]), snapshot, ops)
+
+    async def append(self, doc_id: str, ops: list[StoredOp], length: int, ts: int,
+                     snapshots: list[tuple[int, str]], keep: int) -> None:
+        args: list[Any] = [ops[0].rev, len(ops), length, ts, len(snapshots)]
+        args += [ujson.dumps([o.op, o.client, o.seq, o.user_id], ensure_ascii=False) for o in ops]
+        args.append(keep)
+        for rev, data in snapshots:
+            args += [rev, data]
+        await self._call(self._append(keys=self.keys(doc_id), args=args))
+        await self._call(self.redis.zadd(DOCS_KEY, {doc_id: ts}))
+
+    async def save_snapshot(self, doc_id: str, rev: int, data: str, keep: int) -> bool:
+        return bool(await self._call(self._snapshot(keys=self.keys(doc_id), args=[rev, data, keep])))
+
+    async def list(self, limit: int) -> list[tuple[str, int, int, int, int]]:
+        ids = [_text(i) for i in await self._call(self.redis.zrevrange(DOCS_KEY, 0, limit - 1))]
+        if not ids:
+            return []
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for i in ids:
+                pipe.hmget(self.keys(i)[0], "rev", "length", "created", "updated")
+            rows = await self._call(pipe.execute())
+        return [(i, int(r[0]), int(r[1]), int(r[2]), int(r[3])) for i, r in zip(ids, rows) if r[0] is not None]
+
+
+# -- the factory ------------------------------------------------------------------------
+
+
+class RedisStorage:
+    """Every app's repository on one Redis (cluster mode), beside the backplane
+    that shares its connection and node id."""
+
+    name = "redis"
+
+    def __init__(self, backplane: Any) -> None:
+        self.backplane = backplane
+        self.redis = backplane.redis
+
+    def chat_log(self, keep: int, topic: Callable[[str], str] | None = None) -> RedisChatLog:
+        from realtime.backplane.redis import channel
+
+        return RedisChatLog(self.redis, keep, node_id=self.backplane.node_id, channel=channel, topic=topic)
+
+    def reading_store(self) -> RedisReadingStore:
+        return RedisReadingStore(self.redis)
+
+    def document_log(self) -> RedisDocumentLog:
+        return RedisDocumentLog(self.redis)
+
+    async def open(self) -> None:
+        pass  # the backplane connected (and checked) Redis
+
+    async def close(self) -> None:
+        pass  # the backplane owns the connection
+
+
+def shared_secret(url: str, name: str, generate: Callable[[], str]) -> str:
+    """The cluster's secret ``name``: generated once into Redis by the first
+    node that asks, then the same for every node.  Raises ``ConnectionError``."""
+    import redis as sync_redis
+
+    key = "rt:secret:" + name
+    try:
+        client = sync_redis.Redis.from_url(url, socket_timeout=5.0, socket_connect_timeout=3.0)
+        try:
+            client.set(key, generate(), nx=True)
+            value = client.get(key)
+        finally:
+            client.close()
+    except (RedisError, OSError) as e:
+        raise ConnectionError("cannot reach Redis at %s: %s" % (url, e)) from None
+    return _text(value)

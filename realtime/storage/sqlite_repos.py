@@ -1,0 +1,429 @@
+"""The apps' storage interfaces (:mod:`realtime.storage.base`) on SQLite.
+
+Each repository owns its tables (its :class:`Schema`) and runs its SQL on the
+:class:`SQLiteStore`'s threads: writes through its group commit (they resolve
+after COMMIT), reads on the reader connection.  SQLite errors become
+:class:`StorageError` so the services never see ``sqlite3``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import sqlite3
+import time
+from functools import partial
+from typing import Any, Awaitable, Callable, TypeVar
+
+from realtime.documents import SNAPSHOT_FORMAT
+from realtime.storage.base import (
+    Appended,
+    Loaded,
+    LogGap,
+    RoomRecord,
+    SensorRow,
+    StorageError,
+    StoredOp,
+    TooManyDocuments,
+    message_json,
+)
+from realtime.storage.sqlite import Schema, SQLiteStore
+
+T = TypeVar("T")
+
+
+async def _durable(fut: Awaitable[T]) -> T:
+    try:
+        return await fut
+    except StorageError:
+        raise
+    except sqlite3.Error as e:
+        raise StorageError(str(e)) from e
+
+
+# -- chat ---------------------------------------------------------------------------
+
+CHAT_SCHEMA = Schema(
+    "chat",
+    [
+        """
+        CREATE TABLE rooms(
+            name TEXT PRIMARY KEY,
+            epoch TEXT NOT NULL,
+            last_seq INTEGER NOT NULL DEFAULT 0,
+            created REAL NOT NULL
+        );
+        CREATE TABLE messages(
+            room TEXT NOT NULL,
+            seq INTEGER NOT NULL,
+            user_id TEXT NOT NULL,
+            name TEXT NOT NULL,
+            text TEXT NOT NULL,
+            ts INTEGER NOT NULL,
+            cid TEXT,
+            PRIMARY KEY(room, seq)
+        ) WITHOUT ROWID;
+        CREATE UNIQUE INDEX messages_cid ON messages(room, user_id, cid) WHERE cid IS NOT NULL
+        """
+    ],
+)
+
+_MESSAGE_COLUMNS = "seq, user_id, name, text, ts, cid"
+
+
+def _messages(room: str, rows: list[Any]) -> list[dict[str, Any]]:
+    return [message_json(room, *tuple(r)) for r in rows]
+
+
+class SQLiteChatLog:
+    """Rooms and messages in two tables; the seq is assigned (and the cid
+    checked) inside the committing transaction, so seqs have no gaps and a
+    retry that races the first attempt is still caught."""
+
+    schema = CHAT_SCHEMA
+    broadcasts = False  # the service publishes what it stored
+
+    def __init__(self, store: SQLiteStore, keep: int) -> None:
+        self.store = store
+        self.keep = keep
+
+    def _record(self, conn: sqlite3.Connection, room: str, recent: int) -> RoomRecord | None:
+        row = conn.execute("SELECT epoch, last_seq FROM rooms WHERE name=?", (room,)).fetchone()
+        if row is None:
+            return None
+        epoch, last_seq = row
+        oldest = conn.execute("SELECT MIN(seq) FROM messages WHERE room=?", (room,)).fetchone()[0]
+        oldest = last_seq + 1 if oldest is None else oldest
+        rows = conn.execute(
+            "SELECT %s FROM messages WHERE room=? ORDER BY seq DESC LIMIT ?" % _MESSAGE_COLUMNS, (room, recent)
+        ).fetchall()
+        return RoomRecord(epoch, last_seq, max(oldest, last_seq - self.keep + 1), _messages(room, rows[::-1]))
+
+    async def open_room(self, room: str, recent: int) -> RoomRecord:
+        def load(conn: sqlite3.Connection) -> RoomRecord:
+            conn.execute(
+                "INSERT OR IGNORE INTO rooms(name, epoch, last_seq, created) VALUES (?, ?, 0, ?)",
+                (room, secrets.token_hex(8), time.time()),
+            )
+            record = self._record(conn, room, recent)
+            assert record is not None
+            return record
+
+        return await _durable(self.store.write(load))
+
+    async def find_room(self, room: str, recent: int) -> RoomRecord | None:
+        return await _durable(self.store.read(partial(self._record, room=room, recent=recent)))
+
+    async def append(self, room: str, user_id: str, name: str, text: str, ts: int,
+                     cid: str | None) -> Appended:
+        keep = self.keep
+
+        def append(conn: sqlite3.Connection) -> Appended:
+            if cid is not None:
+                row = conn.execute(
+                    "SELECT seq, ts FROM messages WHERE room=? AND user_id=? AND cid=?", (room, user_id, cid)
+                ).fetchone()
+                if row is not None:
+                    return Appended(row[0], row[1], True)
+            found = conn.execute(
+                "UPDATE rooms SET last_seq=last_seq+1 WHERE name=? RETURNING last_seq", (room,)
+            ).fetchone()
+            if found is None:
+                raise StorageError("room %s does not exist" % room)
+            seq = found[0]
+            conn.execute(
+                "INSERT INTO messages(room, seq, user_id, name, text, ts, cid) VALUES (?,?,?,?,?,?,?)",
+                (room, seq, user_id, name, text, ts, cid),
+            )
+            if seq % 100 == 0 and seq > keep:
+                conn.execute("DELETE FROM messages WHERE room=? AND seq<=?", (room, seq - keep))
+            return Appended(seq, ts, False)
+
+        return await _durable(self.store.write(append))
+
+    async def read(self, room: str, after: int, limit: int, newest: bool) -> list[dict[str, Any]]:
+        order = "DESC" if newest else "ASC"
+
+        def read(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+            rows = conn.execute(
+                "SELECT %s FROM messages WHERE room=? AND seq>? ORDER BY seq %s LIMIT ?" % (_MESSAGE_COLUMNS, order),
+                (room, after, limit),
+            ).fetchall()
+            return _messages(room, rows[::-1] if newest else rows)
+
+        return await _durable(self.store.read(read))
+
+    async def rooms(self, limit: int) -> list[tuple[str, int]]:
+        def read(conn: sqlite3.Connection) -> list[tuple[str, int]]:
+            return [(r[0], r[1]) for r in conn.execute(
+                "SELECT name, last_seq FROM rooms ORDER BY name LIMIT ?", (limit,)).fetchall()]
+
+        return await _durable(self.store.read(read))
+
+
+# -- documents ------------------------------------------------------------------------
+
+DOCS_SCHEMA = Schema(
+    "docs",
+    [
+        """
+        CREATE TABLE docs(
+            id TEXT PRIMARY KEY,
+            rev INTEGER NOT NULL DEFAULT 0,
+            length INTEGER NOT NULL DEFAULT 0,
+            created INTEGER NOT NULL,
+            updated INTEGER NOT NULL
+        );
+        CREATE TABLE doc_ops(
+            doc TEXT NOT NULL,
+            rev INTEGER NOT NULL,
+            op TEXT NOT NULL,
+            client TEXT,
+            seq INTEGER,
+            user_id TEXT,
+            ts INTEGER NOT NULL,
+            PRIMARY KEY(doc, rev)
+        ) WITHOUT ROWID;
+        CREATE TABLE doc_snapshots(
+            doc TEXT NOT NULL,
+            rev INTEGER NOT NULL,
+            format INTEGER NOT NULL,
+            data TEXT NOT NULL,
+            ts INTEGER NOT NULL,
+            PRIMARY KEY(doc, rev)
+        ) WITHOUT ROWID
+        """
+    ],
+)
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def load_doc_rows(doc_id: str, create: bool, max_docs: int, keep: int, conn: sqlite3.Connection) -> Loaded | None:
+    row = conn.execute("SELECT rev, updated FROM docs WHERE id=?", (doc_id,)).fetchone()
+    if row is None:
+        if not create:
+            return None
+        if max_docs > 0 and conn.execute("SELECT COUNT(*) FROM docs").fetchone()[0] >= max_docs:
+            raise TooManyDocuments()
+        ts = now_ms()
+        conn.execute(
+            "INSERT INTO docs(id, rev, length, created, updated) VALUES (?, 0, 0, ?, ?)", (doc_id, ts, ts)
+        )
+        return Loaded(0, ts, None, [])
+    rev, updated = row
+    snap = conn.execute(
+        "SELECT rev, format, data FROM doc_snapshots WHERE doc=? ORDER BY rev DESC LIMIT 1", (doc_id,)
+    ).fetchone()
+    snap_rev = snap[0] if snap else 0
+    start = max(0, min(snap_rev, rev) - keep)
+    ops = conn.execute(
+        "SELECT rev, op, client, seq, user_id FROM doc_ops WHERE doc=? AND rev>? ORDER BY rev", (doc_id, start)
+    ).fetchall()
+    return Loaded(rev, updated, (snap[0], snap[1], snap[2]) if snap else None, [StoredOp(*r) for r in ops])
+
+
+def write_doc_ops(doc_id: str, ops: list[StoredOp], length: int, ts: int, snapshots: list[tuple[int, str]],
+                  keep: int, conn: sqlite3.Connection) -> None:
+    first, last = ops[0].rev, ops[-1].rev
+    row = conn.execute("SELECT rev FROM docs WHERE id=?", (doc_id,)).fetchone()
+    if row is None or row[0] != first - 1:
+        raise LogGap(f"document {doc_id}: stored rev {row and row[0]}, writing {first}..{last}")
+    conn.executemany(
+        "INSERT INTO doc_ops(doc, rev, op, client, seq, user_id, ts) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        [(doc_id, o.rev, o.op, o.client, o.seq, o.user_id, ts) for o in ops],
+    )
+    conn.execute("UPDATE docs SET rev=?, length=?, updated=? WHERE id=?", (last, length, ts, doc_id))
+    if snapshots:
+        for rev, data in snapshots:
+            conn.execute(
+                "INSERT OR REPLACE INTO doc_snapshots(doc, rev, format, data, ts) VALUES (?, ?, ?, ?, ?)",
+                (doc_id, rev, SNAPSHOT_FORMAT, data, ts),
+            )
+        _trim_doc(conn, doc_id, snapshots[-1][0], last, keep)
+
+
+def write_doc_snapshot(doc_id: str, rev: int, data: str, keep: int, conn: sqlite3.Connection) -> bool:
+    row = conn.execute("SELECT rev FROM docs WHERE id=?", (doc_id,)).fetchone()
+    if row is None or row[0] != rev:
+        return False  # the store holds something else: that snapshot would be wrong
+    conn.execute(
+        "INSERT OR REPLACE INTO doc_snapshots(doc, rev, format, data, ts) VALUES (?, ?, ?, ?, ?)",
+        (doc_id, rev, SNAPSHOT_FORMAT, data, now_ms()),
+    )
+    _trim_doc(conn, doc_id, rev, rev, keep)
+    return True
+
+
+def _trim_doc(conn: sqlite3.Connection, doc_id: str, snap_rev: int, last: int, keep: int) -> None:
+    """Keep the newest snapshot, every op after it, and ``keep`` ops before ``last``."""
+    conn.execute("DELETE FROM doc_snapshots WHERE doc=? AND rev<?", (doc_id, snap_rev))
+    conn.execute("DELETE FROM doc_ops WHERE doc=? AND rev<=?", (doc_id, min(snap_rev, last - keep)))
+
+
+class SQLiteDocumentLog:
+    """Documents, their op logs and snapshots in three tables.
+
+    ``append`` and ``save_snapshot`` return the store's future at once (so the
+    editing pipeline can chain on it without a task per write); a full queue
+    raises :class:`StoreBusy` right away."""
+
+    schema = DOCS_SCHEMA
+
+    def __init__(self, store: SQLiteStore) -> None:
+        self.store = store
+
+    @property
+    def overloaded(self) -> bool:
+        return self.store.pending >= self.store.max_pending // 2
+
+    async def load(self, doc_id: str, *, create: bool, max_docs: int, keep: int) -> Loaded | None:
+        fn = partial(load_doc_rows, doc_id, create, max_docs, keep)
+        return await _durable(self.store.write(fn) if create else self.store.read(fn))
+
+    def append(self, doc_id: str, ops: list[StoredOp], length: int, ts: int,
+               snapshots: list[tuple[int, str]], keep: int) -> "asyncio.Future[None]":
+        return self.store.write(partial(write_doc_ops, doc_id, ops, length, ts, snapshots, keep))
+
+    def save_snapshot(self, doc_id: str, rev: int, data: str, keep: int) -> "asyncio.Future[bool]":
+        return self.store.write(partial(write_doc_snapshot, doc_id, rev, data, keep))
+
+    async def list(self, limit: int) -> list[tuple[str, int, int, int, int]]:
+        def read(conn: sqlite3.Connection) -> list[tuple[str, int, int, int, int]]:
+            return [(r[0], r[1], r[2], r[3], r[4]) for r in conn.execute(
+                "SELECT id, rev, length, created, updated FROM docs ORDER BY updated DESC, id LIMIT ?",
+                (limit,)).fetchall()]
+
+        return await _durable(self.store.read(read))
+
+
+# -- sensors ----------------------------------------------------------------------------
+
+SENSORS_SCHEMA = Schema(
+    "sensors",
+    [
+        """
+        CREATE TABLE sensor_meta(
+            id TEXT PRIMARY KEY,
+            label TEXT NOT NULL,
+            unit TEXT NOT NULL,
+            rate_hz REAL NOT NULL,
+            created REAL NOT NULL,
+            updated REAL NOT NULL
+        ) WITHOUT ROWID;
+        CREATE TABLE readings(
+            sensor TEXT NOT NULL,
+            t REAL NOT NULL,
+            v REAL NOT NULL
+        );
+        CREATE INDEX readings_by_sensor ON readings(sensor, t)
+        """
+    ],
+)
+
+
+class SQLiteReadingStore:
+    """Device sensors' metadata and readings in two tables."""
+
+    schema = SENSORS_SCHEMA
+
+    def __init__(self, store: SQLiteStore) -> None:
+        self.store = store
+
+    async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        return await _durable(self.store.write(fn))
+
+    async def load(self, since: float, max_points: int) -> list[tuple[SensorRow, list[tuple[float, float]]]]:
+        def read(conn: sqlite3.Connection) -> list[tuple[SensorRow, list[tuple[float, float]]]]:
+            out = []
+            for row in conn.execute("SELECT id, label, unit, rate_hz FROM sensor_meta ORDER BY id").fetchall():
+                rows = conn.execute(
+                    "SELECT t, v FROM readings WHERE sensor=? AND t>=? ORDER BY t DESC, rowid DESC LIMIT ?",
+                    (row[0], since, max_points)).fetchall()
+                points = [(float(r[0]), float(r[1])) for r in reversed(rows)]
+                out.append((SensorRow(row[0], row[1], row[2], float(row[3])), points))
+            return out
+
+        return await _durable(self.store.read(read))
+
+    async def append(self, meta: SensorRow, points: list[tuple[float, float]], now: float) -> None:
+        def write(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT OR IGNORE INTO sensor_meta(id, label, unit, rate_hz, created, updated)"
+                " VALUES (?, ?, ?, ?, ?, ?)", (*meta, now, now))
+            conn.executemany("INSERT INTO readings(sensor, t, v) VALUES (?, ?, ?)",
+                             [(meta.id, t, v) for t, v in points])
+
+        await self._write(write)
+
+    async def set_meta(self, meta: SensorRow, now: float) -> None:
+        def write(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT INTO sensor_meta(id, label, unit, rate_hz, created, updated) VALUES (?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT(id) DO UPDATE SET label=excluded.label, unit=excluded.unit,"
+                " rate_hz=excluded.rate_hz, updated=excluded.updated", (*meta, now, now))
+
+        await self._write(write)
+
+    async def delete(self, sensor_id: str) -> None:
+        def write(conn: sqlite3.Connection) -> None:
+            conn.execute("DELETE FROM readings WHERE sensor=?", (sensor_id,))
+            conn.execute("DELETE FROM sensor_meta WHERE id=?", (sensor_id,))
+
+        await self._write(write)
+
+    async def trim(self, sensor_ids: list[str], cutoff: float, max_points: int) -> int:
+        def write(conn: sqlite3.Connection) -> int:
+            n = 0
+            for sid in sensor_ids:
+                n += conn.execute("DELETE FROM readings WHERE sensor=? AND t<?", (sid, cutoff)).rowcount
+                row = conn.execute("SELECT t FROM readings WHERE sensor=? ORDER BY t DESC LIMIT 1 OFFSET ?",
+                                   (sid, max_points)).fetchone()
+                if row is not None:
+                    n += conn.execute("DELETE FROM readings WHERE sensor=? AND t<=?", (sid, row[0])).rowcount
+            return n
+
+        return await self._write(write)
+
+
+class SQLiteStorage:
+    """Every app's repository on one SQLite file (the single-process default).
+
+    ``make_app`` asks this for each app's repository; a cluster storage (Redis)
+    answers the same calls, so the services never know which one they run on."""
+
+    name = "sqlite"
+
+    def __init__(self, store: SQLiteStore) -> None:
+        self.store = store
+        self._schemas: list[Schema] = []
+
+    def _uses(self, schema: Schema) -> None:
+        if schema not in self._schemas:
+            self._schemas.append(schema)
+
+    def chat_log(self, keep: int, topic: Callable[[str], str] | None = None) -> SQLiteChatLog:
+        self._uses(CHAT_SCHEMA)
+        return SQLiteChatLog(self.store, keep)
+
+    def document_log(self) -> SQLiteDocumentLog:
+        self._uses(DOCS_SCHEMA)
+        return SQLiteDocumentLog(self.store)
+
+    def reading_store(self) -> SQLiteReadingStore:
+        self._uses(SENSORS_SCHEMA)
+        return SQLiteReadingStore(self.store)
+
+    @property
+    def degraded(self) -> str | None:
+        """Why writes fail right now (the database's error), or None."""
+        return self.store.write_error
+
+    async def open(self) -> None:
+        """Create or migrate the tables of the repositories handed out."""
+        await self.store.open(self._schemas)
+
+    async def close(self) -> None:
+        await self.store.close()

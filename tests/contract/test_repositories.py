@@ -1,0 +1,179 @@
+"""The storage contract of each app, held against every implementation."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from realtime.storage.base import LogGap, SensorRow, StoredOp, TooManyDocuments
+from tests.contract.conftest import run
+
+# -- chat -----------------------------------------------------------------------------
+
+
+def test_a_room_is_created_once_with_one_epoch(storage: Any) -> None:
+    async def main() -> None:
+        async with storage() as s:
+            log = s.chat_log(keep=5)
+            assert await log.find_room("r", 10) is None
+            first = await log.open_room("r", 10)
+            again = await log.open_room("r", 10)
+            assert first.epoch == again.epoch and first.epoch
+            assert (first.last_seq, first.oldest_seq, first.recent) == (0, 1, [])
+            other = await log.open_room("s", 10)
+            assert other.epoch != first.epoch
+            assert sorted(await log.rooms(10)) == [("r", 0), ("s", 0)]
+
+    run(main())
+
+
+def test_seqs_are_gap_free_under_concurrent_appends_and_cids_dedupe(storage: Any) -> None:
+    async def main() -> None:
+        async with storage() as s:
+            log = s.chat_log(keep=100)
+            await log.open_room("r", 10)
+            results = await asyncio.gather(*[
+                log.append("r", "u%d" % (i % 3), "n", "text %d" % i, 1000 + i, "c%d" % i) for i in range(40)])
+            assert sorted(r.seq for r in results) == list(range(1, 41))
+            assert not any(r.duplicate for r in results)
+            retry = await log.append("r", "u0", "n", "text 0 again", 9999, "c0")
+            first = next(r for r in results if r.seq == retry.seq)
+            assert retry.duplicate and (retry.seq, retry.ts) == (first.seq, first.ts)
+            # The same cid from another user, or with no cid, is a new message.
+            assert (await log.append("r", "u9", "n", "x", 1, "c0")).seq == 41
+            assert (await log.append("r", "u0", "n", "x", 1, None)).seq == 42
+            record = await log.find_room("r", 3)
+            assert record is not None and record.last_seq == 42
+            assert [m["seq"] for m in record.recent] == [40, 41, 42]
+
+    run(main())
+
+
+def test_history_reads_after_a_seq_oldest_or_newest_first(storage: Any) -> None:
+    async def main() -> None:
+        async with storage() as s:
+            log = s.chat_log(keep=1000)
+            await log.open_room("r", 10)
+            for i in range(1, 11):
+                await log.append("r", "u1", "ann", "m%d" % i, 100 + i, None if i % 2 else "c%d" % i)
+            oldest = await log.read("r", 3, 4, False)
+            assert [m["seq"] for m in oldest] == [4, 5, 6, 7]
+            newest = await log.read("r", 3, 4, True)
+            assert [m["seq"] for m in newest] == [7, 8, 9, 10]
+            assert await log.read("r", 10, 5, True) == []
+            m = (await log.read("r", 1, 1, False))[0]
+            assert m == {"type": "message", "room": "r", "seq": 2, "user": "u1", "name": "ann", "text": "m2",
+                         "ts": 102, "cid": "c2"}
+            assert "cid" not in (await log.read("r", 0, 1, False))[0]
+
+    run(main())
+
+
+def test_old_messages_are_trimmed_to_keep(storage: Any) -> None:
+    async def main() -> None:
+        async with storage() as s:
+            log = s.chat_log(keep=5)
+            await log.open_room("r", 10)
+            for i in range(200):
+                await log.append("r", "u", "n", "m", i, None)
+            record = await log.find_room("r", 10)
+            assert record is not None and record.last_seq == 200 and record.oldest_seq == 196
+            assert [m["seq"] for m in record.recent] == list(range(196, 201))
+            assert [m["seq"] for m in await log.read("r", 0, 100, False)] == list(range(196, 201))
+
+    run(main())
+
+
+# -- documents ----------------------------------------------------------------------------
+
+
+def ops(first: int, n: int) -> list[StoredOp]:
+    return [StoredOp(r, '[%d, "x"]' % (r - 1) if r > 1 else '["x"]', "c-abcd", r, "u1")
+            for r in range(first, first + n)]
+
+
+def test_documents_are_created_on_demand_up_to_max_docs(storage: Any) -> None:
+    async def main() -> None:
+        async with storage() as s:
+            log = s.document_log()
+            assert await log.load("a", create=False, max_docs=2, keep=10) is None
+            a = await log.load("a", create=True, max_docs=2, keep=10)
+            assert a is not None and (a.rev, a.snapshot, a.ops) == (0, None, [])
+            await log.load("b", create=True, max_docs=2, keep=10)
+            with pytest.raises(TooManyDocuments):
+                await log.load("c", create=True, max_docs=2, keep=10)
+            assert await log.load("a", create=True, max_docs=2, keep=10) is not None  # exists: fine
+            assert sorted(r[0] for r in await log.list(10)) == ["a", "b"]
+
+    run(main())
+
+
+def test_append_is_compare_and_append(storage: Any) -> None:
+    async def main() -> None:
+        async with storage() as s:
+            log = s.document_log()
+            await log.load("d", create=True, max_docs=0, keep=10)
+            await log.append("d", ops(1, 3), 3, 1, [], 10)
+            with pytest.raises(LogGap):
+                await log.append("d", ops(5, 1), 4, 2, [], 10)  # rev 4 missing
+            with pytest.raises(LogGap):
+                await log.append("d", ops(3, 1), 3, 2, [], 10)  # rev 3 is taken
+            # Two writers racing for rev 4: exactly one wins.
+            results = await asyncio.gather(log.append("d", ops(4, 1), 4, 3, [], 10),
+                                           log.append("d", ops(4, 1), 4, 3, [], 10), return_exceptions=True)
+            assert sorted(type(r).__name__ for r in results) == ["LogGap", "NoneType"]
+            loaded = await log.load("d", create=False, max_docs=0, keep=10)
+            assert loaded is not None and loaded.rev == 4 and [o.rev for o in loaded.ops] == [1, 2, 3, 4]
+            assert loaded.ops[0] == StoredOp(1, '["x"]', "c-abcd", 1, "u1")
+            listed = await log.list(10)
+            assert [(r[0], r[1], r[2]) for r in listed] == [("d", 4, 4)]
+
+    run(main())
+
+
+def test_snapshots_bound_the_replay(storage: Any) -> None:
+    async def main() -> None:
+        async with storage() as s:
+            log = s.document_log()
+            await log.load("d", create=True, max_docs=0, keep=2)
+            await log.append("d", ops(1, 5), 5, 1, [(5, '{"rev": 5}')], 2)
+            await log.append("d", ops(6, 3), 8, 1, [], 2)
+            loaded = await log.load("d", create=False, max_docs=0, keep=2)
+            assert loaded is not None and loaded.snapshot == (5, 1, '{"rev": 5}')
+            assert [o.rev for o in loaded.ops] == [4, 5, 6, 7, 8]  # 2 before the snapshot, all after
+            assert not await log.save_snapshot("d", 7, "{}", 2)  # not the stored rev
+            assert await log.save_snapshot("d", 8, '{"rev": 8}', 2)
+            loaded = await log.load("d", create=False, max_docs=0, keep=2)
+            assert loaded is not None and loaded.snapshot == (8, 1, '{"rev": 8}')
+            assert [o.rev for o in loaded.ops] == [7, 8]
+
+    run(main())
+
+
+# -- sensors -------------------------------------------------------------------------------
+
+
+def test_readings_round_trip_with_metadata(storage: Any) -> None:
+    async def main() -> None:
+        async with storage() as s:
+            rs = s.reading_store()
+            meta = SensorRow("boiler", "Boiler", "°C", 2.0)
+            await rs.append(meta, [(100.0, 1.0), (101.0, 2.5)], 101.0)
+            await rs.append(SensorRow("boiler", "ignored", "", 1.0), [(102.0, 3.0)], 102.0)  # meta kept
+            await rs.append(SensorRow("fan", "fan", "", 1.0), [(50.0, 9.0)], 50.0)
+            loaded = dict(await rs.load(since=0.0, max_points=100))
+            assert loaded[meta] == [(100.0, 1.0), (101.0, 2.5), (102.0, 3.0)]
+            assert list(dict(await rs.load(since=100.5, max_points=100))[meta]) == [(101.0, 2.5), (102.0, 3.0)]
+            assert dict(await rs.load(since=0.0, max_points=1))[meta] == [(102.0, 3.0)]
+            await rs.set_meta(SensorRow("boiler", "Boiler 2", "K", 4.0), 103.0)
+            rows = [row for row, _ in await rs.load(0.0, 10)]
+            assert SensorRow("boiler", "Boiler 2", "K", 4.0) in rows
+            assert await rs.trim(["boiler", "fan"], cutoff=101.0, max_points=1) == 3
+            loaded = {row.id: pts for row, pts in await rs.load(0.0, 100)}
+            assert loaded == {"boiler": [(102.0, 3.0)], "fan": []}
+            await rs.delete("fan")
+            assert [row.id for row, _ in await rs.load(0.0, 100)] == ["boiler"]
+
+    run(main())

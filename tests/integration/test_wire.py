@@ -1,0 +1,318 @@
+"""The wire on real sockets: /ws/echo, protocol faults and their close codes,
+permessage-deflate compressed once per message, the msgpack subprotocol."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import struct
+
+import msgpack
+import pytest
+import websockets
+
+from realtime import protocol as protocol_module
+from realtime.wire import Deflater
+from tests.unit.test_wire import client_frame
+
+# Echo runs through the rate limit; these tests send bursts on purpose.
+FAST = {"rate_limit": 0}
+
+
+def ws_url(port: int, path: str) -> str:
+    return "ws://127.0.0.1:%d%s" % (port, path)
+
+
+async def raw_open(port: int, path: str, headers: str = "") -> tuple[asyncio.StreamReader, asyncio.StreamWriter, bytes]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    key = base64.b64encode(os.urandom(16)).decode()
+    writer.write(("GET %s HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                  "Sec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n%s\r\n" % (path, port, key, headers)).encode())
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 3)
+    assert head.startswith(b"HTTP/1.1 101"), head
+    return reader, writer, head
+
+
+async def read_frame(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    b0, b1 = await asyncio.wait_for(reader.readexactly(2), 3)
+    assert not b1 & 0x80, "server frames are never masked"
+    n = b1 & 0x7F
+    if n == 126:
+        (n,) = struct.unpack("!H", await reader.readexactly(2))
+    elif n == 127:
+        (n,) = struct.unpack("!Q", await reader.readexactly(8))
+    return b0, await reader.readexactly(n)
+
+
+async def close_code_then_eof(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> int:
+    """Read up to the server's close frame, answer it, and expect the server to
+    drop the TCP connection (it closes first, RFC 6455 7.1.1)."""
+    while True:
+        b0, payload = await read_frame(reader)
+        if b0 & 0x0F == 0x8:
+            break
+    writer.write(client_frame(payload[:2], 0x8))
+    assert await asyncio.wait_for(reader.read(), 3) == b""
+    writer.close()
+    return struct.unpack("!H", payload[:2])[0]
+
+
+# -- /ws/echo ----------------------------------------------------------------------------
+
+
+@pytest.mark.gen_test
+@pytest.mark.parametrize("app_options", [FAST, {**FAST, "websocket_compression": True}])
+async def test_echo_sends_back_every_text_and_binary_message(http_server, http_port, app_options):
+    compression = "deflate" if app_options.get("websocket_compression") else None
+    async with websockets.connect(ws_url(http_port, "/ws/echo"), compression=compression) as ws:
+        extensions = ws.response.headers.get("Sec-WebSocket-Extensions") or ""
+        assert ("server_no_context_takeover" in extensions) == bool(compression)
+        sent = ["", "plain", "ünïcødé 😀" * 500, b"\x00\xff" * 3000, b"", "not json {"]
+        for m in sent:
+            await ws.send(m)
+        await ws.send(["frag", "mented ", "€"])  # one message in three frames
+        got = [await asyncio.wait_for(ws.recv(), 3) for _ in range(len(sent) + 1)]
+        assert got == sent + ["fragmented €"]
+
+
+@pytest.mark.gen_test
+@pytest.mark.parametrize("app_options", [{"rate_limit": 5.0, "rate_burst": 2.0}])
+async def test_echo_obeys_the_rate_limit_and_the_size_limit(http_server, http_port, app, app_options):
+    async with websockets.connect(ws_url(http_port, "/ws/echo")) as ws:
+        for i in range(3):
+            await ws.send("m%d" % i)
+        got = [await asyncio.wait_for(ws.recv(), 3) for _ in range(3)]
+        assert got[:2] == ["m0", "m1"]
+        assert json.loads(got[2])["code"] == "rate_limited"
+    async with websockets.connect(ws_url(http_port, "/ws/echo"), max_size=None) as ws:
+        await ws.send(b"x" * (app.ctx.cfg.max_message_size + 1))
+        with pytest.raises(websockets.ConnectionClosed) as e:
+            await asyncio.wait_for(ws.recv(), 3)
+        assert e.value.rcvd.code == 1009
+
+
+# -- protocol faults: a close frame with the RFC's code, then the server drops TCP ---------
+
+
+@pytest.mark.gen_test
+@pytest.mark.parametrize("path", ["/ws/echo", "/ws/chat"])
+async def test_an_unmasked_client_frame_fails_the_connection_with_1002(http_server, http_port, path):
+    reader, writer, _ = await raw_open(http_port, path)
+    writer.write(client_frame(b'{"type":"ping"}', masked=False))
+    assert await close_code_then_eof(reader, writer) == 1002
+
+
+@pytest.mark.gen_test
+@pytest.mark.parametrize("code", [0, 999, 1005, 1006, 2999, 65535])
+async def test_an_invalid_close_code_is_answered_with_1002_not_echoed(http_server, http_port, app, code):
+    reader, writer, _ = await raw_open(http_port, "/ws/echo")
+    writer.write(client_frame(struct.pack("!H", code), 0x8))
+    b0, payload = await read_frame(reader)
+    assert b0 & 0x0F == 0x8 and struct.unpack("!H", payload[:2])[0] == 1002
+    assert await asyncio.wait_for(reader.read(), 3) == b""
+    writer.close()
+    await asyncio.sleep(0.05)
+    assert str(code) not in app.ctx.stats.closes and "other" not in app.ctx.stats.closes
+    assert app.ctx.stats.closes.get("1002") == 1
+
+
+@pytest.mark.gen_test
+async def test_a_valid_close_code_is_echoed(http_server, http_port):
+    reader, writer, _ = await raw_open(http_port, "/ws/echo")
+    writer.write(client_frame(struct.pack("!H", 4321) + b"done", 0x8))
+    b0, payload = await read_frame(reader)
+    assert payload[:2] == struct.pack("!H", 4321)
+    assert await asyncio.wait_for(reader.read(), 3) == b""
+    writer.close()
+
+
+@pytest.mark.gen_test
+@pytest.mark.parametrize("path", ["/ws/echo", "/ws/chat"])
+async def test_invalid_utf8_closes_1007_instead_of_dropping_tcp(http_server, http_port, path):
+    reader, writer, _ = await raw_open(http_port, path)
+    writer.write(client_frame(b'{"type":"ping","x":"\xc3\x28"}'))
+    assert await close_code_then_eof(reader, writer) == 1007
+
+
+@pytest.mark.gen_test
+async def test_messages_before_a_fault_are_answered_before_the_close(http_server, http_port):
+    reader, writer, _ = await raw_open(http_port, "/ws/echo")
+    writer.write(client_frame(b"first") + client_frame(b"bad", opcode=3))
+    b0, payload = await read_frame(reader)
+    assert (b0 & 0x0F, payload) == (0x1, b"first")
+    assert await close_code_then_eof(reader, writer) == 1002
+
+
+@pytest.mark.gen_test
+async def test_a_client_that_never_answers_our_close_is_dropped(http_server, http_port, app):
+    import handlers.websocket as wsmod
+
+    reader, writer, _ = await raw_open(http_port, "/ws/echo")
+    old, wsmod.CLOSE_TIMEOUT = wsmod.CLOSE_TIMEOUT, 0.2
+    try:
+        writer.write(client_frame(b"x", masked=False))
+        b0, payload = await read_frame(reader)
+        assert payload[:2] == struct.pack("!H", 1002)
+        assert await asyncio.wait_for(reader.read(), 3) == b""  # no answer from us: dropped after the timeout
+    finally:
+        wsmod.CLOSE_TIMEOUT = old
+        writer.close()
+
+
+# -- permessage-deflate, once per message -----------------------------------------------
+
+
+@pytest.mark.gen_test(timeout=20)
+@pytest.mark.parametrize("app_options", [{"websocket_compression": True}])
+async def test_a_chat_message_is_compressed_once_for_every_compressed_member(http_server, http_port, app,
+                                                                             app_options, monkeypatch):
+    compressed: list[bytes] = []
+    real = Deflater.compress
+
+    def counting(self, data):
+        compressed.append(data)
+        return real(self, data)
+
+    monkeypatch.setattr(Deflater, "compress", counting)
+    members = []
+    for i in range(4):
+        ws = await websockets.connect(ws_url(http_port, "/ws/chat?name=z%d" % i), compression="deflate")
+        assert "server_no_context_takeover" in ws.response.headers["Sec-WebSocket-Extensions"]
+        json.loads(await ws.recv())
+        await ws.send(json.dumps({"type": "join", "room": "lobby"}))
+        members.append(ws)
+    plain = await websockets.connect(ws_url(http_port, "/ws/chat?name=plain"), compression=None)
+    json.loads(await plain.recv())
+    await plain.send(json.dumps({"type": "join", "room": "lobby"}))
+    text = "compress me once " * 40
+    await asyncio.sleep(0.2)
+    await members[0].send(json.dumps({"type": "say", "room": "lobby", "text": text, "cid": "c1"}))
+    for ws in members + [plain]:
+        while True:
+            msg = json.loads(await asyncio.wait_for(ws.recv(), 3))
+            if msg["type"] == "message":
+                assert msg["text"] == text
+                break
+    assert sum(1 for data in compressed if text.encode() in data) == 1
+    for ws in members + [plain]:
+        await ws.close()
+
+
+# -- the msgpack subprotocol ------------------------------------------------------------------
+
+
+class Packed:
+    """A test client speaking the msgpack subprotocol."""
+
+    def __init__(self, ws) -> None:
+        self.ws = ws
+
+    @classmethod
+    async def connect(cls, port: int, path: str, **kw) -> "Packed":
+        ws = await websockets.connect(ws_url(port, path), subprotocols=["msgpack"], **kw)
+        assert ws.subprotocol == "msgpack"
+        return cls(ws)
+
+    async def send(self, obj) -> None:
+        await self.ws.send(msgpack.packb(obj))
+
+    async def recv(self):
+        raw = await asyncio.wait_for(self.ws.recv(), 3)
+        assert isinstance(raw, bytes), "a msgpack connection gets binary frames"
+        return msgpack.unpackb(raw)
+
+    async def expect(self, mtype: str, skip=("presence", "typing")):
+        while True:
+            msg = await self.recv()
+            if msg["type"] == mtype:
+                return msg
+            assert msg["type"] in skip, msg
+
+
+@pytest.mark.gen_test(timeout=20)
+@pytest.mark.parametrize("app_options", [{}, {"websocket_compression": True}, {"fast_path": False}])
+async def test_chat_over_msgpack_gets_the_same_messages_encoded_once(http_server, http_port, app_options,
+                                                                     monkeypatch):
+    packs: list = []
+    real = protocol_module.msgpack.packb
+    monkeypatch.setattr(protocol_module.msgpack, "packb", lambda obj, **kw: packs.append(obj) or real(obj, **kw))
+    compression = "deflate" if app_options.get("websocket_compression") else None
+    ann = await Packed.connect(http_port, "/ws/chat?name=ann", compression=compression)
+    bob = await Packed.connect(http_port, "/ws/chat?name=bob", compression=compression)
+    cat = await websockets.connect(ws_url(http_port, "/ws/chat?name=cat"))  # JSON, same room
+    assert (await ann.recv())["type"] == "welcome"
+    await bob.recv()
+    json.loads(await cat.recv())
+    for c in (ann, bob):
+        await c.send({"type": "join", "room": "lobby", "ref": 1})
+        assert (await c.expect("joined"))["ref"] == 1
+    await cat.send(json.dumps({"type": "join", "room": "lobby"}))
+    await ann.send({"type": "say", "room": "lobby", "text": "hé 😀", "cid": "a1"})
+    assert (await ann.expect("ack", skip=("presence", "message")))["cid"] == "a1"
+    got = (await bob.expect("message"))
+    assert got["text"] == "hé 😀" and got["name"] == "ann"
+    while True:
+        msg = json.loads(await asyncio.wait_for(cat.recv(), 3))
+        if msg["type"] == "message":
+            assert msg["text"] == "hé 😀"
+            break
+    assert sum(1 for o in packs if o.get("type") == "message") == 1  # once, for both msgpack members
+    # Same validation and errors, in MessagePack.
+    await ann.send({"type": "say", "room": "nowhere", "text": "x", "ref": 9})
+    err = await ann.expect("error", skip=("presence", "message"))
+    assert (err["code"], err["ref"]) == ("not_found", 9)
+    await ann.ws.send(b"\xc1 not msgpack")
+    err = await ann.expect("error", skip=("presence", "message"))
+    assert err["code"] == "bad_msgpack"
+    await ann.send({"type": "say", "room": "lobby", "text": b"bytes"})
+    assert (await ann.expect("error", skip=("presence", "message")))["code"] == "bad_message"
+    await ann.send([1, 2])
+    assert (await ann.expect("error", skip=("presence", "message")))["code"] == "bad_message"
+    # A text frame on a msgpack connection, like binary on a JSON one, closes 1003.
+    await bob.ws.send('{"type":"ping"}')
+    with pytest.raises(websockets.ConnectionClosed) as e:
+        while True:
+            await asyncio.wait_for(bob.ws.recv(), 3)
+    assert e.value.rcvd.code == 1003
+    for ws in (ann.ws, cat):
+        await ws.close()
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_sensors_over_msgpack_publish_and_view(http_server, http_port, app):
+    key = app.ctx.sensors.cfg.ingest_key
+    device = await Packed.connect(http_port, "/ws/sensors?key=" + key)
+    viewer = await Packed.connect(http_port, "/ws/sensors")
+    assert (await device.recv())["type"] == "welcome"
+    await viewer.recv()
+    clock = app.ctx.sensors.clock
+    await device.send({"type": "publish", "sensor": "dev.t", "points": [[clock(), 20.0]], "ref": 3})
+    ack = await device.expect("ack", skip=("sensors", "readings", "sensor_added"))
+    assert (ack["stored"], ack["ref"]) == (1, 3)
+    await device.send({"type": "publish", "sensor": "dev.t", "points": [[0, float("nan")]]})
+    assert (await device.expect("error", skip=("sensors", "readings", "sensor_added")))["code"] == "bad_message"
+    await viewer.send({"type": "subscribe", "sensors": ["dev.t"], "ref": "s"})
+    await viewer.expect("subscribed", skip=("backfill", "readings", "sensors", "sensor_added"))
+    await device.send({"type": "publish", "sensor": "dev.t", "value": 21.5})
+    await device.expect("ack", skip=("sensors", "readings", "sensor_added"))
+    while True:
+        msg = await viewer.expect("readings", skip=("backfill", "sensors", "subscribed", "sensor_added"))
+        points = msg["points"].get("dev.t")
+        if points and points[-1][1] == 21.5:
+            break
+    await device.ws.close()
+    await viewer.ws.close()
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_the_editor_over_msgpack(http_server, http_port):
+    ed = await Packed.connect(http_port, "/ws/edit/doc-pack")
+    snap = await ed.expect("snapshot", skip=("welcome", "presence", "peers", "joined"))
+    await ed.send({"type": "op", "rev": snap["rev"], "seq": 1, "op": ["hi ☺"]})
+    ack = await ed.expect("ack", skip=("presence", "peers", "cursor"))
+    assert ack["rev"] == snap["rev"] + 1
+    await ed.send({"type": "op", "rev": 999, "seq": 2, "op": ["x"]})
+    assert (await ed.expect("error", skip=("presence", "peers", "cursor")))["seq"] == 2
+    await ed.ws.close()
