@@ -976,11 +976,11 @@ class EditingService:
 
     def _publish(self, doc: LiveDoc, obj: dict[str, Any], client: str | None = None) -> None:
         """Send a message without positions to the document's peers of every unit (encoded once)."""
-        out = None
+        out: Outgoing | None = None
         every_unit = self.hub.backplane.name != "memory"
         for topic in (doc.topic, doc.topic16):
             if every_unit or self.hub.subscribers(topic):
-                out = self.hub.publish(topic, out or obj, client=client)
+                out = self.hub.publish(topic, obj if out is None else out, client=client)
 
     def cursor(self, peer: Peer, rev: int, anchor: int, head: int) -> None:
         """Relay the peer's selection to the others at the latest committed rev.
