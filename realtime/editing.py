@@ -1095,6 +1095,10 @@ class EditingService:
         yield CounterMetricFamily("realtime_doc_commit_failures", "Document writes that failed (peers closed 1011)",
                                   self.commit_failures)
         yield CounterMetricFamily("realtime_docs_loaded", "Documents loaded from the store", self.docs_loaded)
+        yield CounterMetricFamily("realtime_doc_remote_ops", "Edits other nodes committed, applied here",
+                                  self.remote_ops)
+        yield CounterMetricFamily("realtime_doc_rebases", "Times this node's edits were transformed over "
+                                  "other nodes' and appended again", self.rebases)
 
 
 def _doc_topic(doc_id: str) -> str:
