@@ -25,35 +25,6 @@ from tests.servers import ROOT, free_port, start_server
 pytestmark = pytest.mark.cluster
 
 
-@pytest.fixture
-def redis(tmp_path: Any) -> Any:
-    server = RedisServer(str(tmp_path / "redis")).start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def cluster(tmp_path: Any, redis: RedisServer) -> Any:
-    """``cluster(n)`` -> n node ports (each with its own data_dir) on one Redis."""
-    procs: list[subprocess.Popen[bytes]] = []
-
-    def start(n: int, *args: str) -> list[int]:
-        ports = []
-        for _ in range(n):
-            port = free_port()
-            procs.append(start_server(port, str(tmp_path / ("node%d" % len(procs))), "--backplane=" + redis.url,
-                                      *args))
-            ports.append(port)
-        return ports
-
-    start.procs = procs  # type: ignore[attr-defined]
-    yield start
-    for p in procs:
-        if p.poll() is None:
-            p.kill()
-            p.wait(10)
-
-
 def http(port: int, path: str, data: bytes | None = None, headers: dict[str, str] | None = None) -> tuple[int, Any]:
     req = urllib.request.Request("http://127.0.0.1:%d%s" % (port, path), data=data, headers=headers or {})
     try:

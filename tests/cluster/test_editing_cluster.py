@@ -18,7 +18,7 @@ import pytest
 import websockets
 
 from realtime import ot
-from tests.cluster.test_chat_cluster import cluster, http, redis, run  # noqa: F401  (fixtures)
+from tests.cluster.test_chat_cluster import http, run
 
 pytestmark = pytest.mark.cluster
 
