@@ -219,7 +219,7 @@ class Peer:
         """What the hub brings: peers, cursors.  Never an op: another node's
         ops reach peers only once this node has applied them, in rev order
         (:meth:`deliver_op`)."""
-        if out.kind != "op":
+        if out.kind not in _NOT_FOR_PEERS:
             self._take(out)
 
     def deliver_op(self, out: Outgoing) -> None:
@@ -291,6 +291,7 @@ class LiveDoc:
         self.rebasing = False  # re-reading the log after another node appended to it (cluster mode)
         self.conflict = False  # another node appended: rebase once the write in flight is back
         self.rebases = 0
+        self.remote_peers: dict[str, tuple[dict[str, Any], float]] = {}  # other nodes' peers, last heard
         self.deferred: list[tuple[Peer, Any, Any, Any]] = []  # ops that arrived during a rebase
         self.writing = False  # a write of this document is with the store
         self.last_write = -1e18  # loop time the last write was handed over
@@ -357,6 +358,12 @@ class Unavailable(Exception):
     """The document failed to save: its peers reconnect and it is reloaded."""
 
 
+# Between nodes only (cluster mode): ops reach peers through the document, and
+# the peer list is kept up to date with these two, which clients never see.
+PEER_QUERY, PEER_ANNOUNCE = "peer_query", "peer_announce"
+_NOT_FOR_PEERS = frozenset({"op", PEER_QUERY, PEER_ANNOUNCE})
+
+
 class DocFeed:
     """A document's subscription to its topic on this node, for the ops other
     nodes committed (cluster mode): they go through the service, which applies
@@ -369,10 +376,14 @@ class DocFeed:
         self.doc_id = doc_id
 
     def deliver(self, out: Outgoing) -> None:
-        if out.kind == "op" and out.seq is not None:
-            doc = self.service.docs.get(self.doc_id)
-            if doc is not None:
-                self.service._remote_op(doc, out)
+        doc = self.service.docs.get(self.doc_id)
+        if doc is None:
+            return
+        kind = out.kind
+        if kind == "op" and out.seq is not None:
+            self.service._remote_op(doc, out)
+        elif kind in ("peer_joined", PEER_ANNOUNCE, "peer_left", PEER_QUERY):
+            self.service._remote_peer(doc, kind, out)
 
 
 class EditingService:
@@ -421,6 +432,8 @@ class EditingService:
         self.docs: dict[str, LiveDoc] = {}
         # Cluster mode: several nodes append to one log per document.
         self.shared = hub.backplane.name != "memory"
+        self.peer_ttl = 15.0  # a node's peers are forgotten this long after it last announced them
+        self._beat: asyncio.Future[None] | None = None
         self._feeds: dict[str, DocFeed] = {}
         self._loading: dict[str, tuple[asyncio.Future[LiveDoc | None], bool]] = {}
         self._background: set[asyncio.Future[Any]] = set()
@@ -454,10 +467,52 @@ class EditingService:
 
     async def start(self) -> None:
         self._stopping = False
+        if self.shared:
+            self._beat = asyncio.ensure_future(self._announce_peers())
+
+    async def _announce_peers(self) -> None:
+        """Every ``peer_ttl / 3``: tell the other nodes who edits here, and
+        forget (with a ``peer_left``) the peers of a node that went quiet."""
+        while True:
+            await asyncio.sleep(self.peer_ttl / 3)
+            now = self.clock()
+            for doc in list(self.docs.values()):
+                for peer in doc.announced():
+                    self.hub.send_others(doc.topic, Outgoing({"type": PEER_ANNOUNCE, **peer.info()}))
+                for client, (info, heard) in list(doc.remote_peers.items()):
+                    if now - heard > self.peer_ttl:
+                        del doc.remote_peers[client]
+                        self._publish_local(doc, {"type": "peer_left", "client": client, "user": info["user"]})
+
+    def _remote_peer(self, doc: LiveDoc, kind: str | None, out: Outgoing) -> None:
+        obj = out.obj
+        client = obj.get("client")
+        if kind == PEER_QUERY:
+            for peer in doc.announced():
+                self.hub.send_others(doc.topic, Outgoing({"type": PEER_ANNOUNCE, **peer.info()}))
+            return
+        if not isinstance(client, str) or client in doc.peers:
+            return  # our own peer (a local publish comes back here too)
+        if kind == "peer_left":
+            doc.remote_peers.pop(client, None)
+            return
+        info = {k: obj[k] for k in ("client", "user", "color") if k in obj}
+        new = client not in doc.remote_peers
+        doc.remote_peers[client] = (info, self.clock())
+        if kind == PEER_ANNOUNCE and new:
+            # A peer we had not heard of (we loaded the document after it joined): tell ours.
+            self._publish_local(doc, {"type": "peer_joined", **info})
+
+    def _publish_local(self, doc: LiveDoc, obj: dict[str, Any]) -> None:
+        out = Outgoing(obj, client=obj.get("client"))
+        for topic in (doc.topic, doc.topic16):
+            self.hub.dispatch(topic, out)
 
     async def stop(self) -> None:
         """Write what is queued, snapshot every open document, forget them."""
         self._stopping = True
+        if self._beat is not None:
+            self._beat.cancel()
         docs = list(self.docs.values())
         for doc in docs:
             if doc.evict_handle is not None:
@@ -541,6 +596,8 @@ class EditingService:
         state, snap_rev, owners = build_state(doc_id, loaded, **self._state_limits())
         doc = LiveDoc(state, snap_rev, owners, loaded.updated)
         self.docs[doc_id] = doc
+        if self.shared:
+            self.hub.send_others(doc.topic, Outgoing({"type": PEER_QUERY}))
         self.docs_loaded += 1
         if not doc.peers:
             self._schedule_evict(doc)
@@ -663,6 +720,7 @@ class EditingService:
                         moved = (to_peer(moved[0]), to_peer(moved[1]))
                     info["cursor"] = {"anchor": moved[0], "head": moved[1]}
             peers.append(info)
+        peers.extend(info for info, _ in doc.remote_peers.values())
         try:
             await doc.until_committed(rev)
         except Unavailable:

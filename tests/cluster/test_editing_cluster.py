@@ -116,3 +116,36 @@ def test_editors_on_two_nodes_type_at_once_and_every_copy_converges(cluster: Any
         rebases = float(re.search(r"^realtime_doc_rebases_total (\S+)$", text, re.M).group(1))
         assert remote > 0, text
         print("node %d: %d remote ops applied, %d rebases" % (port, remote, rebases))
+
+
+def test_the_peer_list_spans_nodes(cluster: Any) -> None:
+    a, b = cluster(2)
+
+    async def main() -> None:
+        ann = await websockets.connect("ws://127.0.0.1:%d/ws/edit/peers?name=ann" % a)
+        hello = json.loads(await ann.recv())
+        while hello["type"] != "snapshot":
+            hello = json.loads(await ann.recv())
+        bob = await websockets.connect("ws://127.0.0.1:%d/ws/edit/peers?name=bob" % b)
+        names: set[str] = set()
+        async with asyncio.timeout(10):
+            while "ann" not in names:  # in bob's snapshot, or announced right after it
+                msg = json.loads(await bob.recv())
+                if msg["type"] == "snapshot":
+                    names.update(p["user"]["name"] for p in msg["peers"])
+                elif msg["type"] == "peer_joined":
+                    names.add(msg["user"]["name"])
+        async with asyncio.timeout(10):  # and ann, on the other node, hears of bob
+            while True:
+                msg = json.loads(await ann.recv())
+                if msg["type"] == "peer_joined" and msg["user"]["name"] == "bob":
+                    break
+        await bob.close()
+        async with asyncio.timeout(10):
+            while True:
+                msg = json.loads(await ann.recv())
+                if msg["type"] == "peer_left" and msg["user"]["name"] == "bob":
+                    break
+        await ann.close()
+
+    run(main())
