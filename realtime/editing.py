@@ -434,6 +434,9 @@ class EditingService:
         self.shared = hub.backplane.name != "memory"
         self.peer_ttl = 15.0  # a node's peers are forgotten this long after it last announced them
         self._beat: asyncio.Future[None] | None = None
+        on_resync = getattr(hub.backplane, "on_resync", None)
+        if on_resync is not None:
+            on_resync(self.resync)
         self._feeds: dict[str, DocFeed] = {}
         self._loading: dict[str, tuple[asyncio.Future[LiveDoc | None], bool]] = {}
         self._background: set[asyncio.Future[Any]] = set()
@@ -483,6 +486,16 @@ class EditingService:
                     if now - heard > self.peer_ttl:
                         del doc.remote_peers[client]
                         self._publish_local(doc, {"type": "peer_left", "client": client, "user": info["user"]})
+
+    def resync(self) -> None:
+        """The backplane was cut off and is back: what other nodes committed
+        meanwhile may not have arrived; every open document reads the log."""
+        for doc in list(self.docs.values()):
+            if not doc.broken:
+                if doc.writing:
+                    doc.conflict = True
+                else:
+                    self._start_rebase(doc)
 
     def _remote_peer(self, doc: LiveDoc, kind: str | None, out: Outgoing) -> None:
         obj = out.obj
