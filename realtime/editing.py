@@ -719,6 +719,37 @@ class EditingService:
         Either is sent once its revision has committed.
         """
         doc = peer.doc
+        while True:
+            # What is sent is taken from memory, then sent once it has committed;
+            # if the document rebased meanwhile (cluster mode), that picture
+            # changed: take it again.
+            rebases = doc.rebases
+            rev, text, entries, peers = self._starting_point(peer, since)
+            try:
+                await doc.until_committed(rev)
+            except Unavailable:
+                raise ProtocolError("unavailable", "the document could not be saved; reconnect",
+                                    close=Close.SERVER_ERROR) from None
+            if doc.rebases == rebases:
+                break
+        if peer.gone:
+            return
+        msg: dict[str, Any]
+        if entries is not None:
+            msg = {"type": "ops", "doc": doc.id, "rev": rev, "ops": [entry_json(e) for e in entries]}
+        else:
+            msg = {"type": "snapshot", "doc": doc.id, "rev": rev, "text": text}
+        msg.update(client=peer.client_id, user=peer.user_json, color=peer.color, peers=peers,
+                   readonly=not peer.can_edit, limits=self.limits, units=peer.units)
+        peer.after_rev = rev
+        peer.member.send(msg)
+        peer.joined = True
+        self._publish(doc, {"type": "peer_joined", **peer.info()}, client=peer.client_id)
+        peer.release()
+
+    def _starting_point(self, peer: Peer, since: int | None
+                        ) -> tuple[int, str, list[LogEntry] | None, list[dict[str, Any]]]:
+        doc = peer.doc
         state = doc.state
         rev, text = state.rev, state.text
         entries = state.ops_since(since, peer.units) if since is not None else None
@@ -734,25 +765,7 @@ class EditingService:
                     info["cursor"] = {"anchor": moved[0], "head": moved[1]}
             peers.append(info)
         peers.extend(info for info, _ in doc.remote_peers.values())
-        try:
-            await doc.until_committed(rev)
-        except Unavailable:
-            raise ProtocolError("unavailable", "the document could not be saved; reconnect",
-                                close=Close.SERVER_ERROR) from None
-        if peer.gone:
-            return
-        msg: dict[str, Any]
-        if entries is not None:
-            msg = {"type": "ops", "doc": doc.id, "rev": rev, "ops": [entry_json(e) for e in entries]}
-        else:
-            msg = {"type": "snapshot", "doc": doc.id, "rev": rev, "text": text}
-        msg.update(client=peer.client_id, user=peer.user_json, color=peer.color, peers=peers,
-                   readonly=not peer.can_edit, limits=self.limits, units=peer.units)
-        peer.after_rev = rev
-        peer.member.send(msg)
-        peer.joined = True
-        self._publish(doc, {"type": "peer_joined", **peer.info()}, client=peer.client_id)
-        peer.release()
+        return rev, text, entries, peers
 
     def leave(self, peer: Peer) -> None:
         """Remove ``peer`` (idempotent); announce it if it was announced."""
