@@ -98,9 +98,9 @@ class Editor extends ot.Client {
   }
 }
 
-function connect(name) {
+function connect(name, base) {
   return new Promise((resolve, reject) => {
-    const url = `ws://${cfg.base}/ws/edit/${cfg.doc}?units=utf16&name=${encodeURIComponent(name)}`;
+    const url = `ws://${base}/ws/edit/${cfg.doc}?units=utf16&name=${encodeURIComponent(name)}`;
     const ws = new WebSocket(url);
     let editor = null;
     ws.on('message', (data) => {
@@ -168,7 +168,9 @@ function randomEdit(editor) {
 async function main() {
   const names = ['ann', 'bob', 'cat'];
   const editors = [];
-  for (const name of names) editors.push(await connect(name));
+  // cfg.bases (several nodes of one cluster): editor i connects to bases[i % n].
+  const bases = cfg.bases ?? [cfg.base];
+  for (const [i, name] of names.entries()) editors.push(await connect(name, bases[i % bases.length]));
 
   // 1. A seed text, then three inserts at one place (after the first emoji, UTF-16
   // index 2), all made before the server has acknowledged any of them.
