@@ -706,8 +706,11 @@ class EditingService:
             doc.evict_handle = None
         try:
             await self.hub.subscribe(_topic(peer), peer)
-        except BaseException:
+        except BaseException as e:
             self.leave(peer)
+            if isinstance(e, ConnectionError):  # the backplane is unreachable (cluster mode)
+                raise ProtocolError("unavailable", "the document could not be opened; retry shortly",
+                                    close=Close.TRY_AGAIN) from None
             raise
         return peer
 

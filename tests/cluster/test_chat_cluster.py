@@ -188,6 +188,9 @@ def test_redis_down_nothing_is_acked_health_says_503_and_it_carries_on_when_back
         await ann.send({"type": "say", "room": "lobby", "text": "during", "cid": "d1"})
         err = await ann.expect("error", timeout=15)
         assert err["code"] == "unavailable"
+        await ann.send({"type": "join", "room": "elsewhere", "ref": 9})  # a room this node must subscribe to
+        err = await ann.expect("error", timeout=15)
+        assert (err["code"], err["ref"]) == ("unavailable", 9)  # an answer, and the connection stays
         for _ in range(50):
             status, health = await asyncio.to_thread(http, a, "/healthz")
             if status == 503:
