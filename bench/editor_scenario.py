@@ -486,6 +486,21 @@ def get_doc_settled(port: int, tries: int = 50) -> dict[str, Any]:
     return get_doc(port)
 
 
+def node_counters(port: int, names: tuple[str, ...]) -> dict[str, float]:
+    """Counters from a node's ``/metrics`` (Prometheus text), 0 for those it lacks."""
+    with urllib.request.urlopen("http://127.0.0.1:%d/metrics" % port, timeout=10) as resp:
+        text = resp.read().decode()
+    out = dict.fromkeys(names, 0.0)
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name.removesuffix("_total") in names:
+            out[name.removesuffix("_total")] = float(value)
+    return out
+
+
+REBASE_COUNTERS = ("realtime_doc_rebases", "realtime_doc_remote_ops")
+
+
 class ClusterEditor(PicowsEditor):
     """An editor that, when its node closes it, reconnects with ``?rev=&client=`` after
     a short jittered pause and resumes as docs/PROTOCOL.md says: apply the ``ops`` it
@@ -598,12 +613,14 @@ async def drive_cluster(ports: list[int], editors: int, rate: float, duration: f
     typing = Typing(eds, rate)
     await asyncio.sleep(warmup)
     rev0 = (await asyncio.to_thread(get_doc_settled, ports[0]))["rev"]
+    counters0 = [await asyncio.to_thread(node_counters, p, REBASE_COUNTERS) for p in ports]
     cpu0 = [cpu_seconds(p) for p in servers]
     own0, wall0 = own_cpu_seconds(), time.perf_counter()
     run.measuring = True
     await asyncio.sleep(duration)
     rev1 = (await asyncio.to_thread(get_doc_settled, ports[0]))["rev"]
     cpu1 = [cpu_seconds(p) for p in servers]
+    counters1 = [await asyncio.to_thread(node_counters, p, REBASE_COUNTERS) for p in ports]
     own1, wall1 = own_cpu_seconds(), time.perf_counter()
     run.measuring = False
     typing.stop()
@@ -637,6 +654,9 @@ async def drive_cluster(ports: list[int], editors: int, rate: float, duration: f
         "first_error": run.errors[0] if run.errors else None, "error_codes": stats["error_codes"],
         "reconnects": stats["reconnects"], "reloads": stats["reloads"], "edits_lost": stats["edits_lost"],
         "drifts": stats["drifts"],
+        "rebases": sum(b["realtime_doc_rebases"] - a["realtime_doc_rebases"] for a, b in zip(counters0, counters1)),
+        "remote_ops": sum(b["realtime_doc_remote_ops"] - a["realtime_doc_remote_ops"]
+                          for a, b in zip(counters0, counters1)),
         "client": "picows",
     }
 
