@@ -304,7 +304,6 @@ class RedisPresenceStore:
         self._members = redis.register_script(_PRESENCE_MEMBERS)
         self._refresh = redis.register_script(_PRESENCE_REFRESH)
         self._reads: dict[str, _MemberRead] = {}
-        self.reads = 0
 
     @staticmethod
     def keys(room: str) -> tuple[str, str]:
@@ -326,19 +325,21 @@ class RedisPresenceStore:
         by_room: dict[str, list[str]] = {}
         for room, key, user_id, name in entries:
             by_room.setdefault(room, []).extend((key, user_id + "\x1f" + name))
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for room, args in by_room.items():
-                keys = list(self.keys(room))
-                for i in range(0, len(args), 2 * REFRESH_CHUNK):
-                    pipe.evalsha(self._refresh.sha, 2, *keys, until, "1" if names else "0",
-                                 *args[i:i + 2 * REFRESH_CHUNK])
-            results = await self._call(pipe.execute(raise_on_error=False))
-        if any(isinstance(r, NoScriptError) for r in results):  # Redis restarted: load it, once
-            await self._call(self.redis.script_load(_PRESENCE_REFRESH))
-            return await self.refresh(entries, ttl, names)
-        failed = next((r for r in results if isinstance(r, Exception)), None)
-        if failed is not None:
-            raise StorageError("Redis refused: %s" % failed)
+        for attempt in range(2):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for room, args in by_room.items():
+                    keys = list(self.keys(room))
+                    for i in range(0, len(args), 2 * REFRESH_CHUNK):
+                        pipe.evalsha(self._refresh.sha, 2, *keys, until, "1" if names else "0",
+                                     *args[i:i + 2 * REFRESH_CHUNK])
+                results = await self._call(pipe.execute(raise_on_error=False))
+            if attempt == 0 and any(isinstance(r, NoScriptError) for r in results):
+                await self._call(self.redis.script_load(_PRESENCE_REFRESH))  # Redis restarted: none ran
+                continue
+            failed = next((r for r in results if isinstance(r, Exception)), None)
+            if failed is not None:
+                raise StorageError("Redis refused: %s" % failed)
+            return
 
     async def enter(self, room: str, key: str, user_id: str, name: str, ttl: float) -> None:
         await self.refresh([(room, key, user_id, name)], ttl, names=True)
@@ -396,7 +397,6 @@ class RedisPresenceStore:
         slot.running.add_done_callback(hand_on)
 
     async def _read(self, room: str) -> dict[str, str]:
-        self.reads += 1
         values = await self._call(self._members(keys=list(self.keys(room)), args=[time.time()]))
         out: dict[str, str] = {}
         for value in values:
