@@ -30,7 +30,7 @@ def state_of(doc: DocumentState) -> dict[str, Any]:
     return doc.to_snapshot()
 
 
-def make_doc(**limits: int) -> DocumentState:
+def make_doc(**limits: Any) -> DocumentState:
     doc = DocumentState("doc", **limits)
     doc.submit(0, ["hello"], "a", 1)  # rev 1: "hello"
     doc.submit(1, [5, " world"], "b", 1)  # rev 2: "hello world"
@@ -240,13 +240,14 @@ def test_apply_entry() -> None:
     assert doc.text == "hello world!" and doc.rev == 3
     assert doc.submit(3, [12], "z", 4).duplicate
     before = state_of(doc)
-    for args, code in [
+    cases: list[tuple[tuple[Any, ...], str]] = [
         ((5, [12]), "conflict"),
         ((3, [12]), "conflict"),
         ((4, [11]), "bad_message"),
         ((4, [12, 0]), "bad_message"),
         ((4, [12], "", 1), "bad_message"),
-    ]:
+    ]
+    for args, code in cases:
         with pytest.raises(DocumentError) as info:
             doc.apply_entry(*args)
         assert info.value.code == code

@@ -158,7 +158,7 @@ def _replay(n: int) -> tuple[DocumentState, list[tuple[int, list[Any], str, int]
 
 
 def test_build_state_refuses_inconsistent_data() -> None:
-    ops = [(1, '["ab"]', "c-a", 1, "u"), (3, '[2, "c"]', "c-a", 2, "u")]
+    ops: list[Any] = [(1, '["ab"]', "c-a", 1, "u"), (3, '[2, "c"]', "c-a", 2, "u")]
     with pytest.raises(SnapshotError, match="does not replay"):
         build_state("d", Loaded(3, 0, None, ops))
     with pytest.raises(SnapshotError, match="ends at rev 1"):
@@ -202,7 +202,7 @@ def test_peer_holds_then_filters() -> None:
     member = FakeMember()
     live = editing.LiveDoc(DocumentState("d"), 0, {}, 0)
     peer = Peer(member, live, "c-mine", 0, TokenBucket(0, 1))
-    msgs = [
+    msgs: list[dict[str, Any]] = [
         {"type": "op", "rev": 1, "op": ["a"], "client": "c-other", "seq": 1},
         {"type": "op", "rev": 2, "op": [1, "b"], "client": "c-other", "seq": 2},
         {"type": "op", "rev": 3, "op": [2, "c"], "client": "c-mine", "seq": 1},
@@ -552,7 +552,7 @@ def test_random_interleavings_of_edits_deliveries_and_commits_converge(data: st.
                 pos = data.draw(st.integers(0, size))
                 if size > pos and data.draw(st.booleans()):
                     k = data.draw(st.integers(1, size - pos))
-                    op = [pos, -k, size - pos - k]
+                    op: list[Any] = [pos, -k, size - pos - k]
                 else:
                     op = [pos, data.draw(st.sampled_from(["a", "bc", "😀", "👍🏽", "\n"])), size - pos]
                 c.edit(ot.check([x for x in op if x != 0]))
