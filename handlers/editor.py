@@ -22,7 +22,7 @@ from tornado.options import define, options
 
 from handlers.base import BaseSocketHandler, JSONHandler
 from handlers.pages import Page
-from realtime.documents import DocumentError, valid_doc_id
+from realtime.documents import valid_doc_id
 from realtime.editing import DOC_ID_RULE, EditingService, Peer, valid_client_id
 from realtime.protocol import ProtocolError, error_message, get_int
 from realtime.units import CODEPOINT, UNITS
@@ -114,7 +114,7 @@ class EditorSocketHandler(BaseSocketHandler):
     def _joined_peer(self) -> Peer:
         peer = self.ed.peer
         if peer is None or not peer.joined:
-            raise DocumentError("conflict", "wait for the snapshot before sending edits or cursors")
+            raise ProtocolError("conflict", "wait for the snapshot before sending edits or cursors")
         return peer
 
     def msg_op(self, msg: dict[str, Any]) -> None:
@@ -127,7 +127,7 @@ class EditorSocketHandler(BaseSocketHandler):
             if "op" not in msg:
                 raise ProtocolError("bad_message", "'op' is required")
             self.docs.submit(peer, rev, msg["op"], seq)
-        except (DocumentError, ProtocolError) as exc:
+        except ProtocolError as exc:
             self.ctx.stats.error(exc.code)
             err = error_message(exc.code, exc.message, msg.get("ref"))
             if type(seq) is int:
@@ -135,10 +135,7 @@ class EditorSocketHandler(BaseSocketHandler):
             self.send(err)
 
     def msg_cursor(self, msg: dict[str, Any]) -> None:
-        try:
-            peer = self._joined_peer()
-        except DocumentError as exc:
-            raise ProtocolError(exc.code, exc.message) from None
+        peer = self._joined_peer()
         rev = get_int(msg, "rev", minimum=0)
         anchor = get_int(msg, "anchor", minimum=0)
         head = get_int(msg, "head", required=False, default=anchor, minimum=0)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import random
 import sqlite3
 from typing import Any
@@ -15,6 +14,7 @@ import handlers.editor  # noqa: F401  (defines the editor options before make_ap
 from realtime import editing, ot
 from realtime.ot import OTClient
 from realtime.storage import sqlite_repos
+from tests.clients import fetch
 from tests.waiting import until
 
 NOISE = ("peer_joined", "peer_left", "cursor")
@@ -100,17 +100,14 @@ async def open_editor(connect, doc: str = "notes", name: str = "ann", **params: 
 
 
 async def fetch_json(port: int, path: str) -> dict[str, Any]:
-    resp = await AsyncHTTPClient().fetch("http://127.0.0.1:%d%s" % (port, path))
-    return json.loads(resp.body)
+    reply = await fetch(port, path)
+    assert reply.status == 200, reply
+    return reply.body
 
 
 async def http_status(port: int, path: str) -> tuple[int, dict[str, Any]]:
-    try:
-        resp = await AsyncHTTPClient().fetch("http://127.0.0.1:%d%s" % (port, path))
-    except HTTPClientError as e:
-        assert e.response is not None
-        return e.code, json.loads(e.response.body)
-    return resp.code, json.loads(resp.body)
+    reply = await fetch(port, path)
+    return reply.status, reply.body
 
 
 async def seeded(connect, text: str, doc: str = "notes", name: str = "ann", **params: Any) -> Editor:
