@@ -18,26 +18,12 @@ import secrets
 import time
 from typing import Any
 
-from tornado.options import define, options
-
 from handlers.base import BaseSocketHandler, JSONHandler
 from handlers.pages import Page
 from realtime.documents import valid_doc_id
 from realtime.editing import DOC_ID_RULE, EditingService, Peer, valid_client_id
 from realtime.protocol import ProtocolError, error_message, get_int
 from realtime.units import CODEPOINT, UNITS
-
-define("max_doc_size", default=200_000, type=int, help="largest document, in code points; an edit that would make it bigger is refused (too_large)")
-define("max_op_size", default=10_000, type=int, help="most code points one edit may insert (too_large)")
-define("edit_rate", default=15.0, type=float, help="edits per second per editor connection (token bucket; 0 = no limit); rate_limit applies as well")
-define("edit_burst", default=30.0, type=float, help="edits an editor connection may send at once")
-define("doc_log_keep", default=1000, type=int, help="ops kept per document, in memory and in the store, to merge late edits and catch up reconnecting clients")
-define("snapshot_every", default=200, type=int, help="ops between stored snapshots of a document (bounds the replay when it is loaded)")
-define("max_docs", default=10_000, type=int, help="documents the server stores; opening a new one past this is refused (0 = no limit)")
-define("max_peers_per_doc", default=100, type=int, help="connections one document takes at once; more are closed with 1013")
-define("doc_idle_seconds", default=30.0, type=float, help="a document leaves memory this long after its last editor left (a snapshot is written)")
-define("doc_commit_delay", default=0.002, type=float, help="seconds between a document's writes: edits arriving meanwhile share one commit and one broadcast burst (0 = write at once)")
-define("cursor_interval", default=0.05, type=float, help="minimum seconds between relayed cursor updates per connection; a newer one replaces the waiting one")
 
 _REV = re.compile(r"[0-9]{1,18}")
 
@@ -204,28 +190,22 @@ class EditorPage(Page):
         self.render("editor.html", title=doc_id, doc_id=doc_id)
 
 
-def _option(cfg: Any, name: str) -> Any:
-    # make_app builds cfg from the options defined when it runs; this module may
-    # have been imported (and its options defined) only afterwards.
-    return getattr(cfg, name) if hasattr(cfg, name) else options[name]
-
-
 def register(ctx: Any) -> list[Any]:
     """Build the editing service into ``ctx.services["docs"]``; return the routes."""
     cfg = ctx.cfg
     svc = EditingService(
         ctx.storage.document_log(), ctx.hub,
-        max_doc_size=_option(cfg, "max_doc_size"),
-        max_op_size=_option(cfg, "max_op_size"),
-        edit_rate=_option(cfg, "edit_rate"),
-        edit_burst=_option(cfg, "edit_burst"),
-        log_keep=_option(cfg, "doc_log_keep"),
-        snapshot_every=_option(cfg, "snapshot_every"),
-        max_docs=_option(cfg, "max_docs"),
-        max_peers=_option(cfg, "max_peers_per_doc"),
-        idle_seconds=_option(cfg, "doc_idle_seconds"),
-        cursor_interval=_option(cfg, "cursor_interval"),
-        commit_delay=_option(cfg, "doc_commit_delay"),
+        max_doc_size=cfg.max_doc_size,
+        max_op_size=cfg.max_op_size,
+        edit_rate=cfg.edit_rate,
+        edit_burst=cfg.edit_burst,
+        log_keep=cfg.doc_log_keep,
+        snapshot_every=cfg.snapshot_every,
+        max_docs=cfg.max_docs,
+        max_peers=cfg.max_peers_per_doc,
+        idle_seconds=cfg.doc_idle_seconds,
+        cursor_interval=cfg.cursor_interval,
+        commit_delay=cfg.doc_commit_delay,
         max_message_bytes=cfg.max_message_size,
         message_rate=cfg.rate_limit,
         message_burst=cfg.rate_burst,

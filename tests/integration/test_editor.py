@@ -10,7 +10,6 @@ from typing import Any
 import pytest
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError
 
-import handlers.editor  # noqa: F401  (defines the editor options before make_app sees overrides)
 from realtime import editing, ot
 from realtime.ot import OTClient
 from realtime.storage import sqlite_repos

@@ -13,7 +13,6 @@ import pytest
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 from tornado.websocket import websocket_connect
 
-import handlers.sensors  # noqa: F401  (defines the sensor options)
 from tests.clients import Reply, fetch
 from tests.integration.test_server import masked_text_frame, raw_ws
 from tests.waiting import until

@@ -4,6 +4,7 @@ import ast
 import glob
 import os
 
+import pytest
 from tornado.options import options
 
 import server  # noqa: F401  (defines the options)
@@ -55,3 +56,24 @@ def test_every_conf_name_is_a_real_option():
     names = set(options.as_dict())
     for name in all_conf_names():
         assert name in names, "conf/ mentions unknown option %s" % name
+
+
+def test_the_parsed_command_line_and_config_file_become_a_typed_config(tmp_path):
+    """tornado.options parses (the command line wins over the file); realtime.config.Config holds the result."""
+    from tornado.options import OptionParser
+
+    from realtime.config import Config, define_options
+
+    conf = tmp_path / "x.conf"
+    conf.write_text("max_text = 500\nallowed_origins = ['https://a.example, https://b.example']\nport = 1\n")
+    parser = OptionParser()
+    define_options(parser)
+    parser.parse_config_file(str(conf), final=False)
+    parser.parse_command_line(["server.py", "--port=9000", "--rate_limit=2.5", "--fast_path=false"], final=False)
+    cfg = Config.from_options(parser.as_dict())
+    assert (cfg.max_text, cfg.port, cfg.rate_limit, cfg.fast_path) == (500, 9000, 2.5, False)
+    assert cfg.allowed_origins == ["https://a.example", "https://b.example"]
+    assert Config.from_options(OptionParser().as_dict()) == Config()  # nothing parsed: the defaults
+    assert cfg.replace(max_text=10).max_text == 10
+    with pytest.raises(TypeError, match="no_such_option"):
+        cfg.replace(no_such_option=1)
