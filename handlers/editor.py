@@ -1,7 +1,7 @@
 """Collaborative editing over HTTP and WebSocket: thin adapters over
 :class:`realtime.editing.EditingService`.
 
-* ``/ws/edit/<doc>``   the editing socket (docs/PROTOCOL-editor.md)
+* ``/ws/edit/<doc>``   the editing socket (docs/PROTOCOL.md, "Collaborative editing")
 * ``/api/docs``        documents, most recently edited first
 * ``/api/docs/<doc>``  one document's text and revision (404 if it never existed)
 * ``/edit/``           the documents page (``?doc=<id>`` opens or creates one)
