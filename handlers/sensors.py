@@ -18,9 +18,12 @@ rotate it by changing ``--ingest_key`` (or deleting the file) and restarting.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
+import re
+import socket
 from typing import Any
 
 from handlers.base import BaseSocketHandler, JSONHandler
@@ -69,8 +72,13 @@ def sensor_config(cfg: Config, secret: Any = None) -> SensorConfig:
 
 def register(ctx: Context) -> list[Any]:
     """Build the sensor service into ``ctx.services["sensors"]``; return the routes."""
-    ctx.services["sensors"] = SensorService(ctx.storage.reading_store(), sensor_config(ctx.cfg, ctx.secret),
-                                            hub=ctx.hub)
+    cfg = sensor_config(ctx.cfg, ctx.secret)
+    lease = getattr(ctx.storage, "lease", None)
+    node = ctx.cfg.node_name or socket.gethostname()
+    if lease is not None:  # cluster mode: each machine's metrics under its own name
+        cfg = dataclasses.replace(cfg, host_prefix="host." + re.sub(r"[^A-Za-z0-9_.:-]", "_", node)[:40])
+    ctx.services["sensors"] = SensorService(ctx.storage.reading_store(), cfg, hub=ctx.hub, lease=lease,
+                                            node_name=node)
     kw = {"ctx": ctx}
     return [
         (r"/dashboard", DashboardPage, kw),

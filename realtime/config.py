@@ -110,6 +110,7 @@ class Config:
     sensor_max_points: int = option(SENSORS, 10000, "points kept per sensor at most, whatever its rate")
     simulated_sensors: str = option(SENSORS, DEFAULT_SIMULATED, "simulated sensors, one per line or ';'-separated: id= label= unit= hz= model=sine|walk|sawtooth|square plus the model's parameters; '' = none")
     host_metrics: bool = option(SENSORS, True, "publish this host's CPU %, memory %, load average and network bytes/s as sensors host.*")
+    node_name: str = option(SENSORS, "", "cluster mode: this machine's name, for its host metrics (host.<name>.cpu ...); default: the hostname")
     host_metrics_hz: float = option(SENSORS, 1.0, "samples per second of the host metrics")
     ingest_key: str = option(SENSORS, "", "key devices present to publish readings (Authorization: Bearer, X-Ingest-Key or ?key=); '' = generated once into data_dir/ingest_key")
     max_points_per_publish: int = option(SENSORS, 1000, "points one publish (WebSocket message or POST) may carry; more is refused with too_large")
@@ -125,8 +126,8 @@ class Config:
     sensor_expiry: float = option(SENSORS, 0.0, "remove a device sensor after this many seconds without readings (0 = keep until deleted)")
 
     # -- collaborative editing
-    max_doc_size: int = option(EDITING, 200_000, "largest document, in code points; an edit that would make it bigger is refused (too_large)")
-    max_op_size: int = option(EDITING, 10_000, "most code points one edit may insert (too_large)")
+    max_doc_size: int = option(EDITING, 200_000, "largest document, in code points (UTF-16 code units for a ?units=utf16 connection); an edit that would make it bigger is refused (too_large)")
+    max_op_size: int = option(EDITING, 10_000, "most code points (UTF-16 code units for a ?units=utf16 connection) one edit may insert (too_large)")
     edit_rate: float = option(EDITING, 15.0, "edits per second per editor connection (token bucket; 0 = no limit); rate_limit applies as well")
     edit_burst: float = option(EDITING, 30.0, "edits an editor connection may send at once")
     doc_log_keep: int = option(EDITING, 1000, "ops kept per document, in memory and in the store, to merge late edits and catch up reconnecting clients")

@@ -378,6 +378,11 @@ class DocumentState:
             while len(self._clients) > self.max_clients:
                 self._clients.popitem(last=False)
 
+    def seen(self, client_id: str, seq: int) -> bool:
+        """Whether this client's op ``seq`` (or a later one) is already applied."""
+        last = self._clients.get(client_id)
+        return last is not None and seq <= last[0]
+
     def _find_rev(self, client_id: str, seq: int) -> int | None:
         for entry in reversed(self._log):
             if entry.seq == seq and entry.client_id == client_id:

@@ -170,6 +170,18 @@ class DocumentLog(Protocol):
         """Remove the document if it was never edited (revision 0); whether it was."""
 
 
+class Lease(Protocol):
+    """A role one node holds for the whole cluster at a time (running the
+    simulated sensors): kept while the holder renews it, taken over by
+    another node within its time-to-live once the holder stops renewing."""
+
+    held: bool
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
 # -- sensors ------------------------------------------------------------------------------
 
 

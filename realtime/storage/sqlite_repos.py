@@ -449,6 +449,8 @@ class SQLiteStorage:
         """Why writes fail right now (the database's error), or None."""
         return self.store.write_error
 
+    lease = None  # one process runs every feed itself
+
     def presence_store(self) -> None:
         """One process knows its members itself: no shared presence."""
         return None

@@ -16,36 +16,10 @@ import pytest
 
 from tests.clients import Client, request
 from tests.redis_server import RedisServer
-from tests.servers import ROOT, ServerProcess, free_port, healthz, start_server
+from tests.servers import ROOT, free_port, healthz, start_server
 from tests.waiting import until, until_sync
 
 pytestmark = pytest.mark.cluster
-
-
-@pytest.fixture
-def redis(tmp_path: Any) -> Any:
-    server = RedisServer(str(tmp_path / "redis")).start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def cluster(tmp_path: Any, redis: RedisServer) -> Any:
-    """``cluster(n)`` -> n node ports (each with its own data_dir) on one Redis."""
-    procs: list[ServerProcess] = []
-
-    def start(n: int, *args: str) -> list[int]:
-        ports = []
-        for _ in range(n):
-            port = free_port()
-            procs.append(start_server(port, tmp_path / ("node%d" % len(procs)), "--backplane=" + redis.url, *args))
-            ports.append(port)
-        return ports
-
-    start.procs = procs  # type: ignore[attr-defined]
-    yield start
-    for p in procs:
-        p.kill()
 
 
 def http(port: int, path: str, data: bytes | None = None, headers: dict[str, str] | None = None) -> tuple[int, Any]:
@@ -140,7 +114,7 @@ def test_device_readings_posted_to_one_node_reach_viewers_on_another(cluster: An
         await viewer.expect("welcome")
         viewer.send({"type": "subscribe", "sensors": ["*"], "max_hz": 10, "backfill": 0})
         await viewer.expect("subscribed", skip=("readings", "backfill"))
-        key = await asyncio.to_thread(_ingest_key_from_redis, redis.url)
+        key = await asyncio.to_thread(_ingest_key_from_redis, cluster)
         status, body = await asyncio.to_thread(
             http, a, "/api/sensors/boiler/readings", b"21.5", {"Authorization": "Bearer " + key})
         assert status == 200 and body["stored"] == 1, body
@@ -154,16 +128,22 @@ def test_device_readings_posted_to_one_node_reach_viewers_on_another(cluster: An
     assert "boiler" in listed
 
 
-def _ingest_key_from_redis(url: str) -> str:
+def _redis_get(cluster: Any, key: str) -> str | None:
     import redis as sync_redis
 
+    url = next(a for a in cluster.procs[0].args if a.startswith("--backplane=")).split("=", 1)[1]
     client = sync_redis.Redis.from_url(url)
     try:
-        key = client.get("rt:secret:ingest_key")
-        assert isinstance(key, bytes), key
-        return key.decode()
+        value = client.get(key)
+        return value.decode() if isinstance(value, bytes) else None
     finally:
         client.close()
+
+
+def _ingest_key_from_redis(cluster: Any) -> str:
+    key = _redis_get(cluster, "rt:secret:ingest_key")
+    assert key, "no ingest key in Redis"
+    return key
 
 
 def test_redis_down_nothing_is_acked_health_says_503_and_it_carries_on_when_back(cluster: Any,
@@ -181,6 +161,10 @@ def test_redis_down_nothing_is_acked_health_says_503_and_it_carries_on_when_back
         await ann.send({"type": "say", "room": "lobby", "text": "during", "cid": "d1"})
         err = await ann.expect("error", timeout=15)
         assert err["code"] == "unavailable"
+        await ann.send({"type": "join", "room": "elsewhere", "ref": 9})  # a room this node must subscribe to
+        err = await ann.expect("error", timeout=15)
+        assert (err["code"], err["ref"]) == ("unavailable", 9)  # an answer, and the connection stays
+
         async def degraded() -> Any:
             status, health = await asyncio.to_thread(http, a, "/healthz")
             return health if status == 503 else None
@@ -281,5 +265,74 @@ def test_presence_is_cluster_wide_and_a_dead_nodes_members_leave_within_the_ttl(
         left = await ann.expect("presence", timeout=10, where=lambda m: m.get("member_count") == 1)
         assert left["event"] == "leave" and left["user"]["name"] == "bob"
         await hang_up(ann)
+
+    run(main())
+
+
+SENSOR_NOISE = ("subscribed", "backfill", "sensor_added", "sensor_updated", "sensor_removed")
+
+
+async def watch_points(port: int, sensor: str, got: dict[float, float]) -> None:
+    """Add ``t -> v`` of ``sensor`` to ``got`` as a viewer on ``port`` receives it, until cancelled."""
+    viewer = await Client.open("ws://127.0.0.1:%d/ws/sensors" % port, timeout=10.0)
+    try:
+        await viewer.expect("welcome")
+        viewer.send({"type": "subscribe", "sensors": [sensor], "max_hz": 10, "backfill": 0})
+        while True:
+            msg = await viewer.expect("readings", skip=SENSOR_NOISE)
+            got.update((t, v) for t, v in msg["points"].get(sensor, []))
+    finally:
+        viewer.close()
+
+
+async def points_until(ports: tuple[int, ...], sensor: str, enough: Any, timeout: float = 15.0) -> list[dict]:
+    """What viewers of ``sensor`` on each of ``ports`` receive, once ``enough(*received)`` holds."""
+    got: list[dict[float, float]] = [{} for _ in ports]
+    tasks = [asyncio.ensure_future(watch_points(p, sensor, g)) for p, g in zip(ports, got)]
+
+    def done() -> bool:
+        for t in tasks:
+            if t.done():
+                t.result()  # a viewer that failed fails the test
+        return bool(enough(*got))
+
+    try:
+        await until(done, timeout=timeout, interval=0.05, what="enough %s points on %s" % (sensor, ports))
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    return got
+
+
+def test_simulated_sensors_run_once_for_the_cluster_and_another_node_takes_over(cluster: Any) -> None:
+    a, b = cluster(1, "--node_name=alpha") + cluster(1, "--node_name=beta")
+
+    async def main() -> None:
+        on_a, on_b = await points_until((a, b), "sim.vibration", lambda x, y: len(set(x) & set(y)) >= 10)
+        common = set(on_a) & set(on_b)  # 10 Hz: the same points reach both nodes
+        assert all(on_a[t] == on_b[t] for t in common)  # one source, not two simulations
+
+        # Each machine's metrics under its own name, visible from either node.
+        async def both_hosts() -> bool:
+            listed = (await asyncio.to_thread(http, b, "/api/sensors"))[1]["sensors"]
+            return {"host.alpha.cpu", "host.beta.cpu"} <= {s["id"] for s in listed}
+
+        await until(both_hosts, timeout=5, interval=0.1)
+        # The node that runs them dies; the other takes over within the lease's ttl (3 s).
+        holder = await asyncio.to_thread(_redis_get, cluster, "rt:lease:sim")
+        nodes = [(await asyncio.to_thread(http, p, "/healthz"))[1]["node"] for p in (a, b)]
+        dead = nodes.index(holder)
+        loop = asyncio.get_running_loop()
+        killed = loop.time()
+        cluster.procs[dead].kill()
+
+        async def taken_over() -> bool:
+            return await asyncio.to_thread(_redis_get, cluster, "rt:lease:sim") == nodes[1 - dead]
+
+        await until(taken_over, timeout=10, interval=0.1)
+        assert loop.time() - killed < 4.5, "the lease outlived its ttl"
+        (later,) = await points_until(((a, b)[1 - dead],), "sim.vibration", lambda x: len(x) >= 10)
+        assert len(later) >= 10
 
     run(main())
