@@ -1,4 +1,4 @@
-"""conf/ and the README document every option, with the real defaults."""
+"""conf/ and the README document every option, with the real defaults; links in the tree resolve."""
 
 import ast
 import glob
@@ -77,3 +77,25 @@ def test_the_parsed_command_line_and_config_file_become_a_typed_config(tmp_path)
     assert cfg.replace(max_text=10).max_text == 10
     with pytest.raises(TypeError, match="no_such_option"):
         cfg.replace(no_such_option=1)
+
+
+def test_links_to_files_in_the_tree_resolve():
+    """A doc that was merged or renamed leaves no dangling link: relative Markdown links, and
+    mentions of docs/*.md anywhere in the tree, name files that exist."""
+    import re
+    import subprocess
+
+    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    dangling = []
+    for name in files:
+        if not name.endswith((".md", ".py", ".js", ".html", ".conf", ".example", ".cfg", ".toml", ".sh")):
+            continue
+        with open(os.path.join(ROOT, name), encoding="utf-8", errors="replace") as f:
+            text = f.read()
+        targets = re.findall(r"\bdocs/[\w.-]+\.md\b", text)
+        if name.endswith(".md"):
+            targets += [os.path.join(os.path.dirname(name), t)
+                        for t in re.findall(r"\]\(([^)#\s:]+\.[a-z]+)(?:#[^)]*)?\)", text)]
+        dangling += ["%s -> %s" % (name, t) for t in targets
+                     if not os.path.exists(os.path.join(ROOT, os.path.normpath(t)))]
+    assert not dangling, dangling
