@@ -969,21 +969,38 @@ class EditingService:
         catches up with the server: read the ops after our last committed
         revision, hand them to our peers, transform our own not yet committed
         ops over them (ours arrived later, so ours go first on a tie, as on one
-        node), and append those again."""
+        node), and append those again.  Usually only the tail of the log is
+        read; a full reload when the log no longer reaches back that far."""
+        base = doc.committed_rev
         try:
-            loaded = await self.log.load(doc.id, create=False, max_docs=0, keep=self.log_keep)
-            if loaded is None:
-                raise SnapshotError(f"document {doc.id} is gone from the store")
-            state, _snap_rev, owners = build_state(doc.id, loaded, **self._state_limits())
-            base = doc.committed_rev
-            remote = state.ops_since(base)
-            remote16 = state.ops_since(base, UTF16)
-            if remote is None or remote16 is None:
-                raise SnapshotError(f"document {doc.id}: the log no longer reaches rev {base}")
+            tail = await self.log.ops_since(doc.id, base)
+            if doc.broken:
+                return
+            pending = list(doc.inflight) + doc.batch
+            if tail is not None:
+                state = doc.state
+                state.rollback(base, doc.committed_text)
+                remote: list[tuple[int, list[Any], list[Any], str | None, int | None]] = []
+                for o in tail:
+                    op = ujson.loads(o.op)
+                    op16 = state.text_units().op_to_utf16(op)
+                    state.apply_entry(o.rev, op, o.client, o.seq)
+                    remote.append((o.rev, op, op16, o.client, o.seq))
+                owners = {o.client: o.user_id for o in tail if o.client and o.user_id}
+            else:
+                loaded = await self.log.load(doc.id, create=False, max_docs=0, keep=self.log_keep)
+                if loaded is None:
+                    raise SnapshotError(f"document {doc.id} is gone from the store")
+                state, _snap_rev, owners = build_state(doc.id, loaded, **self._state_limits())
+                entries, entries16 = state.ops_since(base), state.ops_since(base, UTF16)
+                if entries is None or entries16 is None:
+                    raise SnapshotError(f"document {doc.id}: the log no longer reaches rev {base}")
+                remote = [(e.rev, e.op, e16.op, e.client_id, e.seq) for e, e16 in zip(entries, entries16)]
+                pending = list(doc.inflight) + doc.batch
             committed_text = state.text
-            rops = [e.op for e in remote]
+            rops = [r[1] for r in remote]
             rebased: list[Pending] = []
-            for p in list(doc.inflight) + doc.batch:
+            for p in pending:
                 if p.client is not None and p.seq is not None and state.seen(p.client, p.seq):
                     continue  # it did reach the log (an answer lost on the way)
                 op = p.op
@@ -996,13 +1013,16 @@ class EditingService:
             doc.rebasing = False
             self._fail(doc, exc)
             return
-        if doc.broken:
-            return
-        for e, e16 in zip(remote, remote16):
-            if e.rev > doc.delivered_rev:
-                out = Outgoing({"type": "op", "rev": e.rev, "op": e.op, "client": e.client_id, "seq": e.seq},
-                               seq=e.rev, client=e.client_id)
-                self._deliver_op(doc, out, e16.op)
+        ours: dict[tuple[str | None, int | None], Pending] = {(p.client, p.seq): p for p in pending if p.client}
+        for rev, op, op16, client, seq in remote:
+            mine = ours.get((client, seq))
+            if mine is not None and mine.peer is not None and not mine.peer.gone:
+                # Our own write did reach the log (its answer was lost): acknowledge it now.
+                mine.peer.member.send({"type": "ack", "rev": rev, "seq": seq})
+            if rev > doc.delivered_rev:
+                out = Outgoing({"type": "op", "rev": rev, "op": op, "client": client, "seq": seq},
+                               seq=rev, client=client)
+                self._deliver_op(doc, out, op16)
         for client, user in owners.items():
             doc.remember_owner(client, user)
         doc.state = state

@@ -160,6 +160,10 @@ class DocumentLog(Protocol):
         ``ops[0].rev - 1`` (else :class:`LogGap`), with any snapshots, and trim
         the log to ``keep`` ops before the newest snapshot."""
 
+    async def ops_since(self, doc_id: str, rev: int) -> list[StoredOp] | None:
+        """The stored ops after ``rev``, in order; None when the log no longer
+        reaches back to ``rev`` (or the document is gone)."""
+
     def save_snapshot(self, doc_id: str, rev: int, data: str, keep: int) -> Awaitable[bool]:
         """Store a snapshot of ``rev`` if that is the stored revision (else False)."""
 

@@ -503,6 +503,22 @@ class RedisDocumentLog:
         await self._call(self._append(keys=self.keys(doc_id), args=args))
         await self._call(self.redis.zadd(DOCS_KEY, {doc_id: ts}))
 
+    async def ops_since(self, doc_id: str, rev: int) -> list[StoredOp] | None:
+        meta_key, ops_key, _ = self.keys(doc_id)
+        last = await self._call(self.redis.hget(meta_key, "rev"))
+        if last is None or int(last) < rev:
+            return None
+        revs = list(range(rev + 1, int(last) + 1))
+        if not revs:
+            return []
+        out = []
+        for r, item in zip(revs, await self._call(self.redis.hmget(ops_key, revs))):
+            if item is None:
+                return None  # trimmed
+            op, client, seq, user = ujson.loads(_text(item))
+            out.append(StoredOp(r, op, client, seq, user))
+        return out
+
     async def save_snapshot(self, doc_id: str, rev: int, data: str, keep: int) -> bool:
         return bool(await self._call(self._snapshot(keys=self.keys(doc_id), args=[rev, data, keep])))
 
