@@ -381,11 +381,11 @@ class DocumentState:
     def rollback(self, rev: int, text: str) -> list[LogEntry]:
         """Undo the ops after ``rev`` (``text`` is the text at ``rev``), as when
         another node appended first and ours must be transformed over its ops.
-        Returns the entries taken off.  Raises :class:`DocumentError`
+        Returns the entries taken off.  Raises :class:`~realtime.protocol.ProtocolError`
         (``conflict``) when the log no longer holds them."""
         k = self._rev - rev
         if k < 0 or k > len(self._log):
-            raise DocumentError("conflict", f"cannot roll back from rev {self._rev} to {rev}")
+            raise ProtocolError("conflict", f"cannot roll back from rev {self._rev} to {rev}")
         undone = [self._log.pop() for _ in range(k)][::-1]
         for _ in range(k):
             self._log16.pop()

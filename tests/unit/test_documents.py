@@ -652,5 +652,5 @@ def test_rollback_undoes_the_tail_and_the_dedupe_of_its_ops() -> None:
     # What another node appended instead goes on, then ours again (transformed by the caller).
     doc.apply_entry(2, ["x", 3], "c-far3", 1)
     assert doc.submit(2, [4, "!"], "c-two2", 1).rev == 3 and doc.text == "xabc!"
-    with pytest.raises(DocumentError):
+    with pytest.raises(ProtocolError):
         doc.rollback(-1, "")
