@@ -79,6 +79,10 @@ class ProtocolError(Exception):
         self.message = message
         self.close = close
 
+    def __repr__(self) -> str:
+        close = "" if self.close is None else ", close=%d" % self.close
+        return f"ProtocolError({self.code!r}, {self.message!r}{close})"
+
 
 def error_message(code: str, message: str, ref: Any = None) -> dict[str, Any]:
     msg: dict[str, Any] = {"type": "error", "code": code, "message": message}
@@ -365,18 +369,6 @@ def get_number(
     if maximum is not None and value > maximum:
         raise ProtocolError("bad_message", "'%s' must be <= %s" % (key, maximum))
     return float(value)
-
-
-def get_str_list(msg: dict[str, Any], key: str, *, max_items: int, max_len: int = 200) -> list[str]:
-    value = msg.get(key)
-    if not isinstance(value, list):
-        raise ProtocolError("bad_message", "'%s' must be a list of strings" % key)
-    if len(value) > max_items:
-        raise ProtocolError("too_large", "'%s' has more than %d items" % (key, max_items))
-    for item in value:
-        if not isinstance(item, str) or not item or len(item) > max_len:
-            raise ProtocolError("bad_message", "'%s' must be a list of non-empty strings" % key)
-    return list(value)
 
 
 # Control characters other than tab and newline are refused in user text.
