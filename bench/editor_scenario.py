@@ -40,6 +40,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from typing import Any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -318,7 +319,7 @@ class Typing:
     """Every editor makes one edit every ``len(editors) / rate`` seconds, staggered: a
     steady stream, not bursts, until :meth:`stop`."""
 
-    def __init__(self, eds: list[Editor], rate: float) -> None:
+    def __init__(self, eds: Sequence[Editor], rate: float) -> None:
         self.loop = asyncio.get_running_loop()
         self.interval = len(eds) / rate
         self.stopping = False

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import Any, TypeGuard
 
 Result = dict[str, Any]
 Results = dict[str, dict[str, Result]]
@@ -712,7 +712,7 @@ def _cluster_rows(raw: Result, load: str) -> tuple[Result | None, Result | None,
     return tuple(configs.get(name, {}).get(load) for name in "abc")  # type: ignore[return-value]
 
 
-def _ok(r: Result | None) -> bool:
+def _ok(r: Result | None) -> TypeGuard[Result]:
     return r is not None and "error" not in r and r.get("us_per_msg") is not None
 
 
@@ -813,8 +813,8 @@ def cluster_targets(raw: Result) -> list[str]:
         lost = sum((r.get("lost") or 0) + (r.get("dup") or 0) for r in measured)
         acks = sum(r.get("published", 0) - r.get("acks", 0) for r in measured)
         lines.append(target_line("cluster, messages lost or doubled, acks missing (every row)",
-                                 f"{fmt_num(lost)} lost or doubled, {fmt_num(acks)} acks missing", "0", lost == 0
-                                 and acks == 0))
+                                 f"{fmt_num(lost)} lost or doubled, {fmt_num(acks)} acks missing", "0",
+                                 bool(lost == 0 and acks == 0)))
     e = raw.get("editing")
     if e is not None:
         what = "cluster editing, 50 editors on one document through two nodes"

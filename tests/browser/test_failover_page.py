@@ -26,7 +26,7 @@ from tests.redis_server import RedisServer
 try:
     from playwright.sync_api import expect
 except ImportError:  # the `browser` fixture skips (or, under CI, fails) these tests
-    expect = None
+    expect = None  # type: ignore[assignment]
 
 pytestmark = pytest.mark.cluster
 

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import urllib.request
 from typing import Any
 
-from tests.servers import free_port, start_server
+from tests.servers import ServerProcess, free_port
 
 KEY = "cluster-test-ingest-key"
 NODE_ARGS = ("--xheaders", "--simulated_sensors=", "--host_metrics=false", "--shutdown_grace=1",
@@ -15,27 +14,23 @@ NODE_ARGS = ("--xheaders", "--simulated_sensors=", "--host_metrics=false", "--sh
 
 
 class Node:
+    """One node (``tests.servers.ServerProcess``) of the cluster on ``redis_url``."""
+
     def __init__(self, tmp: Any, index: int, redis_url: str) -> None:
-        self.port = free_port()
-        self.data_dir = str(tmp / ("node%d" % index))
-        self.redis_url = redis_url
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.server = ServerProcess(free_port(), tmp / ("node%d" % index), "--backplane=" + redis_url, *NODE_ARGS)
+        self.port = self.server.port
 
     def start(self) -> "Node":
-        self.proc = start_server(self.port, self.data_dir, "--backplane=" + self.redis_url, *NODE_ARGS)
+        self.server.start()
         return self
 
     def signal(self, sig: int) -> int:
-        assert self.proc is not None
-        self.proc.send_signal(sig)
-        code = self.proc.wait(15)
-        self.proc = None
-        return code
+        """Send ``sig``; its exit status once it is gone."""
+        self.server.send_signal(sig)
+        return self.server.wait(15)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
+        self.server.kill()
 
     def connections(self) -> int:
         """Its open WebSockets, asked directly (not through nginx)."""

@@ -222,7 +222,7 @@ def stored_readings(redis: RedisServer) -> list[tuple[float, float]]:
         client.close()
     points = []
     for m in members:
-        t, v, _ = m.decode().split("|", 2)
+        t, v, _ = (m.decode() if isinstance(m, bytes) else str(m)).split("|", 2)
         points.append((float(t), float(v)))
     return sorted(points)
 
@@ -279,14 +279,15 @@ async def load_with_failures(proxy: Nginx, nodes: list[Node], redis: RedisServer
     try:
         await drain(proxy, chats, viewers, redis)
     except TimeoutError:
-        raise AssertionError("not settled 15 s after the load: %s" % json.dumps(
-            {c.name: {"unacked": len(c.unacked), "seqs": len(c.seqs), "points": len(getattr(c, "points", [])),
-                      "problems": c.problems[:3], "errors": c.errors[:3], "closes": c.closes}
-             for c in chats + viewers})) from None
+        state: dict[str, dict[str, Any]] = {c.name: {"unacked": len(c.unacked), "seqs": len(c.seqs)} for c in chats}
+        state.update({v.name: {"points": len(v.points)} for v in viewers})
+        for client in [*chats, *viewers]:
+            state[client.name].update(problems=client.problems[:3], errors=client.errors[:3], closes=client.closes)
+        raise AssertionError("not settled 15 s after the load: %s" % json.dumps(state)) from None
     page = (await asyncio.to_thread(proxy.get, "/api/rooms/lobby/messages?since=0&limit=1000"))[1]
     stored = await asyncio.to_thread(stored_readings, redis)
-    for c in chats + viewers:
-        await c.close()
+    for client in [*chats, *viewers]:
+        await client.close()
     await asyncio.gather(*tasks)
     check(page, stored, chats, viewers, device)
 
