@@ -762,7 +762,10 @@ def cluster_editing_table(raw: Result) -> str:
     if e.get("close_codes"):
         notes.append("closed with " + ", ".join(f"{c} ×{n}" for c, n in sorted(e["close_codes"].items())))
     if e.get("reloads"):
-        notes.append(f"{fmt_num(e['reloads'])} reloads (a snapshot instead of the missed ops)")
+        notes.append(f"{fmt_num(e['reloads'])} reloads (a snapshot instead of the missed ops), "
+                     f"{fmt_num(e.get('edits_lost'))} unacknowledged edits lost with them")
+    if e.get("drifts"):
+        notes.append(f"{fmt_num(e['drifts'])} times an editor got an op that did not fit its copy (it reloaded)")
     notes += saturation({"srv_cpu_pct": e.get("server_cpu_pct"), "lg_cpu_pct": e.get("loadgen_cpu_pct")})
     converged = f"yes (rev {fmt_num(e.get('final_rev'))})" if e.get("converged") else "NO"
     return md_table(headers, [[f"two nodes, Redis ({' / '.join(str(n) for n in e.get('per_node', []))} editors)",
