@@ -123,6 +123,7 @@ define("history_keep", default=1000, type=int, help="messages kept per room for 
 define("max_text", default=2000, type=int, help="longest chat message, in characters")
 define("max_rooms", default=20, type=int, help="rooms one connection may be in at once")
 define("max_rooms_total", default=10000, type=int, help="rooms the server stores; joining a new one past this is refused (too_large); rooms nothing was said in are removed when their last member leaves (0 = no limit)")
+define("max_private_members", default=1000, type=int, help="members a private room may have (its member list is stored)")
 define("members_max", default=100, type=int, help="members listed in 'joined' and presence 'sync' (member_count is exact)")
 define("presence_window", default=0.1, type=float, help="seconds over which presence changes are coalesced")
 define("presence_ttl", default=15.0, type=float, help="cluster mode: seconds after which the members of a node that stopped answering leave everyone's presence")
@@ -249,7 +250,7 @@ def make_app(cfg: SimpleNamespace | None = None, **overrides: Any) -> RealtimeAp
         presence_window=cfg.presence_window, typing_interval=cfg.typing_interval,
         presence_store=storage.presence_store(), node_id=getattr(backplane, "node_id", ""),
         presence_ttl=cfg.presence_ttl,
-        max_rooms_total=cfg.max_rooms_total,
+        max_rooms_total=cfg.max_rooms_total, max_private_members=cfg.max_private_members,
     )
     extra_routes: list[Any] = []
     # Apps added by later modules register themselves here (sensors, editor).

@@ -557,7 +557,13 @@ class JSONHandler(tornado.web.RequestHandler):
         self._body = bytearray()
 
     def prepare(self) -> None:
-        if self.public or self.ctx.auth.mode != "token":
+        if self.public:
+            return
+        if self.ctx.auth.mode != "token":
+            # A guest's session (the pages' cookie, or ?session=) says who reads
+            # private rooms; without one the reader is anonymous (public data only).
+            self.user = self.ctx.auth.from_session(self.get_query_argument("session", None)
+                                                   or self.get_cookie(SESSION_COOKIE))
             return
         token = request_token(self)
         if token is None:

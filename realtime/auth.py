@@ -94,6 +94,11 @@ def clean_name(raw: str | None) -> str | None:
 _ID_RE = re.compile(r"^[A-Za-z0-9_.:@-]{1,64}$")
 
 
+def valid_user_id(s: object) -> bool:
+    """A user id as tokens and sessions carry them: 1-64 of ``A-Z a-z 0-9 _ . : @ -``."""
+    return isinstance(s, str) and bool(_ID_RE.match(s))
+
+
 class Signer:
     """HMAC-SHA256 over a short text; output is URL-safe."""
 

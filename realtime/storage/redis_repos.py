@@ -250,7 +250,7 @@ class RedisChatLog:
         meta, log, *_, deleted = self.keys(room)
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.xrange(log, "-", "+", count=1)
-            pipe.xrevrange(log, "+", "-", count=recent)
+            pipe.xrevrange(log, "+", "-", count=max(recent, 1))
             pipe.hgetall(deleted)
             first, newest, dels = await self._call(pipe.execute())
         kept = [_seq_of(first[0][0])] if first else []
@@ -384,7 +384,8 @@ class RedisChatLog:
             for i, n in enumerate(names):
                 (seq, kind), role = rows[2 * i], rows[2 * i + 1]
                 kind_text = _text(kind) if kind else "public"
-                if kind_text == "public" or (user_id is not None and may_read(kind_text, _text(role) if role else None)):
+                role_text = _text(role) if role else None
+                if kind_text == "public" or (user_id is not None and may_read(kind_text, role_text)):
                     out.append((n, int(seq or 0)))
         return out[:limit]
 

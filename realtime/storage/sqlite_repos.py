@@ -306,8 +306,8 @@ class SQLiteChatLog:
             seq = _next_seq(conn, room, ts)
             conn.execute("UPDATE messages SET text='', deleted=? WHERE room=? AND seq=?", (seq, room, target))
             conn.execute(
-                "INSERT INTO messages(room, seq, user_id, name, text, ts, kind, data) VALUES (?,?,?,?,'',?,'deleted',?)",
-                (room, seq, by_id, by_name, ts, json.dumps({"target": target})),
+                "INSERT INTO messages(room, seq, user_id, name, text, ts, kind, data)"
+                " VALUES (?,?,?,?,'',?,'deleted',?)", (room, seq, by_id, by_name, ts, json.dumps({"target": target})),
             )
             return Appended(seq, ts, False)
 
