@@ -39,7 +39,7 @@ from handlers.gate import HostPolicy, RequestGate, local_host_names
 from handlers.listener import RealtimeHTTPServer, raise_open_file_limit
 from handlers.pages import StaticFiles
 from handlers.writer import Flusher
-from realtime.auth import Authenticator, load_or_create_secret
+from realtime.auth import Authenticator, load_or_create_secret, load_public_keys
 from realtime.backplane import make_backplane
 from realtime.chat import ChatService
 from realtime.context import Context
@@ -95,8 +95,12 @@ define("max_header_size", default=16 * 1024, type=int, help="largest request hea
 define("max_body_size", default=64 * 1024, type=int, help="largest request body in bytes, on the route that takes the biggest (POST /api/sensors/<id>/readings); bigger is refused with 413 before it is read")
 define("allowed_hosts", default=[], type=str, multiple=True, help="Host names this server answers to, comma separated ('.example.com' = it and its subdomains, '*' = any); always: localhost, this machine's addresses and name, the hosts of allowed_origins")
 # Identity
-define("auth", default="open", type=str, help="'open' (guests with names) or 'token' (JWT HS256 from ?token= or Authorization: Bearer)")
-define("jwt_secret", default="", type=str, help="HS256 secret for token mode (at least 32 random bytes; shorter is warned about at start)")
+define("auth", default="open", type=str, help="'open' (guests with names) or 'token' (a JWT from ?token= or Authorization: Bearer, HS256 or RS256/ES256)")
+define("jwt_secret", default="", type=str, help="HS256 secret(s) for token mode, comma separated: tokens under any are accepted (rotation; at least 32 random bytes each, shorter is warned about at start)")
+define("jwt_public_key", default="", type=str, help="PEM file(s), comma separated, with the public keys or certificates of an identity provider: RS256 (RSA) or ES256 (EC P-256) tokens they sign are accepted")
+define("jwt_audience", default="", type=str, help="if set, a token's 'aud' must name it (tokens an identity provider issued for other services are refused)")
+define("jwt_issuer", default="", type=str, help="if set, a token's 'iss' must be exactly this")
+define("token_refresh_window", default=60.0, type=float, help="seconds before a connection's token expires that it is sent token_expiring; one that does not send a refresh is closed with 4001 at exp")
 define("max_token_lifetime", default=86400.0, type=float, help="seconds a token may still be valid when presented (exp - now); a token valid for longer is refused (0 = no limit)")
 # Every socket
 define("allowed_origins", default=[], type=str, multiple=True, help="browser origins allowed to connect, exact match, comma separated ('*' = any); default: same host only")
@@ -235,7 +239,9 @@ def make_app(cfg: SimpleNamespace | None = None, **overrides: Any) -> RealtimeAp
     secret = _secrets(cfg)
     cookie_secret = cfg.cookie_secret or secret("cookie")
     auth = Authenticator(cookie_secret.encode("utf-8"), mode=cfg.auth, jwt_secret=cfg.jwt_secret,
-                         max_token_lifetime=cfg.max_token_lifetime)
+                         max_token_lifetime=cfg.max_token_lifetime,
+                         jwt_public_keys=load_public_keys(cfg.jwt_public_key) if cfg.jwt_public_key else None,
+                         audience=cfg.jwt_audience, issuer=cfg.jwt_issuer)
     storage: Any = SQLiteStorage(store)
     if backplane.name == "redis":
         from realtime.storage.redis_repos import RedisStorage

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from functools import partial
 from typing import Any
 
 from handlers.base import BaseSocketHandler
@@ -90,17 +91,18 @@ class ChatSocketHandler(BaseSocketHandler):
         assert self.user is not None
         target = get_str(msg, "user", max_len=64)
         assert target is not None
-        self.reply(msg, await self.chat.add_member(self.user, self._room(msg, joined=False), target))
+        await self.chat.add_member(self.user, self._room(msg, joined=False), target, partial(self.reply, msg))
 
     async def msg_remove_member(self, msg: dict[str, Any]) -> None:
         assert self.user is not None
         target = get_str(msg, "user", max_len=64)
         assert target is not None
-        self.reply(msg, await self.chat.remove_member(self.user, self._room(msg, joined=False), target))
+        await self.chat.remove_member(self.user, self._room(msg, joined=False), target, partial(self.reply, msg))
 
     async def msg_delete(self, msg: dict[str, Any]) -> None:
         assert self.user is not None
-        self.reply(msg, await self.chat.delete_message(self.user, self._room(msg, joined=False), msg.get("seq")))
+        await self.chat.delete_message(self.user, self._room(msg, joined=False), msg.get("seq"),
+                                       partial(self.reply, msg))
 
     async def msg_members(self, msg: dict[str, Any]) -> None:
         self.reply(msg, await self.chat.member_list(self.user, self._room(msg, joined=False)))

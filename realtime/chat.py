@@ -955,9 +955,11 @@ class ChatService:
                                     % name)
         return room, await self._role(name, target)
 
-    async def add_member(self, user: Identity, name: str, target: str) -> dict[str, Any]:
+    async def add_member(self, user: Identity, name: str, target: str,
+                         reply: Callable[[dict[str, Any]], None]) -> None:
         """Add ``target`` to a private room (or lift its ban from a public one);
-        the change is an entry in the room's seq order.  Returns the ack."""
+        the change is an entry in the room's seq order.  ``reply(ack)`` first,
+        then the entry goes to the room."""
         room, role = await self._managed(user, name, target)
         if room.kind == "public":
             if role != "banned":
@@ -969,9 +971,10 @@ class ChatService:
             if len(await self.log.members(name, self.max_private_members)) >= self.max_private_members:
                 raise ProtocolError("too_large", "a private room has at most %d members" % self.max_private_members)
             new_role = "member"
-        return await self._set_member(user, name, target, new_role, "added")
+        await self._set_member(user, name, target, new_role, "added", reply)
 
-    async def remove_member(self, user: Identity, name: str, target: str) -> dict[str, Any]:
+    async def remove_member(self, user: Identity, name: str, target: str,
+                            reply: Callable[[dict[str, Any]], None]) -> None:
         """Remove ``target`` from a private room (a member may remove itself), or
         ban it from a public one; its connections leave the room, on every node."""
         room, role = await self._managed(user, name, target)
@@ -985,20 +988,21 @@ class ChatService:
             if role != "member":
                 raise ProtocolError("not_found", "%s is not a member of %s" % (target, name))
             new_role = None
-        return await self._set_member(user, name, target, new_role, "removed")
+        await self._set_member(user, name, target, new_role, "removed", reply)
 
     async def _set_member(self, user: Identity, name: str, target: str, role: str | None,
-                          event: str) -> dict[str, Any]:
+                          event: str, reply: Callable[[dict[str, Any]], None]) -> None:
         ts = int(time.time() * 1000)
         try:
             done = await self.log.set_member(name, target, role, event, user.id, user.name, ts)
         except StorageError as e:
             log.error("changing the members of %s failed: %s", name, e)
             raise ProtocolError("unavailable", "the change could not be stored; retry shortly") from None
+        reply({"type": "ack", "room": name, "seq": done.seq})
         self._publish_entry(name, member_json(name, done.seq, event, target, user.id, user.name, done.ts))
-        return {"type": "ack", "room": name, "seq": done.seq}
 
-    async def delete_message(self, user: Identity, name: str, target: object) -> dict[str, Any]:
+    async def delete_message(self, user: Identity, name: str, target: object,
+                             reply: Callable[[dict[str, Any]], None]) -> None:
         """A moderator deletes message ``target``: its text is erased from the
         store and a tombstone takes the next seq, so every member sees it live
         and every later history or resume read sees the message deleted."""
@@ -1019,9 +1023,9 @@ class ChatService:
         ack: dict[str, Any] = {"type": "ack", "room": name, "seq": done.seq, "target": target}
         if done.duplicate:
             ack["duplicate"] = True
-            return ack
-        self._publish_entry(name, tombstone_json(name, done.seq, target, user.id, user.name, done.ts))
-        return ack
+        reply(ack)
+        if not done.duplicate:
+            self._publish_entry(name, tombstone_json(name, done.seq, target, user.id, user.name, done.ts))
 
     async def member_list(self, user: Identity | None, name: str) -> dict[str, Any]:
         """The stored member rows: of a private or dm room for whoever may read

@@ -58,6 +58,7 @@ ERROR_CODES = frozenset(
         "too_large",
         "rate_limited",
         "forbidden",
+        "unauthorized",
         "not_found",
         "conflict",
         "unavailable",

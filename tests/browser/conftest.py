@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -42,6 +43,9 @@ CHROMIUM_ARGS = [
 ]
 
 
+_UNVERIFIED = ssl._create_unverified_context()  # a test's own self-signed certificate (https:// servers)
+
+
 def _unavailable(reason: str) -> None:
     if os.environ.get("CI"):
         pytest.fail("browser tests cannot run in CI: " + reason, pytrace=False)
@@ -51,11 +55,13 @@ def _unavailable(reason: str) -> None:
 class ServerProcess:
     """``server.py`` as a child process on a fixed port and data_dir."""
 
-    def __init__(self, port: int, data_dir: Path, log_path: Path) -> None:
+    def __init__(self, port: int, data_dir: Path, log_path: Path, args: tuple[str, ...] = (),
+                 scheme: str = "http") -> None:
         self.port = port
         self.data_dir = data_dir
         self.log_path = log_path
-        self.url = "http://127.0.0.1:%d" % port
+        self.args = args  # more server.py options
+        self.url = "%s://127.0.0.1:%d" % (scheme, port)
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 15.0) -> None:
@@ -63,7 +69,7 @@ class ServerProcess:
         with open(self.log_path, "ab") as log:  # the child keeps its own copy of the fd
             self.proc = subprocess.Popen(
                 [sys.executable, "server.py", "--port=%d" % self.port, "--address=127.0.0.1",
-                 "--data_dir=%s" % self.data_dir, "--logging=warning"],
+                 "--data_dir=%s" % self.data_dir, "--logging=warning", *self.args],
                 cwd=REPO, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             )
         deadline = time.monotonic() + timeout
@@ -73,7 +79,7 @@ class ServerProcess:
                 self.proc = None
                 raise RuntimeError("server exited with %s:\n%s" % (code, self.log_tail()))
             try:
-                with urllib.request.urlopen(self.url + "/healthz", timeout=1) as resp:
+                with urllib.request.urlopen(self.url + "/healthz", timeout=1, context=_UNVERIFIED) as resp:
                     if resp.status == 200:
                         return
             except (urllib.error.URLError, ConnectionError, OSError):
