@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -30,12 +31,16 @@ def server_command(port: int, data_dir: str, *args: str) -> list[str]:
 def start_server(port: int, data_dir: str, *args: str, timeout: float = 15.0, wrap: tuple[str, ...] = (),
                  stderr: Any = None) -> subprocess.Popen:
     """``python server.py`` on 127.0.0.1:port with ``args`` (under the ``wrap``
-    command, e.g. prlimit); returns once /healthz answers."""
+    command, e.g. prlimit); returns once /healthz answers (over https:// when
+    ``args`` name a --certfile)."""
     proc = subprocess.Popen([*wrap, *server_command(port, data_dir, *args)], cwd=ROOT, stderr=stderr)
+    scheme = "https" if any(a.startswith("--certfile=") for a in args) else "http"
+    context = ssl._create_unverified_context() if scheme == "https" else None  # only to see that it is up
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            with urllib.request.urlopen("http://127.0.0.1:%d/healthz" % port, timeout=1) as r:
+            with urllib.request.urlopen("%s://127.0.0.1:%d/healthz" % (scheme, port), timeout=1,
+                                        context=context) as r:
                 if r.status == 200:
                     return proc
         except (urllib.error.URLError, OSError):
