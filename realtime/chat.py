@@ -477,7 +477,10 @@ class RoomRelay:
         try:
             await svc.hub.subscribe(self.topic, self)
             try:
-                record = await svc.log.open_room(self.name, svc.history_size, svc.max_rooms_total)
+                # An existing room is read, not written: joining it works on a full disk too.
+                found = await svc.log.find_room(self.name, svc.history_size)
+                record = found if found is not None else await svc.log.open_room(
+                    self.name, svc.history_size, svc.max_rooms_total)
             except BaseException:
                 svc.hub.unsubscribe(self.topic, self)
                 raise
