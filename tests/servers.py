@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import ssl
@@ -49,3 +50,14 @@ def start_server(port: int, data_dir: str, *args: str, timeout: float = 15.0, wr
             time.sleep(0.05)
     proc.kill()
     raise RuntimeError("server did not start")
+
+
+def http_json(port: int, path: str, data: bytes | None = None, headers: dict[str, str] | None = None,
+              ) -> tuple[int, Any]:
+    """``(status, decoded JSON body)`` of a request to 127.0.0.1:port, errors included."""
+    req = urllib.request.Request("http://127.0.0.1:%d%s" % (port, path), data=data, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=5) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())

@@ -12,8 +12,6 @@ import os
 import signal
 import subprocess
 import sys
-import urllib.error
-import urllib.request
 from typing import Any
 
 import pytest
@@ -21,6 +19,7 @@ import websockets
 
 from tests.redis_server import RedisServer
 from tests.servers import ROOT, free_port, start_server
+from tests.servers import http_json as http
 
 pytestmark = pytest.mark.cluster
 
@@ -52,15 +51,6 @@ def cluster(tmp_path: Any, redis: RedisServer) -> Any:
         if p.poll() is None:
             p.kill()
             p.wait(10)
-
-
-def http(port: int, path: str, data: bytes | None = None, headers: dict[str, str] | None = None) -> tuple[int, Any]:
-    req = urllib.request.Request("http://127.0.0.1:%d%s" % (port, path), data=data, headers=headers or {})
-    try:
-        with urllib.request.urlopen(req, timeout=5) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
 
 
 class Chat:

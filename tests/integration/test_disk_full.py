@@ -16,14 +16,13 @@ import os
 import shutil
 import subprocess
 import time
-import urllib.error
-import urllib.request
 from typing import Any
 
 import pytest
 import websockets
 
 from tests.servers import free_port, start_server
+from tests.servers import http_json as get
 
 pytestmark = pytest.mark.slow
 KEY = "disk-full-key-0123456789"
@@ -70,14 +69,6 @@ def fill(path: Any) -> int:
                 except OSError:
                     break
     return n
-
-
-def get(port: int, path: str) -> tuple[int, Any]:
-    try:
-        with urllib.request.urlopen("http://127.0.0.1:%d%s" % (port, path), timeout=5) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
 
 
 class Chat:
