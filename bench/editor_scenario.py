@@ -94,7 +94,8 @@ def start_server(port: int, data_dir: str, server_cores: set[int] | None, log_pa
             os.sched_setaffinity(0, server_cores)
 
     argv = [sys.executable, "-c", BOOT, "--port=%d" % port, "--address=127.0.0.1", "--data_dir=%s" % data_dir,
-            "--logging=warning", "--max_connections_per_ip=0", "--rate_limit=0", "--edit_rate=0",
+            "--logging=warning", "--max_connections_per_ip=0", "--max_half_open_per_ip=0", "--rate_limit=0",
+            "--edit_rate=0",
             "--max_peers_per_doc=1000"]
     log = open(log_path, "wb")  # noqa: SIM115 - the child keeps its own copy of the fd
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -686,3 +687,31 @@ def render(meta: dict[str, Any], results: Results, scenarios: list[str], servers
                    "on the load generator's core; their 'other processes' notes are measured over the scenario's "
                    "window the same way.")
     return "\n".join(out) + "\n"
+
+
+# -- sections written by other commands ------------------------------------------------------
+
+def marked(name: str, body: str) -> str:
+    """A section of docs/BENCHMARKS.md that another command owns (bench/wire_scenario.py,
+    scripts/autobahn.py): kept when bench/run.py rewrites the page."""
+    return "<!-- section:%s -->\n%s\n<!-- /section:%s -->\n" % (name, body.strip(), name)
+
+
+_MARKED = re.compile(r"<!-- section:([\w-]+) -->\n.*?<!-- /section:\1 -->\n", re.S)
+
+
+def with_section(page: str, name: str, body: str) -> str:
+    """``page`` with the section ``name`` replaced by ``body`` (appended if new)."""
+    block = marked(name, body)
+    pattern = re.compile(r"<!-- section:%s -->\n.*?<!-- /section:%s -->\n" % (re.escape(name), re.escape(name)), re.S)
+    if pattern.search(page):
+        return pattern.sub(lambda _m: block, page)
+    return page.rstrip("\n") + "\n\n" + block
+
+
+def keep_sections(old_page: str, new_page: str) -> str:
+    """``new_page`` plus every marked section of ``old_page`` it lacks."""
+    for m in _MARKED.finditer(old_page):
+        if ("<!-- section:%s -->" % m.group(1)) not in new_page:
+            new_page = new_page.rstrip("\n") + "\n\n" + m.group(0)
+    return new_page

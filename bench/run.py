@@ -184,7 +184,8 @@ SERVERS: dict[str, ServerSpec] = {s.name: s for s in [
     ServerSpec("server", "server.py (ours)",
                lambda port, data: [sys.executable, os.path.join(ROOT, "server.py"), f"--port={port}",
                                    "--address=127.0.0.1", f"--data_dir={data}",
-                                   "--max_connections_per_ip=0", "--rate_limit=0", "--logging=warning"],
+                                   "--max_connections_per_ip=0", "--max_half_open_per_ip=0", "--rate_limit=0",
+                                   "--logging=warning"],
                "durable: each chat message is committed to SQLite before fan-out",
                required_file="server.py"),
 ]}
@@ -881,8 +882,12 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     if not args.no_write:
         os.makedirs(os.path.dirname(args.out), exist_ok=True)
+        old_page = ""
+        if os.path.exists(args.out):
+            with open(args.out) as f:
+                old_page = f.read()
         with open(args.out, "w") as f:
-            f.write(text)
+            f.write(report.keep_sections(old_page, text))
         results_dir = os.path.join(ROOT, "bench", "results")
         os.makedirs(results_dir, exist_ok=True)
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")

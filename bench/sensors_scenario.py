@@ -130,6 +130,7 @@ class Server:
     def __init__(self, port: int, data_dir: str, sensors: int, hz: float, cores: set[int] | None) -> None:
         argv = [sys.executable, "server.py", "--port=%d" % port, "--address=127.0.0.1",
                 "--data_dir=%s" % data_dir, "--logging=warning", "--max_connections_per_ip=0",
+                "--max_half_open_per_ip=0",
                 "--rate_limit=0", "--host_metrics=false", "--ping_interval=0",
                 "--simulated_sensors=%s" % sensor_spec(sensors, hz), "--sensor_window=60",
                 "--viewer_max_hz=%g" % max(hz, 20.0), "--sqlite_synchronous=NORMAL"]

@@ -228,3 +228,32 @@ def test_parse_args_rejects_unknown_names() -> None:
         parse_args(["--servers", "nginx"])
     with pytest.raises(SystemExit):
         parse_args(["--scenarios", "everything"])
+
+
+def test_sections_other_commands_wrote_survive_a_rewrite_of_the_page() -> None:
+    page = report.with_section("# Benchmarks\n\nold tables\n", "autobahn", "## Conformance\n\n0 FAILED")
+    page = report.with_section(page, "wire", "## Wire\n\nrows")
+    page = report.with_section(page, "wire", "## Wire\n\nnewer rows")  # replaced, not appended twice
+    assert page.count("<!-- section:wire -->") == 1 and "newer rows" in page and "\nrows" not in page
+    rewritten = report.keep_sections(page, "# Benchmarks\n\nnew tables\n")
+    assert "new tables" in rewritten and "old tables" not in rewritten
+    assert "0 FAILED" in rewritten and "newer rows" in rewritten
+
+
+def test_the_wire_scenarios_client_reads_frames_in_every_format() -> None:
+    import zlib
+
+    import msgpack
+
+    from bench.wire_scenario import Client
+    from realtime.wire import Deflater, frame
+
+    plain, packed = Client(False), Client(True)
+    wire = frame(b'{"type":"message","text":"a"}') + frame(b'{"type":"ack"}')
+    assert plain._frames(wire + wire[:3]) == wire[:3]  # an incomplete frame is kept for the next read
+    assert plain.counts == {"message": 1, "ack": 1}
+    assert plain.wire["message"] == len(frame(b'{"type":"message","text":"a"}'))
+    packed.inflater = zlib.decompressobj(-15)
+    body = Deflater().compress(msgpack.packb({"type": "readings", "points": {}}))
+    packed._frames(frame(body, 2, rsv1=True) * 2)
+    assert packed.counts == {"readings": 2}

@@ -71,6 +71,7 @@ class HealthHandler(JSONHandler):
             "connections": len(ctx.connections),
             "uptime": round(time.time() - ctx.started, 3),
             "backplane": getattr(ctx.hub.backplane, "name", "memory"),
+            **({"node": ctx.hub.backplane.node_id} if hasattr(ctx.hub.backplane, "node_id") else {}),
             **reason,
             "store": {"pending_writes": ctx.store.pending, "commits": ctx.store.commits,
                       "write_error": write_error},
@@ -118,6 +119,16 @@ class _Collector:
         yield GaugeMetricFamily("realtime_store_pending", "Writes waiting for commit", ctx.store.pending)
         yield CounterMetricFamily("realtime_chat_messages_stored", "Chat messages stored",
                                   ctx.chat.messages_stored)
+        yield CounterMetricFamily("realtime_chat_gaps_filled", "Times a room's missing seqs were read from the log",
+                                  ctx.chat.gaps_filled)
+        bp = ctx.hub.backplane
+        yield GaugeMetricFamily("realtime_backplane_up", "1 while the backplane is reachable",
+                                1 if getattr(bp, "healthy", True) else 0)
+        for name, help_text in (("published", "Envelopes sent to the other nodes"),
+                                ("received", "Envelopes received from the other nodes"),
+                                ("resyncs", "Times the backplane reconnected and resubscribed")):
+            if hasattr(bp, name):
+                yield CounterMetricFamily("realtime_backplane_" + name, help_text, getattr(bp, name))
         for svc in ctx.services.values():
             metrics = getattr(svc, "metrics", None)
             if metrics is not None:

@@ -36,7 +36,7 @@ import tornado.web
 import tornado.websocket
 from tornado.iostream import StreamClosedError
 
-from handlers.websocket import WireParams, WireProtocol
+from handlers.websocket import TORNADO_FITS, WireParams, WireProtocol
 from handlers.writer import MessageWriter, StreamWriter
 from realtime.auth import AuthError, Identity
 from realtime.context import Context
@@ -182,7 +182,7 @@ class BaseSocketHandler(tornado.websocket.WebSocketHandler):
 
     def get_websocket_protocol(self) -> tornado.websocket.WebSocketProtocol | None:
         """Our own frames (handlers/websocket.py) unless ``--fast_path=false``."""
-        if not self.cfg.fast_path or self.request.headers.get("Sec-WebSocket-Version") != "13":
+        if not (self.cfg.fast_path and TORNADO_FITS) or self.request.headers.get("Sec-WebSocket-Version") != "13":
             return super().get_websocket_protocol()
         ctx = self.rt.ctx
         if ctx.wire_params is None:

@@ -27,8 +27,8 @@ from realtime.editing import DOC_ID_RULE, EditingService, Peer, valid_client_id
 from realtime.protocol import ProtocolError, error_message, get_int
 from realtime.units import CODEPOINT, UNITS
 
-define("max_doc_size", default=200_000, type=int, help="largest document, in code points; an edit that would make it bigger is refused (too_large)")
-define("max_op_size", default=10_000, type=int, help="most code points one edit may insert (too_large)")
+define("max_doc_size", default=200_000, type=int, help="largest document, in code points (UTF-16 code units for a ?units=utf16 connection); an edit that would make it bigger is refused (too_large)")
+define("max_op_size", default=10_000, type=int, help="most code points (UTF-16 code units for a ?units=utf16 connection) one edit may insert (too_large)")
 define("edit_rate", default=15.0, type=float, help="edits per second per editor connection (token bucket; 0 = no limit); rate_limit applies as well")
 define("edit_burst", default=30.0, type=float, help="edits an editor connection may send at once")
 define("doc_log_keep", default=1000, type=int, help="ops kept per document, in memory and in the store, to merge late edits and catch up reconnecting clients")

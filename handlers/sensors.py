@@ -19,9 +19,12 @@ rotate it by changing ``--ingest_key`` (or deleting the file) and restarting.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
+import re
+import socket
 from typing import Any
 
 from tornado.options import define, options
@@ -48,6 +51,8 @@ define("simulated_sensors", default=DEFAULT_SIMULATED, type=str,
             " plus the model's parameters; '' = none")
 define("host_metrics", default=True, type=bool,
        help="publish this host's CPU %, memory %, load average and network bytes/s as sensors host.*")
+define("node_name", default="", type=str,
+       help="cluster mode: this machine's name, for its host metrics (host.<name>.cpu ...); default: the hostname")
 define("host_metrics_hz", default=1.0, type=float, help="samples per second of the host metrics")
 define("ingest_key", default="", type=str,
        help="key devices present to publish readings (Authorization: Bearer, X-Ingest-Key or ?key=);"
@@ -110,8 +115,13 @@ def sensor_config(cfg: Any, secret: Any = None) -> SensorConfig:
 
 def register(ctx: Context) -> list[Any]:
     """Build the sensor service into ``ctx.services["sensors"]``; return the routes."""
-    ctx.services["sensors"] = SensorService(ctx.storage.reading_store(), sensor_config(ctx.cfg, ctx.secret),
-                                            hub=ctx.hub)
+    cfg = sensor_config(ctx.cfg, ctx.secret)
+    lease = getattr(ctx.storage, "lease", None)
+    node = _opt(ctx.cfg, "node_name") or socket.gethostname()
+    if lease is not None:  # cluster mode: each machine's metrics under its own name
+        cfg = dataclasses.replace(cfg, host_prefix="host." + re.sub(r"[^A-Za-z0-9_.:-]", "_", node)[:40])
+    ctx.services["sensors"] = SensorService(ctx.storage.reading_store(), cfg, hub=ctx.hub, lease=lease,
+                                            node_name=node)
     kw = {"ctx": ctx}
     return [
         (r"/dashboard", DashboardPage, kw),

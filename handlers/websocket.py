@@ -329,3 +329,21 @@ class WireProtocol(WebSocketProtocol):
     def set_nodelay(self, x: bool) -> None:
         if self.stream is not None:
             self.stream.set_nodelay(x)
+
+
+def _tornado_fits() -> bool:
+    """Does this Tornado have the public surface :class:`WireProtocol` stands on?
+
+    If a future version adds an abstract method or drops one of these hooks,
+    ``BaseSocketHandler`` serves connections with Tornado's own protocol
+    instead (and tests/unit/test_writer.py fails, so the change is seen)."""
+    from tornado.web import RequestHandler
+    from tornado.websocket import WebSocketHandler
+
+    return (not getattr(WireProtocol, "__abstractmethods__", None)
+            and callable(getattr(RequestHandler, "detach", None))
+            and callable(getattr(WebSocketHandler, "on_ws_connection_close", None))
+            and callable(getattr(WebSocketHandler, "select_subprotocol", None)))
+
+
+TORNADO_FITS = _tornado_fits()

@@ -791,7 +791,7 @@ class ChatService:
             self._drop(relay, sub)
             if isinstance(e, TooManyRooms):
                 raise ProtocolError("too_large", "%s; join an existing one" % e)
-            if isinstance(e, StorageError):
+            if isinstance(e, (StorageError, ConnectionError)):  # the store, or the backplane, is unreachable
                 raise ProtocolError("unavailable", "the room could not be opened; retry shortly")
             raise
         if messages:

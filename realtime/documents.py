@@ -395,6 +395,37 @@ class DocumentState:
             while len(self._clients) > self.max_clients:
                 self._clients.popitem(last=False)
 
+    def rollback(self, rev: int, text: str) -> list[LogEntry]:
+        """Undo the ops after ``rev`` (``text`` is the text at ``rev``), as when
+        another node appended first and ours must be transformed over its ops.
+        Returns the entries taken off.  Raises :class:`DocumentError`
+        (``conflict``) when the log no longer holds them."""
+        k = self._rev - rev
+        if k < 0 or k > len(self._log):
+            raise DocumentError("conflict", f"cannot roll back from rev {self._rev} to {rev}")
+        undone = [self._log.pop() for _ in range(k)][::-1]
+        for _ in range(k):
+            self._log16.pop()
+        self._rev = rev
+        self._text = text
+        self._len16 = utf16_length(text)
+        self._units = None
+        for entry in undone:
+            if entry.client_id is None:
+                continue
+            # The client's previous op, if the log still has it (else its rev is unknown: resends are conflicts).
+            prev = next((e for e in reversed(self._log) if e.client_id == entry.client_id), None)
+            if prev is not None and prev.seq is not None:
+                self._clients[entry.client_id] = (prev.seq, prev.rev)
+            elif entry.seq is not None:
+                self._clients[entry.client_id] = (entry.seq - 1, -1)
+        return undone
+
+    def seen(self, client_id: str, seq: int) -> bool:
+        """Whether this client's op ``seq`` (or a later one) is already applied."""
+        last = self._clients.get(client_id)
+        return last is not None and seq <= last[0]
+
     def _find_rev(self, client_id: str, seq: int) -> int | None:
         for entry in reversed(self._log):
             if entry.seq == seq and entry.client_id == client_id:

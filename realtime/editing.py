@@ -71,7 +71,7 @@ from realtime.documents import (
 from realtime.hub import Hub
 from realtime.limits import TokenBucket
 from realtime.protocol import Close, Outgoing, ProtocolError
-from realtime.storage.base import DocumentLog, Loaded, StorageError, StoreBusy, StoredOp, TooManyDocuments
+from realtime.storage.base import DocumentLog, Loaded, LogGap, StorageError, StoreBusy, StoredOp, TooManyDocuments
 from realtime.units import CODEPOINT, UTF16, TextUnits, utf16_length
 
 log = logging.getLogger("realtime.editing")
@@ -216,6 +216,16 @@ class Peer:
         self.cursor_timer: asyncio.TimerHandle | None = None
 
     def deliver(self, out: Outgoing) -> None:
+        """What the hub brings: peers, cursors.  Never an op: another node's
+        ops reach peers only once this node has applied them, in rev order
+        (:meth:`deliver_op`)."""
+        if out.kind not in _NOT_FOR_PEERS:
+            self._take(out)
+
+    def deliver_op(self, out: Outgoing) -> None:
+        self._take(out)
+
+    def _take(self, out: Outgoing) -> None:
         if self.buffer is not None:
             self.buffer.append(out)
             return
@@ -230,10 +240,12 @@ class Peer:
             return
         self.member.deliver(out)
 
+
+
     def release(self) -> None:
         held, self.buffer = self.buffer or [], None
         for out in held:
-            self.deliver(out)
+            self._take(out)
 
     def info(self) -> dict[str, Any]:
         return {"client": self.client_id, "user": self.user_json, "color": self.color}
@@ -264,6 +276,7 @@ class LiveDoc:
         self.topic = "doc:" + state.doc_id  # peers counting code points
         self.topic16 = self.topic + "@utf16"  # peers counting UTF-16 code units
         self.committed_rev = state.rev
+        self.delivered_rev = state.rev  # the last op handed to this node's peers
         self.committed_text = state.text
         self._committed_units: TextUnits | None = None
         self.snapshot_rev = snapshot_rev
@@ -275,6 +288,11 @@ class LiveDoc:
         self.inflight: deque[Pending] = deque()  # handed to the store, not yet committed
         self.waiters: dict[int, list[Callable[[BaseException | None], None]]] = {}
         self.broken = False
+        self.rebasing = False  # re-reading the log after another node appended to it (cluster mode)
+        self.conflict = False  # another node appended: rebase once the write in flight is back
+        self.rebases = 0
+        self.remote_peers: dict[str, tuple[dict[str, Any], float]] = {}  # other nodes' peers, last heard
+        self.deferred: list[tuple[Peer, Any, Any, Any]] = []  # ops that arrived during a rebase
         self.writing = False  # a write of this document is with the store
         self.last_write = -1e18  # loop time the last write was handed over
         self.flush_handle: asyncio.Handle | asyncio.TimerHandle | None = None
@@ -340,6 +358,34 @@ class Unavailable(Exception):
     """The document failed to save: its peers reconnect and it is reloaded."""
 
 
+# Between nodes only (cluster mode): ops reach peers through the document, and
+# the peer list is kept up to date with these two, which clients never see.
+PEER_QUERY, PEER_ANNOUNCE = "peer_query", "peer_announce"
+_NOT_FOR_PEERS = frozenset({"op", PEER_QUERY, PEER_ANNOUNCE})
+
+
+class DocFeed:
+    """A document's subscription to its topic on this node, for the ops other
+    nodes committed (cluster mode): they go through the service, which applies
+    them to this node's copy and hands them to its peers in rev order."""
+
+    __slots__ = ("service", "doc_id")
+
+    def __init__(self, service: "EditingService", doc_id: str) -> None:
+        self.service = service
+        self.doc_id = doc_id
+
+    def deliver(self, out: Outgoing) -> None:
+        doc = self.service.docs.get(self.doc_id)
+        if doc is None:
+            return
+        kind = out.kind
+        if kind == "op" and out.seq is not None:
+            self.service._remote_op(doc, out)
+        elif kind in ("peer_joined", PEER_ANNOUNCE, "peer_left", PEER_QUERY):
+            self.service._remote_peer(doc, kind, out)
+
+
 class EditingService:
     """Documents, their durable op logs, peers and cursors, over a store and a hub."""
 
@@ -384,6 +430,14 @@ class EditingService:
         self.message_burst = message_burst
         self.clock = clock
         self.docs: dict[str, LiveDoc] = {}
+        # Cluster mode: several nodes append to one log per document.
+        self.shared = hub.backplane.name != "memory"
+        self.peer_ttl = 15.0  # a node's peers are forgotten this long after it last announced them
+        self._beat: asyncio.Future[None] | None = None
+        on_resync = getattr(hub.backplane, "on_resync", None)
+        if on_resync is not None:
+            on_resync(self.resync)
+        self._feeds: dict[str, DocFeed] = {}
         self._loading: dict[str, tuple[asyncio.Future[LiveDoc | None], bool]] = {}
         self._background: set[asyncio.Future[Any]] = set()
         self._stopping = False
@@ -394,6 +448,8 @@ class EditingService:
         self.snapshots_written = 0
         self.commit_failures = 0
         self.docs_loaded = 0
+        self.remote_ops = 0  # applied from other nodes (cluster mode)
+        self.rebases = 0  # times our own ops were transformed over other nodes' (cluster mode)
 
     @property
     def limits(self) -> dict[str, Any]:
@@ -414,10 +470,62 @@ class EditingService:
 
     async def start(self) -> None:
         self._stopping = False
+        if self.shared:
+            self._beat = asyncio.ensure_future(self._announce_peers())
+
+    async def _announce_peers(self) -> None:
+        """Every ``peer_ttl / 3``: tell the other nodes who edits here, and
+        forget (with a ``peer_left``) the peers of a node that went quiet."""
+        while True:
+            await asyncio.sleep(self.peer_ttl / 3)
+            now = self.clock()
+            for doc in list(self.docs.values()):
+                for peer in doc.announced():
+                    self.hub.send_others(doc.topic, Outgoing({"type": PEER_ANNOUNCE, **peer.info()}))
+                for client, (info, heard) in list(doc.remote_peers.items()):
+                    if now - heard > self.peer_ttl:
+                        del doc.remote_peers[client]
+                        self._publish_local(doc, {"type": "peer_left", "client": client, "user": info["user"]})
+
+    def resync(self) -> None:
+        """The backplane was cut off and is back: what other nodes committed
+        meanwhile may not have arrived; every open document reads the log."""
+        for doc in list(self.docs.values()):
+            if not doc.broken:
+                if doc.writing:
+                    doc.conflict = True
+                else:
+                    self._start_rebase(doc)
+
+    def _remote_peer(self, doc: LiveDoc, kind: str | None, out: Outgoing) -> None:
+        obj = out.obj
+        client = obj.get("client")
+        if kind == PEER_QUERY:
+            for peer in doc.announced():
+                self.hub.send_others(doc.topic, Outgoing({"type": PEER_ANNOUNCE, **peer.info()}))
+            return
+        if not isinstance(client, str) or client in doc.peers:
+            return  # our own peer (a local publish comes back here too)
+        if kind == "peer_left":
+            doc.remote_peers.pop(client, None)
+            return
+        info = {k: obj[k] for k in ("client", "user", "color") if k in obj}
+        new = client not in doc.remote_peers
+        doc.remote_peers[client] = (info, self.clock())
+        if kind == PEER_ANNOUNCE and new:
+            # A peer we had not heard of (we loaded the document after it joined): tell ours.
+            self._publish_local(doc, {"type": "peer_joined", **info})
+
+    def _publish_local(self, doc: LiveDoc, obj: dict[str, Any]) -> None:
+        out = Outgoing(obj, client=obj.get("client"))
+        for topic in (doc.topic, doc.topic16):
+            self.hub.dispatch(topic, out)
 
     async def stop(self) -> None:
         """Write what is queued, snapshot every open document, forget them."""
         self._stopping = True
+        if self._beat is not None:
+            self._beat.cancel()
         docs = list(self.docs.values())
         for doc in docs:
             if doc.evict_handle is not None:
@@ -471,6 +579,16 @@ class EditingService:
             fut.exception()  # retrieved: the awaiting callers (if any) get it through shield()
 
     async def _load(self, doc_id: str, create: bool) -> LiveDoc | None:
+        if self.shared and doc_id not in self._feeds:
+            # Subscribed before reading the log: an op another node appends
+            # meanwhile arrives here (or shows as a gap, filled from the log).
+            feed = self._feeds[doc_id] = DocFeed(self, doc_id)
+            try:
+                await self.hub.subscribe(_doc_topic(doc_id), feed)
+            except BaseException:
+                self._drop_feed(doc_id)
+                raise ProtocolError("unavailable", "the document could not be opened; retry shortly",
+                                    close=Close.TRY_AGAIN) from None
         try:
             loaded = await self.log.load(doc_id, create=create, max_docs=self.max_docs, keep=self.log_keep)
         except TooManyDocuments:
@@ -483,6 +601,7 @@ class EditingService:
             raise ProtocolError("unavailable", "the document could not be read; retry shortly",
                                 close=Close.TRY_AGAIN) from None
         if loaded is None:
+            self._drop_feed(doc_id)
             return None
         existing = self.docs.get(doc_id)
         if existing is not None:
@@ -490,6 +609,8 @@ class EditingService:
         state, snap_rev, owners = build_state(doc_id, loaded, **self._state_limits())
         doc = LiveDoc(state, snap_rev, owners, loaded.updated)
         self.docs[doc_id] = doc
+        if self.shared:
+            self.hub.send_others(doc.topic, Outgoing({"type": PEER_QUERY}))
         self.docs_loaded += 1
         if not doc.peers:
             self._schedule_evict(doc)
@@ -509,6 +630,7 @@ class EditingService:
                 self._schedule_evict(doc)
             return
         del self.docs[doc.id]
+        self._drop_feed(doc.id)
         if not doc.broken and doc.state.rev == 0:
             # Opened and never edited: not kept, so empty documents cannot
             # fill max_docs (the next open creates it afresh).
@@ -584,8 +706,11 @@ class EditingService:
             doc.evict_handle = None
         try:
             await self.hub.subscribe(_topic(peer), peer)
-        except BaseException:
+        except BaseException as e:
             self.leave(peer)
+            if isinstance(e, ConnectionError):  # the backplane is unreachable (cluster mode)
+                raise ProtocolError("unavailable", "the document could not be opened; retry shortly",
+                                    close=Close.TRY_AGAIN) from None
             raise
         return peer
 
@@ -596,6 +721,37 @@ class EditingService:
         op after it: an ``ops`` message with them.  Otherwise a ``snapshot``.
         Either is sent once its revision has committed.
         """
+        doc = peer.doc
+        while True:
+            # What is sent is taken from memory, then sent once it has committed;
+            # if the document rebased meanwhile (cluster mode), that picture
+            # changed: take it again.
+            rebases = doc.rebases
+            rev, text, entries, peers = self._starting_point(peer, since)
+            try:
+                await doc.until_committed(rev)
+            except Unavailable:
+                raise ProtocolError("unavailable", "the document could not be saved; reconnect",
+                                    close=Close.SERVER_ERROR) from None
+            if doc.rebases == rebases:
+                break
+        if peer.gone:
+            return
+        msg: dict[str, Any]
+        if entries is not None:
+            msg = {"type": "ops", "doc": doc.id, "rev": rev, "ops": [entry_json(e) for e in entries]}
+        else:
+            msg = {"type": "snapshot", "doc": doc.id, "rev": rev, "text": text}
+        msg.update(client=peer.client_id, user=peer.user_json, color=peer.color, peers=peers,
+                   readonly=not peer.can_edit, limits=self.limits, units=peer.units)
+        peer.after_rev = rev
+        peer.member.send(msg)
+        peer.joined = True
+        self._publish(doc, {"type": "peer_joined", **peer.info()}, client=peer.client_id)
+        peer.release()
+
+    def _starting_point(self, peer: Peer, since: int | None
+                        ) -> tuple[int, str, list[LogEntry] | None, list[dict[str, Any]]]:
         doc = peer.doc
         state = doc.state
         rev, text = state.rev, state.text
@@ -611,25 +767,8 @@ class EditingService:
                         moved = (to_peer(moved[0]), to_peer(moved[1]))
                     info["cursor"] = {"anchor": moved[0], "head": moved[1]}
             peers.append(info)
-        try:
-            await doc.until_committed(rev)
-        except Unavailable:
-            raise ProtocolError("unavailable", "the document could not be saved; reconnect",
-                                close=Close.SERVER_ERROR) from None
-        if peer.gone:
-            return
-        msg: dict[str, Any]
-        if entries is not None:
-            msg = {"type": "ops", "doc": doc.id, "rev": rev, "ops": [entry_json(e) for e in entries]}
-        else:
-            msg = {"type": "snapshot", "doc": doc.id, "rev": rev, "text": text}
-        msg.update(client=peer.client_id, user=peer.user_json, color=peer.color, peers=peers,
-                   readonly=not peer.can_edit, limits=self.limits, units=peer.units)
-        peer.after_rev = rev
-        peer.member.send(msg)
-        peer.joined = True
-        self._publish(doc, {"type": "peer_joined", **peer.info()}, client=peer.client_id)
-        peer.release()
+        peers.extend(info for info, _ in doc.remote_peers.values())
+        return rev, text, entries, peers
 
     def leave(self, peer: Peer) -> None:
         """Remove ``peer`` (idempotent); announce it if it was announced."""
@@ -669,6 +808,9 @@ class EditingService:
                     "rate_limited", f"more than {self.edit_rate:g} edits per second; resend this op shortly")
             if self.log.overloaded:
                 raise DocumentError("unavailable", "the server is overloaded; resend this op shortly")
+            if doc.rebasing:  # catching up with another node: taken in order right after
+                doc.deferred.append((peer, base_rev, op, seq))
+                return
             result = doc.state.submit(base_rev, op, peer.client_id, seq, units=peer.units)
         except DocumentError as exc:
             self.ops_refused[exc.code] = self.ops_refused.get(exc.code, 0) + 1
@@ -740,32 +882,178 @@ class EditingService:
             return
         exc = asyncio.CancelledError() if fut.cancelled() else fut.exception()
         if exc is not None:
+            if self.shared and isinstance(exc, LogGap):
+                self._start_rebase(doc)  # another node appended first: transform ours over its ops
+                return
             self._fail(doc, exc)
             return
         self.snapshots_written += snapshots
         if last > doc.committed_rev:
             doc.committed_rev = last
             doc.committed_text = text
-        publish = self.hub.publish
-        subscribers = self.hub.subscribers
-        every_unit = self.hub.backplane.name != "memory"
-        topic, topic16 = doc.topic, doc.topic16
         while doc.inflight and doc.inflight[0].rev <= last:
             p = doc.inflight.popleft()
             if p.peer is not None and not p.peer.gone:
                 p.peer.member.send({"type": "ack", "rev": p.rev, "seq": p.seq})
-            # Encoded once per unit that has subscribers on this node; with a
-            # cluster backplane the other nodes' peers may use either, so both go.
-            if every_unit or subscribers(topic):
-                publish(topic, {"type": "op", "rev": p.rev, "op": p.op, "client": p.client, "seq": p.seq},
-                        seq=p.rev, client=p.client)
-            if every_unit or subscribers(topic16):
-                publish(topic16, {"type": "op", "rev": p.rev, "op": p.op16, "client": p.client, "seq": p.seq},
-                        seq=p.rev, client=p.client)
+            out = Outgoing({"type": "op", "rev": p.rev, "op": p.op, "client": p.client, "seq": p.seq},
+                           seq=p.rev, client=p.client)
+            self._deliver_op(doc, out, p.op16)
+            self.hub.send_others(doc.topic, out)
             self.ops_applied += 1
         doc.run_waiters(doc.committed_rev)
-        if doc.batch and doc.flush_handle is None:
+        if doc.conflict and not doc.writing:
+            self._start_rebase(doc)
+        elif doc.batch and doc.flush_handle is None:
             self._schedule_flush(doc)
+
+    def _deliver_op(self, doc: LiveDoc, out: Outgoing, op16: list[Any] | None) -> None:
+        """Hand a committed op to this node's peers, encoded once per unit in use."""
+        out16: Outgoing | None = None
+        for peer in list(doc.peers.values()):
+            if peer.units == UTF16:
+                if out16 is None:
+                    obj = out.obj
+                    out16 = Outgoing({**obj, "op": op16 if op16 is not None else obj["op"]},
+                                     seq=out.seq, client=out.client)
+                peer.deliver_op(out16)
+            else:
+                peer.deliver_op(out)
+        doc.delivered_rev = out.seq or doc.delivered_rev
+
+    # -- several nodes, one log (cluster mode) ---------------------------------------
+
+    def _remote_op(self, doc: LiveDoc, out: Outgoing) -> None:
+        """An op another node committed.  Applied at once when it is the next
+        revision and this node has nothing of its own in flight; otherwise (a
+        gap, or our own ops now lose the race) the document rebases."""
+        rev = out.seq
+        assert rev is not None
+        if doc.broken or rev <= doc.committed_rev:
+            return
+        if doc.rebasing:
+            doc.conflict = True  # the rebase reads the log; it re-checks when done
+            return
+        idle = not doc.batch and not doc.inflight and not doc.writing
+        if idle and rev == doc.committed_rev + 1:
+            obj = out.obj
+            state = doc.state
+            try:
+                op16 = state.text_units().op_to_utf16(obj["op"])
+                state.apply_entry(rev, obj["op"], obj.get("client"), obj.get("seq"))
+            except (DocumentError, ot.OTError, KeyError, TypeError):
+                self._start_rebase(doc)  # not what our copy expects: read the log
+                return
+            doc.committed_rev = rev
+            doc.committed_text = state.text
+            doc.updated = now_ms()
+            self.remote_ops += 1
+            self._deliver_op(doc, out, op16)
+            doc.run_waiters(rev)
+            return
+        doc.conflict = True
+        if not doc.writing:
+            self._start_rebase(doc)
+
+    def _start_rebase(self, doc: LiveDoc) -> None:
+        if doc.rebasing or doc.broken:
+            doc.conflict = True
+            return
+        if doc.flush_handle is not None:
+            doc.flush_handle.cancel()
+            doc.flush_handle = None
+        doc.rebasing = True
+        doc.conflict = False
+        self._background_task(self._rebase(doc))
+
+    async def _rebase(self, doc: LiveDoc) -> None:
+        """Catch up with the log other nodes appended to, the way a client
+        catches up with the server: read the ops after our last committed
+        revision, hand them to our peers, transform our own not yet committed
+        ops over them (ours arrived later, so ours go first on a tie, as on one
+        node), and append those again.  Usually only the tail of the log is
+        read; a full reload when the log no longer reaches back that far."""
+        base = doc.committed_rev
+        try:
+            tail = await self.log.ops_since(doc.id, base)
+            if doc.broken:
+                return
+            pending = list(doc.inflight) + doc.batch
+            if tail is not None:
+                state = doc.state
+                state.rollback(base, doc.committed_text)
+                remote: list[tuple[int, list[Any], list[Any], str | None, int | None]] = []
+                for o in tail:
+                    op = ujson.loads(o.op)
+                    op16 = state.text_units().op_to_utf16(op)
+                    state.apply_entry(o.rev, op, o.client, o.seq)
+                    remote.append((o.rev, op, op16, o.client, o.seq))
+                owners = {o.client: o.user_id for o in tail if o.client and o.user_id}
+            else:
+                loaded = await self.log.load(doc.id, create=False, max_docs=0, keep=self.log_keep)
+                if loaded is None:
+                    raise SnapshotError(f"document {doc.id} is gone from the store")
+                state, _snap_rev, owners = build_state(doc.id, loaded, **self._state_limits())
+                entries, entries16 = state.ops_since(base), state.ops_since(base, UTF16)
+                if entries is None or entries16 is None:
+                    raise SnapshotError(f"document {doc.id}: the log no longer reaches rev {base}")
+                remote = [(e.rev, e.op, e16.op, e.client_id, e.seq) for e, e16 in zip(entries, entries16)]
+                pending = list(doc.inflight) + doc.batch
+            committed_text = state.text
+            rops = [r[1] for r in remote]
+            rebased: list[Pending] = []
+            for p in pending:
+                if p.client is not None and p.seq is not None and state.seen(p.client, p.seq):
+                    continue  # it did reach the log (an answer lost on the way)
+                op = p.op
+                for j, r in enumerate(rops):
+                    op, rops[j] = ot.transform(op, r)
+                op16 = state.text_units().op_to_utf16(op)
+                state.apply_entry(state.rev + 1, op, p.client, p.seq)
+                rebased.append(p._replace(rev=state.rev, op=op, op16=op16, length=len(state.text)))
+        except Exception as exc:  # a broken log, an unreachable store: the single-node path
+            doc.rebasing = False
+            self._fail(doc, exc)
+            return
+        ours: dict[tuple[str | None, int | None], Pending] = {(p.client, p.seq): p for p in pending if p.client}
+        for rev, op, op16, client, seq in remote:
+            mine = ours.get((client, seq))
+            if mine is not None and mine.peer is not None and not mine.peer.gone:
+                # Our own write did reach the log (its answer was lost): acknowledge it now.
+                mine.peer.member.send({"type": "ack", "rev": rev, "seq": seq})
+            if rev > doc.delivered_rev:
+                out = Outgoing({"type": "op", "rev": rev, "op": op, "client": client, "seq": seq},
+                               seq=rev, client=client)
+                self._deliver_op(doc, out, op16)
+        for client, user in owners.items():
+            doc.remember_owner(client, user)
+        doc.state = state
+        doc.committed_rev = state.rev - len(rebased)
+        doc.committed_text = committed_text
+        doc.inflight.clear()
+        doc.batch = rebased
+        doc.snapshots = []
+        doc.writing = False
+        doc.rebases += 1
+        self.rebases += 1
+        self.remote_ops += len(remote)
+        doc.rebasing = False
+        doc.run_waiters(doc.committed_rev)
+        deferred, doc.deferred = doc.deferred, []
+        for peer, base_rev, op, seq in deferred:
+            try:
+                self.submit(peer, base_rev, op, seq)
+            except DocumentError as exc:
+                if not peer.gone:
+                    peer.member.send({"type": "error", "code": exc.code, "message": exc.message})
+        if doc.conflict:
+            self._start_rebase(doc)
+        elif doc.batch:
+            self._schedule_flush(doc)
+
+    def _drop_feed(self, doc_id: str) -> None:
+        feed = self._feeds.pop(doc_id, None)
+        if feed is not None:
+            self.hub.unsubscribe(_doc_topic(doc_id), feed)
 
     def _fail(self, doc: LiveDoc, exc: BaseException) -> None:
         """A write failed: drop the document from memory and close its peers (they resume)."""
@@ -775,6 +1063,7 @@ class EditingService:
         doc.broken = True
         if self.docs.get(doc.id) is doc:
             del self.docs[doc.id]
+            self._drop_feed(doc.id)
         for handle in (doc.flush_handle, doc.evict_handle):
             if handle is not None:
                 handle.cancel()
@@ -794,11 +1083,11 @@ class EditingService:
 
     def _publish(self, doc: LiveDoc, obj: dict[str, Any], client: str | None = None) -> None:
         """Send a message without positions to the document's peers of every unit (encoded once)."""
-        out = None
+        out: Outgoing | None = None
         every_unit = self.hub.backplane.name != "memory"
         for topic in (doc.topic, doc.topic16):
             if every_unit or self.hub.subscribers(topic):
-                out = self.hub.publish(topic, out or obj, client=client)
+                out = self.hub.publish(topic, obj if out is None else out, client=client)
 
     def cursor(self, peer: Peer, rev: int, anchor: int, head: int) -> None:
         """Relay the peer's selection to the others at the latest committed rev.
@@ -913,6 +1202,14 @@ class EditingService:
         yield CounterMetricFamily("realtime_doc_commit_failures", "Document writes that failed (peers closed 1011)",
                                   self.commit_failures)
         yield CounterMetricFamily("realtime_docs_loaded", "Documents loaded from the store", self.docs_loaded)
+        yield CounterMetricFamily("realtime_doc_remote_ops", "Edits other nodes committed, applied here",
+                                  self.remote_ops)
+        yield CounterMetricFamily("realtime_doc_rebases", "Times this node's edits were transformed over "
+                                  "other nodes' and appended again", self.rebases)
+
+
+def _doc_topic(doc_id: str) -> str:
+    return "doc:" + doc_id
 
 
 def _topic(peer: Peer) -> str:

@@ -159,6 +159,13 @@ class Hub:
         self.backplane.publish(topic, out)
         return out
 
+    def send_others(self, topic: str, out: Outgoing) -> None:
+        """Send ``out`` to the other nodes' subscribers only (this node handed it
+        to its own already, in its own order)."""
+        send = getattr(self.backplane, "send", None)
+        if send is not None:
+            send(topic, Envelope.of(getattr(self.backplane, "node_id", ""), topic, out).pack())
+
     def dispatch(self, topic: str, out: Outgoing) -> None:
         """Hand ``out`` to this node's subscribers of ``topic`` (backplane side)."""
         subs = self._topics.get(topic)

@@ -61,7 +61,7 @@ from realtime.feeds import (
 )
 from realtime.hub import Hub
 from realtime.protocol import Outgoing, ProtocolError, has_control_chars
-from realtime.storage.base import ReadingStore, SensorRow, StorageError, StoreBusy
+from realtime.storage.base import Lease, ReadingStore, SensorRow, StorageError, StoreBusy
 
 log = logging.getLogger("realtime.sensors")
 
@@ -446,7 +446,8 @@ class SensorService:
     """
 
     def __init__(self, readings: ReadingStore, cfg: SensorConfig, *, hub: Hub | None = None,
-                 clock: Callable[[], float] = time.time, host: HostMetrics | None = None) -> None:
+                 clock: Callable[[], float] = time.time, host: HostMetrics | None = None,
+                 lease: Callable[[str], Lease] | None = None, node_name: str = "") -> None:
         self.readings_store = readings
         self.cfg = cfg
         self.clock = clock
@@ -456,6 +457,12 @@ class SensorService:
             hub = Hub(MemoryBackplane())
         self.hub = hub
         self._bus = _Bus(self)
+        # Cluster mode: the simulated sensors run on one node for the whole
+        # cluster, and each machine's metrics on one of its processes; whoever
+        # holds the lease sends the points to every node over the hub.
+        self._sim_lease = lease("sim") if lease is not None else None
+        self._host_lease = lease("host:" + node_name) if lease is not None else None
+        self.remote_host_expiry = 30.0  # other machines' metrics vanish after this long without points
         self.fanout = Fanout(conflate_points=cfg.conflate_points, backlog_bytes=cfg.backlog_bytes,
                              min_hz=cfg.min_hz, max_hz=cfg.max_hz)
         self._sensors: dict[str, Sensor] = {}
@@ -531,6 +538,9 @@ class SensorService:
         now = self.clock()
         cfg = self.cfg
         await self.hub.subscribe(SENSOR_TOPIC, self._bus)
+        for lease in (self._sim_lease, self._host_lease):
+            if lease is not None:
+                await lease.start()
         loaded = await self.readings_store.load(now - cfg.window_s, cfg.max_points)
         for (sid, label, unit, rate_hz), points in loaded:
             if sid in self._sensors:
@@ -581,6 +591,9 @@ class SensorService:
         self._timers.clear()
         self._handles.clear()
         self.hub.unsubscribe(SENSOR_TOPIC, self._bus)
+        for lease in (self._sim_lease, self._host_lease):
+            if lease is not None:
+                await lease.stop()
         if self._maintaining is not None and not self._maintaining.done():
             try:
                 await self._maintaining
@@ -590,37 +603,60 @@ class SensorService:
     # -- feeds -----------------------------------------------------------------
 
     def _sim_tick(self) -> None:
+        if self._sim_lease is not None and not self._sim_lease.held:
+            return  # another node runs them; its points arrive over the hub
         now = self.clock()
         self.ticks += 1
-        n = 0
-        for sid, points in self.sim.tick(now).items():
-            sensor = self._sensors.get(sid)
-            if sensor is None:
-                continue
-            sensor.ring.extend(points)
-            self.fanout.push(sid, points)
-            n += len(points)
-        self.points_in["simulated"] += n
-        if self.fanout.busy:
-            self.fanout.run(now)
+        points = self.sim.tick(now)
+        if self._sim_lease is not None:
+            self.hub.publish(SENSOR_TOPIC, {"type": "feed", "kind": "simulated",
+                                            "points": {sid: pts for sid, pts in points.items() if pts}})
+            return
+        self._feed("simulated", points, now)
 
     def _host_tick(self) -> None:
         assert self.host is not None
+        if self._host_lease is not None and not self._host_lease.held:
+            return  # another process of this machine reports it
         now = self.clock()
         try:
             values = self.host.sample()
         except Exception:
             log.exception("host metrics failed")
             return
-        for sid, v in values.items():
+        points = {sid: [(now, v)] for sid, v in values.items()}
+        if self._host_lease is not None:
+            self.hub.publish(SENSOR_TOPIC, {"type": "feed", "kind": "host", "points": points,
+                                            "sensors": [i.to_json() for i in self.host.infos]})
+            return
+        self._feed("host", points, now)
+
+    def _feed(self, kind: str, points: dict[str, list[Point]], now: float) -> None:
+        n = 0
+        for sid, pts in points.items():
             sensor = self._sensors.get(sid)
-            if sensor is None:
+            if sensor is None or sensor.info.kind != kind:
                 continue
-            sensor.ring.append(now, v)
-            self.fanout.push(sid, [(now, v)])
-        self.points_in["host"] += len(values)
+            sensor.ring.extend(pts)
+            sensor.last_ingest = now
+            self.fanout.push(sid, pts)
+            n += len(pts)
+        self.points_in[kind] += n
         if self.fanout.busy:
             self.fanout.run(now)
+
+    def _remote_feed(self, msg: dict[str, Any]) -> None:
+        """Points of a feed another node (or this one) runs for the cluster."""
+        kind = msg["kind"]
+        if kind not in ("simulated", "host"):
+            return
+        for d in msg.get("sensors", ()):  # another machine's metrics: known from their first points
+            if d["id"] not in self._sensors:
+                info = SensorInfo(d["id"], d["label"], d["unit"], float(d["rate_hz"]), "host")
+                self._add(info).last_ingest = self.clock()
+                self._announce({"type": "sensor_added", "sensor": info.to_json()})
+        points = {sid: [(float(t), float(v)) for t, v in pts] for sid, pts in msg["points"].items()}
+        self._feed(kind, points, self.clock())
 
     def _deliver_tick(self) -> None:
         if self.fanout.busy:
@@ -825,6 +861,8 @@ class SensorService:
                 self._meta_committed(_info_of(msg["sensor"]))
             elif kind == "removed":
                 self._removed(msg["sensor"], msg.get("reason", "deleted"))
+            elif kind == "feed":
+                self._remote_feed(msg)
         except (KeyError, TypeError, ValueError) as e:
             log.warning("ignoring a malformed sensor event %r: %s", kind, e)
 
@@ -854,9 +892,9 @@ class SensorService:
             current.info = info
             self._announce({"type": "sensor_updated", "sensor": info.to_json()})
 
-    def _removed(self, sensor_id: str, reason: str) -> None:
+    def _removed(self, sensor_id: str, reason: str, kind: str = "device") -> None:
         sensor = self._sensors.get(sensor_id)
-        if sensor is None or sensor.info.kind != "device":
+        if sensor is None or sensor.info.kind != kind:
             return
         del self._sensors[sensor_id]
         self.fanout.forget_sensor(sensor_id)
@@ -925,6 +963,10 @@ class SensorService:
             devices = [s.info.id for s in self._sensors.values() if s.info.kind == "device"]
             if devices:
                 await self._write(lambda: self.readings_store.trim(devices, now - cfg.window_s, cfg.max_points))
+            own = set(self.host.ids.values()) if self.host is not None else set()
+            for sid in [s.info.id for s in self._sensors.values() if s.info.kind == "host" and s.info.id not in own
+                        and now - s.last_ingest > self.remote_host_expiry]:
+                self._removed(sid, "expired", kind="host")  # that machine is gone
             if cfg.expiry_s > 0:
                 stale = [s.info.id for s in self._sensors.values()
                          if s.info.kind == "device" and now - s.last_ingest > cfg.expiry_s]

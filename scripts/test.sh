@@ -11,6 +11,7 @@ if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
 need_apt=()
 command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
 command -v node >/dev/null 2>&1 || need_apt+=(nodejs)
+command -v npm >/dev/null 2>&1 || need_apt+=(npm)
 command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)    # TLS tests make a throwaway certificate
 command -v prlimit >/dev/null 2>&1 || need_apt+=(util-linux)  # prlimit, setpriv: file-limit and read-only tests
 command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
@@ -21,4 +22,6 @@ if [ ${#need_apt[@]} -gt 0 ]; then
 fi
 
 python3 -m pip install -q --disable-pip-version-check -e '.[test]'
+# The interop test's clients (ot.js, ws), exactly as locked.
+npm ci --prefix tests/interop/node --no-audit --no-fund --loglevel=error
 exec python3 -m pytest "$@"

@@ -243,6 +243,10 @@ class DocumentLog(Protocol):
         ``ops[0].rev - 1`` (else :class:`LogGap`), with any snapshots, and trim
         the log to ``keep`` ops before the newest snapshot."""
 
+    async def ops_since(self, doc_id: str, rev: int) -> list[StoredOp] | None:
+        """The stored ops after ``rev``, in order; None when the log no longer
+        reaches back to ``rev`` (or the document is gone)."""
+
     def save_snapshot(self, doc_id: str, rev: int, data: str, keep: int) -> Awaitable[bool]:
         """Store a snapshot of ``rev`` if that is the stored revision (else False)."""
 
@@ -251,6 +255,18 @@ class DocumentLog(Protocol):
 
     async def drop_if_empty(self, doc_id: str) -> bool:
         """Remove the document if it was never edited (revision 0); whether it was."""
+
+
+class Lease(Protocol):
+    """A role one node holds for the whole cluster at a time (running the
+    simulated sensors): kept while the holder renews it, taken over by
+    another node within its time-to-live once the holder stops renewing."""
+
+    held: bool
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
 
 
 # -- sensors ------------------------------------------------------------------------------

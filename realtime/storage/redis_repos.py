@@ -684,6 +684,22 @@ class RedisDocumentLog:
         await self._call(self._append(keys=self.keys(doc_id), args=args))
         await self._call(self.redis.zadd(DOCS_KEY, {doc_id: ts}))
 
+    async def ops_since(self, doc_id: str, rev: int) -> list[StoredOp] | None:
+        meta_key, ops_key, _ = self.keys(doc_id)
+        last = await self._call(self.redis.hget(meta_key, "rev"))
+        if last is None or int(last) < rev:
+            return None
+        revs = list(range(rev + 1, int(last) + 1))
+        if not revs:
+            return []
+        out = []
+        for r, item in zip(revs, await self._call(self.redis.hmget(ops_key, revs))):
+            if item is None:
+                return None  # trimmed
+            op, client, seq, user = ujson.loads(_text(item))
+            out.append(StoredOp(r, op, client, seq, user))
+        return out
+
     async def save_snapshot(self, doc_id: str, rev: int, data: str, keep: int) -> bool:
         return bool(await self._call(self._snapshot(keys=self.keys(doc_id), args=[rev, data, keep])))
 
@@ -700,6 +716,71 @@ class RedisDocumentLog:
                 pipe.hmget(self.keys(i)[0], "rev", "length", "created", "updated")
             rows = await self._call(pipe.execute())
         return [(i, int(r[0]), int(r[1]), int(r[2]), int(r[3])) for i, r in zip(ids, rows) if r[0] is not None]
+
+
+# -- leases ---------------------------------------------------------------------------
+
+_LEASE = """
+local holder = redis.call('GET', KEYS[1])
+if holder == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+if not holder then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+return 0
+"""
+
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+class RedisLease:
+    """``rt:lease:<name>`` holds the id of the node that has the role; it is
+    renewed every ``ttl / 3`` and expires ``ttl`` after the last renewal, so a
+    node that dies is replaced within ``ttl``.  While Redis does not answer, a
+    node assumes it does not hold the lease (better no simulated points for a
+    moment than two nodes sending them)."""
+
+    def __init__(self, redis: Any, name: str, node_id: str, ttl: float = 3.0) -> None:
+        self.redis = redis
+        self.key = "rt:lease:" + name
+        self.node_id = node_id
+        self.ttl = ttl
+        self.held = False
+        self._task: asyncio.Task[None] | None = None
+        self._acquire = redis.register_script(_LEASE)
+        self._release = redis.register_script(_RELEASE)
+
+    async def renew(self) -> bool:
+        try:
+            self.held = bool(await self._acquire(keys=[self.key], args=[self.node_id, int(self.ttl * 1000)]))
+        except (RedisError, OSError):
+            self.held = False
+        return self.held
+
+    async def start(self) -> None:
+        await self.renew()
+        self._task = asyncio.ensure_future(self._loop())
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.ttl / 3)
+            await self.renew()
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        if self.held:
+            self.held = False
+            try:
+                await asyncio.wait_for(self._release(keys=[self.key], args=[self.node_id]), 2.0)
+            except (RedisError, OSError, asyncio.TimeoutError):
+                pass
 
 
 # -- the factory ------------------------------------------------------------------------
@@ -728,6 +809,9 @@ class RedisStorage:
 
     def presence_store(self) -> RedisPresenceStore:
         return RedisPresenceStore(self.redis)
+
+    def lease(self, name: str) -> RedisLease:
+        return RedisLease(self.redis, name, self.backplane.node_id)
 
     async def open(self) -> None:
         pass  # the backplane connected (and checked) Redis

@@ -440,6 +440,20 @@ class SQLiteDocumentLog:
                snapshots: list[tuple[int, str]], keep: int) -> "asyncio.Future[None]":
         return self.store.write(partial(write_doc_ops, doc_id, ops, length, ts, snapshots, keep))
 
+    async def ops_since(self, doc_id: str, rev: int) -> list[StoredOp] | None:
+        def read(conn: sqlite3.Connection) -> list[StoredOp] | None:
+            row = conn.execute("SELECT rev FROM docs WHERE id=?", (doc_id,)).fetchone()
+            if row is None:
+                return None
+            ops = [StoredOp(*r) for r in conn.execute(
+                "SELECT rev, op, client, seq, user_id FROM doc_ops WHERE doc=? AND rev>? ORDER BY rev",
+                (doc_id, rev)).fetchall()]
+            if len(ops) != row[0] - rev or (ops and ops[0].rev != rev + 1):
+                return None  # trimmed (or rev is ahead of the store)
+            return ops
+
+        return await _durable(self.store.read(read))
+
     def save_snapshot(self, doc_id: str, rev: int, data: str, keep: int) -> "asyncio.Future[bool]":
         return self.store.write(partial(write_doc_snapshot, doc_id, rev, data, keep))
 
@@ -583,6 +597,8 @@ class SQLiteStorage:
     def degraded(self) -> str | None:
         """Why writes fail right now (the database's error), or None."""
         return self.store.write_error
+
+    lease = None  # one process runs every feed itself
 
     def presence_store(self) -> None:
         """One process knows its members itself: no shared presence."""

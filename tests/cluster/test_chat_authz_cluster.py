@@ -9,11 +9,9 @@ import jwt
 import pytest
 
 from realtime.chat import dm_room
-from tests.cluster import test_chat_cluster as base
 from tests.cluster.test_chat_cluster import Chat, http, run
 
 pytestmark = pytest.mark.cluster
-redis, cluster = base.redis, base.cluster  # the fixtures: a real redis-server, server.py nodes on it
 
 SECRET = "cluster-secret-" + "x" * 32
 TOKEN_ARGS = ("--auth=token", "--jwt_secret=" + SECRET)

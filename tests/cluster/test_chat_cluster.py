@@ -24,35 +24,6 @@ from tests.servers import http_json as http
 pytestmark = pytest.mark.cluster
 
 
-@pytest.fixture
-def redis(tmp_path: Any) -> Any:
-    server = RedisServer(str(tmp_path / "redis")).start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def cluster(tmp_path: Any, redis: RedisServer) -> Any:
-    """``cluster(n)`` -> n node ports (each with its own data_dir) on one Redis."""
-    procs: list[subprocess.Popen[bytes]] = []
-
-    def start(n: int, *args: str) -> list[int]:
-        ports = []
-        for _ in range(n):
-            port = free_port()
-            procs.append(start_server(port, str(tmp_path / ("node%d" % len(procs))), "--backplane=" + redis.url,
-                                      *args))
-            ports.append(port)
-        return ports
-
-    start.procs = procs  # type: ignore[attr-defined]
-    yield start
-    for p in procs:
-        if p.poll() is None:
-            p.kill()
-            p.wait(10)
-
-
 class Chat:
     def __init__(self, ws: Any) -> None:
         self.ws = ws
@@ -177,15 +148,19 @@ def test_device_readings_posted_to_one_node_reach_viewers_on_another(cluster: An
     assert "boiler" in listed
 
 
-def _ingest_key_from_redis(cluster: Any) -> str:
+def _redis_get(cluster: Any, key: str) -> str:
     import redis as sync_redis
 
-    url = cluster.procs[0].args[-1].split("=", 1)[1]
+    url = next(a for a in cluster.procs[0].args if a.startswith("--backplane=")).split("=", 1)[1]
     client = sync_redis.Redis.from_url(url)
     try:
-        return client.get("rt:secret:ingest_key").decode()
+        return client.get(key).decode()
     finally:
         client.close()
+
+
+def _ingest_key_from_redis(cluster: Any) -> str:
+    return _redis_get(cluster, "rt:secret:ingest_key")
 
 
 def test_redis_down_nothing_is_acked_health_says_503_and_it_carries_on_when_back(cluster: Any,
@@ -203,6 +178,9 @@ def test_redis_down_nothing_is_acked_health_says_503_and_it_carries_on_when_back
         await ann.send({"type": "say", "room": "lobby", "text": "during", "cid": "d1"})
         err = await ann.expect("error", timeout=15)
         assert err["code"] == "unavailable"
+        await ann.send({"type": "join", "room": "elsewhere", "ref": 9})  # a room this node must subscribe to
+        err = await ann.expect("error", timeout=15)
+        assert (err["code"], err["ref"]) == ("unavailable", 9)  # an answer, and the connection stays
         for _ in range(50):
             status, health = await asyncio.to_thread(http, a, "/healthz")
             if status == 503:
@@ -315,5 +293,52 @@ def test_presence_is_cluster_wide_and_a_dead_nodes_members_leave_within_the_ttl(
         left = await presence_until(ann, lambda m: m.get("member_count") == 1, timeout=10)
         assert left["event"] == "leave" and left["user"]["name"] == "bob"
         await ann.close()
+
+    run(main())
+
+
+async def sensor_points(port: int, sensor: str, seconds: float) -> dict[float, float]:
+    """``t -> v`` of ``sensor`` as a viewer on ``port`` receives it over ``seconds``."""
+    got: dict[float, float] = {}
+    async with websockets.connect("ws://127.0.0.1:%d/ws/sensors" % port) as ws:
+        await ws.recv()
+        await ws.send(json.dumps({"type": "subscribe", "sensors": [sensor], "max_hz": 10, "backfill": 0}))
+        loop = asyncio.get_running_loop()
+        end = loop.time() + seconds
+        while loop.time() < end:
+            try:
+                msg = json.loads(await asyncio.wait_for(ws.recv(), max(0.01, end - loop.time())))
+            except asyncio.TimeoutError:
+                break
+            if msg["type"] == "readings":
+                got.update((t, v) for t, v in msg["points"].get(sensor, []))
+    return got
+
+
+def test_simulated_sensors_run_once_for_the_cluster_and_another_node_takes_over(cluster: Any) -> None:
+    a, b = cluster(1, "--node_name=alpha") + cluster(1, "--node_name=beta")
+
+    async def main() -> None:
+        on_a, on_b = await asyncio.gather(sensor_points(a, "sim.vibration", 2.5),
+                                          sensor_points(b, "sim.vibration", 2.5))
+        common = set(on_a) & set(on_b)
+        assert len(common) >= 10, (len(on_a), len(on_b))  # 10 Hz: the same points reach both nodes
+        assert all(on_a[t] == on_b[t] for t in common)  # one source, not two simulations
+        # Each machine's metrics under its own name, visible from either node.
+        for _ in range(50):
+            ids = {s["id"] for s in (await asyncio.to_thread(http, b, "/api/sensors"))[1]["sensors"]}
+            if {"host.alpha.cpu", "host.beta.cpu"} <= ids:
+                break
+            await asyncio.sleep(0.1)
+        assert {"host.alpha.cpu", "host.beta.cpu"} <= ids
+        # The node that runs them dies; the other takes over within the lease's ttl (3 s).
+        holder = await asyncio.to_thread(_redis_get, cluster, "rt:lease:sim")
+        nodes = [(await asyncio.to_thread(http, p, "/healthz"))[1]["node"] for p in (a, b)]
+        dead = nodes.index(holder)
+        cluster.procs[dead].send_signal(signal.SIGKILL)
+        await asyncio.sleep(3.5)
+        later = await sensor_points((a, b)[1 - dead], "sim.vibration", 2.0)
+        assert len(later) >= 10
+        assert await asyncio.to_thread(_redis_get, cluster, "rt:lease:sim") == nodes[1 - dead]
 
     run(main())

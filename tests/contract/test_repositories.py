@@ -291,6 +291,24 @@ def test_append_is_compare_and_append(storage: Any) -> None:
     run(main())
 
 
+def test_ops_since_reads_the_tail_of_the_log(storage: Any) -> None:
+    async def main() -> None:
+        async with storage() as s:
+            log = s.document_log()
+            assert await log.ops_since("nope", 0) is None
+            await log.load("d", create=True, max_docs=0, keep=2)
+            assert await log.ops_since("d", 0) == []
+            await log.append("d", ops(1, 6), 6, 1, [(4, '{"rev": 4}')], 2)
+            tail = await log.ops_since("d", 4)  # the log keeps 2 ops before rev 6 (and all after the snapshot)
+            assert tail is not None and [o.rev for o in tail] == [5, 6]
+            assert tail[0] == StoredOp(5, '[4, "x"]', "c-abcd", 5, "u1")
+            assert await log.ops_since("d", 6) == []
+            assert await log.ops_since("d", 3) is None  # trimmed
+            assert await log.ops_since("d", 7) is None  # ahead of the log
+
+    run(main())
+
+
 def test_snapshots_bound_the_replay(storage: Any) -> None:
     async def main() -> None:
         async with storage() as s:

@@ -316,3 +316,80 @@ async def test_the_editor_over_msgpack(http_server, http_port):
     await ed.send({"type": "op", "rev": 999, "seq": 2, "op": ["x"]})
     assert (await ed.expect("error", skip=("presence", "peers", "cursor")))["seq"] == 2
     await ed.ws.close()
+
+
+# -- keepalive and TLS on our protocol ------------------------------------------------------------
+
+
+@pytest.mark.gen_test(timeout=10)
+@pytest.mark.parametrize("app_options", [{"ping_interval": 0.2, "ping_timeout": 0.2}])
+async def test_pings_keep_answering_clients_and_drop_silent_ones(http_server, http_port, app_options):
+    lively = await websockets.connect(ws_url(http_port, "/ws/echo"))  # answers pings itself
+    reader, writer, _ = await raw_open(http_port, "/ws/echo")  # never answers
+    b0, payload = await read_frame(reader)
+    assert b0 & 0x0F == 0x9  # a ping
+    b0, payload = await asyncio.wait_for(read_frame(reader), 2)
+    assert b0 & 0x0F == 0x8 and b"ping timed out" in payload
+    writer.close()
+    await asyncio.sleep(0.6)  # several ping periods
+    await lively.send("still here")
+    assert await asyncio.wait_for(lively.recv(), 3) == "still here"
+    await lively.close()
+
+
+@pytest.fixture
+def tls_context(tmp_path):
+    import shutil
+    import ssl
+    import subprocess
+
+    if shutil.which("openssl") is None:
+        pytest.fail("openssl is needed to make a test certificate (scripts/test.sh installs it)")
+    cert, key = str(tmp_path / "cert.pem"), str(tmp_path / "key.pem")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert,
+                    "-days", "1", "-subj", "/CN=127.0.0.1"], check=True, capture_output=True, timeout=60)
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(cert, key)
+    client_ctx = ssl.create_default_context()
+    client_ctx.check_hostname = False
+    client_ctx.verify_mode = ssl.CERT_NONE
+    return server_ctx, client_ctx
+
+
+@pytest.mark.gen_test(timeout=20)
+@pytest.mark.parametrize("app_options", [FAST])
+async def test_our_frames_over_tls(app, tls_context, app_options):
+    from tornado.httpserver import HTTPServer
+    from tornado.testing import bind_unused_port
+
+    server_ctx, client_ctx = tls_context
+    sock, port = bind_unused_port()
+    server = HTTPServer(app, ssl_options=server_ctx)
+    server.add_sockets([sock])
+    try:
+        async with websockets.connect("wss://127.0.0.1:%d/ws/echo" % port, ssl=client_ctx, max_size=None) as ws:
+            big = "é" * 30000  # bigger than one TLS record and than a socket buffer's worth at once
+            for i in range(10):  # 600 KB queued for a client that reads only afterwards: under the cap
+                await ws.send(big + str(i))
+            for i in range(10):
+                assert await asyncio.wait_for(ws.recv(), 5) == big + str(i)
+        async with websockets.connect("wss://127.0.0.1:%d/ws/chat?name=tls" % port, ssl=client_ctx) as ws:
+            assert json.loads(await asyncio.wait_for(ws.recv(), 3))["type"] == "welcome"
+    finally:
+        server.stop()
+        await server.close_all_connections()
+
+
+@pytest.mark.gen_test
+@pytest.mark.parametrize("app_options", [{}, {"websocket_compression": True}])
+async def test_write_message_still_works_on_our_protocol(http_server, http_port, app, app_options):
+    """Tornado's own API on a handler, for code that calls it directly."""
+    compression = "deflate" if app_options.get("websocket_compression") else None
+    async with websockets.connect(ws_url(http_port, "/ws/echo"), compression=compression) as ws:
+        await ws.send("hi")
+        assert await asyncio.wait_for(ws.recv(), 3) == "hi"
+        (conn,) = app.ctx.connections
+        conn.write_message({"type": "note", "text": "ü" * 300})
+        conn.write_message(b"\x00\x01", binary=True)
+        assert json.loads(await asyncio.wait_for(ws.recv(), 3)) == {"type": "note", "text": "ü" * 300}
+        assert await asyncio.wait_for(ws.recv(), 3) == b"\x00\x01"

@@ -637,3 +637,19 @@ def test_simulation_late_resend_from_a_dead_connection() -> None:
     sim.drain()
     sim.assert_converged()
     assert sim.doc.text == "" and sim.doc.rev == 2
+
+
+def test_rollback_undoes_the_tail_and_the_dedupe_of_its_ops() -> None:
+    doc = DocumentState("d", "ab", max_log=10)
+    doc.submit(0, [2, "c"], "c-one1", 1)  # rev 1: abc
+    doc.submit(1, [3, "😀"], "c-two2", 1)  # rev 2: abc😀
+    doc.submit(2, [1, -1, 2], "c-one1", 2)  # rev 3: ac😀
+    undone = doc.rollback(1, "abc")
+    assert [(e.rev, e.client_id, e.seq) for e in undone] == [(2, "c-two2", 1), (3, "c-one1", 2)]
+    assert (doc.rev, doc.text, doc.length16) == (1, "abc", 3)
+    assert not doc.seen("c-one1", 2) and doc.seen("c-one1", 1) and not doc.seen("c-two2", 1)
+    # What another node appended instead goes on, then ours again (transformed by the caller).
+    doc.apply_entry(2, ["x", 3], "c-far3", 1)
+    assert doc.submit(2, [4, "!"], "c-two2", 1).rev == 3 and doc.text == "xabc!"
+    with pytest.raises(DocumentError):
+        doc.rollback(-1, "")

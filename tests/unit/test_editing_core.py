@@ -212,12 +212,15 @@ def test_peer_holds_then_filters() -> None:
         {"type": "peer_left", "client": "c-third"},
     ]
     for m in msgs:
-        peer.deliver(published(m))
+        (peer.deliver_op if m["type"] == "op" else peer.deliver)(published(m))
     assert member.got == []  # held until the snapshot is out
     peer.after_rev = 1
     peer.release()
     assert [(m["type"], m.get("rev")) for m in member.got] == [("op", 2), ("cursor", 1), ("peer_left", None)]
-    peer.deliver(published({"type": "op", "rev": 4, "op": [3, "d"], "client": "c-other", "seq": 3}))
+    peer.deliver_op(published({"type": "op", "rev": 4, "op": [3, "d"], "client": "c-other", "seq": 3}))
+    assert member.got[-1]["rev"] == 4
+    # An op straight from the hub (another node's, not yet applied here) never reaches the client.
+    peer.deliver(published({"type": "op", "rev": 5, "op": [4, "e"], "client": "c-other", "seq": 4}))
     assert member.got[-1]["rev"] == 4
 
 

@@ -168,3 +168,11 @@ def test_shed_handshake_state_is_empty_and_refuses_changes():
     with pytest.raises(TypeError):
         _NO_ARGS["name"] = [b"x"]  # type: ignore[index]
     assert dict(_NO_ARGS) == {}
+
+
+def test_our_protocol_fits_the_installed_tornado():
+    """Else every connection silently falls back to Tornado's protocol (and
+    loses the conformance fixes and compression once per message)."""
+    from handlers.websocket import TORNADO_FITS
+
+    assert TORNADO_FITS

@@ -1,0 +1,151 @@
+"""Editing one document through several nodes: one order for the cluster,
+every copy converges, nobody is disconnected for it.
+
+Clients are `websockets` connections running the OT client state machine
+(realtime.ot.OTClient, the same rules ot.js follows); each node holds its own
+copy of the document and appends to the one log in Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import re
+import urllib.request
+from typing import Any
+
+import pytest
+import websockets
+
+from realtime import ot
+from tests.cluster.test_chat_cluster import http, run
+
+pytestmark = pytest.mark.cluster
+
+
+class Editor:
+    def __init__(self, ws: Any, hello: dict[str, Any]) -> None:
+        self.ws = ws
+        self.text = hello["text"]
+        self.client = ot.OTClient(hello["rev"], hello["client"])
+        self.closed_with: int | None = None
+
+    @classmethod
+    async def open(cls, port: int, doc: str, name: str) -> "Editor":
+        ws = await websockets.connect("ws://127.0.0.1:%d/ws/edit/%s?name=%s" % (port, doc, name))
+        while True:
+            msg = json.loads(await ws.recv())
+            if msg["type"] == "snapshot":
+                return cls(ws, msg)
+
+    async def edit(self, rng: random.Random) -> None:
+        n = len(self.text)
+        pos = rng.randint(0, n)
+        if n and rng.random() < 0.3:
+            k = rng.randint(1, min(3, n - pos) or 1) if pos < n else 0
+            op: list[Any] = ([pos] if pos else []) + ([-k] if k else []) + ([n - pos - k] if n - pos - k else [])
+            if not k:
+                return
+        else:
+            s = rng.choice(["a", "b", "é", "中", "😀", " "])
+            op = ([pos] if pos else []) + [s] + ([n - pos] if n - pos else [])
+        self.text = ot.apply(self.text, op)
+        if self.client.apply_client(op):
+            await self.send_pending()
+
+    async def send_pending(self) -> None:
+        p = self.client.pending()
+        if p is not None:
+            await self.ws.send(json.dumps({"type": "op", "rev": p.rev, "op": p.op, "seq": p.seq}))
+
+    async def pump(self, until: float) -> None:
+        """Read what the server sends until ``until`` (loop time)."""
+        loop = asyncio.get_running_loop()
+        while loop.time() < until:
+            try:
+                raw = await asyncio.wait_for(self.ws.recv(), max(0.01, until - loop.time()))
+            except asyncio.TimeoutError:
+                return
+            except websockets.ConnectionClosed as e:
+                self.closed_with = e.rcvd.code if e.rcvd else 1006
+                return
+            msg = json.loads(raw)
+            if msg["type"] == "op":
+                self.text = ot.apply(self.text, self.client.apply_server(msg["op"]))
+            elif msg["type"] == "ack":
+                if self.client.server_ack(msg["seq"]) is not None:
+                    await self.send_pending()
+            elif msg["type"] == "error":
+                raise AssertionError(msg)
+
+
+def test_editors_on_two_nodes_type_at_once_and_every_copy_converges(cluster: Any) -> None:
+    a, b = cluster(2)
+
+    async def main() -> None:
+        rng = random.Random(7)
+        editors = [await Editor.open(p, "shared", n) for p, n in ((a, "ann"), (b, "bob"), (a, "cy"), (b, "dee"))]
+        loop = asyncio.get_running_loop()
+        pumps = [asyncio.ensure_future(e.pump(loop.time() + 12)) for e in editors]
+        for _ in range(40):
+            for e in editors:
+                await e.edit(rng)
+            await asyncio.sleep(0.02)
+        # Quiet: let every op be acknowledged and every copy catch up.
+        for _ in range(200):
+            if all(e.client.state == "synchronized" for e in editors):
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.5)
+        for p in pumps:
+            p.cancel()
+        await asyncio.gather(*pumps, return_exceptions=True)
+        assert [e.closed_with for e in editors] == [None] * 4  # nobody was disconnected
+        assert all(e.client.state == "synchronized" for e in editors)
+        served = [(await asyncio.to_thread(http, p, "/api/docs/shared"))[1] for p in (a, b)]
+        assert served[0]["text"] == served[1]["text"] and served[0]["rev"] == served[1]["rev"]
+        assert [e.text for e in editors] == [served[0]["text"]] * 4
+        assert served[0]["rev"] >= 100  # most of the 160 edits were inserts or deletes that counted
+        for e in editors:
+            await e.ws.close()
+
+    run(main())
+    for port in (a, b):  # both nodes applied the other's edits (the cross-node path was taken)
+        text = urllib.request.urlopen("http://127.0.0.1:%d/metrics" % port, timeout=5).read().decode()
+        remote = float(re.search(r"^realtime_doc_remote_ops_total (\S+)$", text, re.M).group(1))
+        rebases = float(re.search(r"^realtime_doc_rebases_total (\S+)$", text, re.M).group(1))
+        assert remote > 0, text
+        print("node %d: %d remote ops applied, %d rebases" % (port, remote, rebases))
+
+
+def test_the_peer_list_spans_nodes(cluster: Any) -> None:
+    a, b = cluster(2)
+
+    async def main() -> None:
+        ann = await websockets.connect("ws://127.0.0.1:%d/ws/edit/peers?name=ann" % a)
+        hello = json.loads(await ann.recv())
+        while hello["type"] != "snapshot":
+            hello = json.loads(await ann.recv())
+        bob = await websockets.connect("ws://127.0.0.1:%d/ws/edit/peers?name=bob" % b)
+        names: set[str] = set()
+        async with asyncio.timeout(10):
+            while "ann" not in names:  # in bob's snapshot, or announced right after it
+                msg = json.loads(await bob.recv())
+                if msg["type"] == "snapshot":
+                    names.update(p["user"]["name"] for p in msg["peers"])
+                elif msg["type"] == "peer_joined":
+                    names.add(msg["user"]["name"])
+        async with asyncio.timeout(10):  # and ann, on the other node, hears of bob
+            while True:
+                msg = json.loads(await ann.recv())
+                if msg["type"] == "peer_joined" and msg["user"]["name"] == "bob":
+                    break
+        await bob.close()
+        async with asyncio.timeout(10):
+            while True:
+                msg = json.loads(await ann.recv())
+                if msg["type"] == "peer_left" and msg["user"]["name"] == "bob":
+                    break
+        await ann.close()
+
+    run(main())
