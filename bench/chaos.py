@@ -753,9 +753,10 @@ def main() -> None:
     ap.add_argument("--messages", type=int)
     ap.add_argument("--clients", type=int)
     ap.add_argument("--kills", type=int)
+    ap.add_argument("--edits", type=int)
     args = ap.parse_args()
     cfg = quick(args.seed) if args.quick else Config(seed=args.seed)
-    for name in ("messages", "clients", "kills"):
+    for name in ("messages", "clients", "kills", "edits"):
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))
     result = run(cfg)
