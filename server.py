@@ -11,7 +11,6 @@ runs it; everything else lives in ``handlers/`` (thin Tornado adapters) and
 from __future__ import annotations
 
 import asyncio
-import importlib
 import logging
 import os
 import secrets
@@ -20,7 +19,6 @@ import sqlite3
 import ssl
 import sys
 import time
-from types import SimpleNamespace
 from typing import Any
 
 import tornado.httputil
@@ -28,12 +26,14 @@ import tornado.ioloop
 import tornado.log
 import tornado.netutil
 import tornado.web
-from tornado.options import define, options, parse_command_line, parse_config_file
+from tornado.options import options, parse_command_line, parse_config_file
 
 import handlers.api as api
 import handlers.chat as chat_handlers
 import handlers.echo as echo
+import handlers.editor as editor_handlers
 import handlers.pages as pages
+import handlers.sensors as sensor_handlers
 import realtime.redact
 from handlers.gate import HostPolicy, RequestGate, local_host_names
 from handlers.listener import RealtimeHTTPServer, raise_open_file_limit
@@ -42,6 +42,7 @@ from handlers.writer import Flusher
 from realtime.auth import Authenticator, load_or_create_secret, load_public_keys
 from realtime.backplane import make_backplane
 from realtime.chat import ChatService
+from realtime.config import Config, define_options
 from realtime.context import Context
 from realtime.hub import Hub
 from realtime.limits import ConnectionCounter
@@ -50,106 +51,21 @@ from realtime.redact import redact_uri
 from realtime.storage.sqlite import SQLiteStore
 from realtime.storage.sqlite_repos import SQLiteStorage
 
-
-def _load_plugins() -> list[Any]:
-    """``register(ctx) -> routes`` of the apps present in handlers/ besides chat.
-
-    Imported here, at import time, so their ``define()``d options exist before
-    the command line and config file are parsed."""
-    found = []
-    for name in ("handlers.sensors", "handlers.editor"):
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name != name:
-                raise
-            continue
-        found.append(module.register)
-    return found
-
-
-PLUGINS = _load_plugins()
+# The apps besides chat: ``register(ctx) -> routes`` builds each one's service.
+PLUGINS = [sensor_handlers.register, editor_handlers.register]
 VERSION = "0.1.0"
 ROOT = os.path.dirname(os.path.abspath(__file__))
 log = logging.getLogger("realtime.server")
 
-# -- options -------------------------------------------------------------
-# Server
-define("port", default=8888, type=int, help="TCP port to listen on")
-define("address", default="", type=str, help="address to bind ('' = all interfaces, 127.0.0.1 = this machine only)")
-define("config", default="", type=str, help="path to a config file (tornado.options syntax); the command line wins")
-define("data_dir", default="./data", type=str, help="where the SQLite database and the cookie secret live")
-define("debug", default=False, type=bool, help="Tornado debug mode (autoreload, tracebacks in pages); never in production")
-define("cookie_secret", default="", type=str, help="secret for signed sessions; default: generated once into data_dir/secret (or into Redis in cluster mode)")
-define("backplane", default="memory", type=str, help="'memory' (one process, SQLite) or redis://host:port/db (cluster mode: fan-out, history and secrets in Redis)")
-define("processes", default=1, type=int, help="worker processes sharing the port (0 = one per core); more than 1 needs a Redis backplane")
-define("xheaders", default=False, type=bool, help="trust X-Real-Ip / X-Forwarded-For (only behind a proxy you run)")
-define("certfile", default="", type=str, help="TLS certificate (PEM) for https:// and wss://")
-define("keyfile", default="", type=str, help="TLS private key (PEM)")
-define("backlog", default=2048, type=int, help="listen backlog")
-define("shutdown_grace", default=3.0, type=float, help="seconds to let sockets close on SIGTERM/SIGINT before exiting")
-# What a client can hold before it is authenticated
-define("handshake_timeout", default=10.0, type=float, help="seconds a client has to send a whole request head (a WebSocket handshake; a TLS handshake first), and again its body; an idle keep-alive connection closes after as long")
-define("max_half_open_per_ip", default=64, type=int, help="connections from one address that have not sent a whole request head yet; past this, new ones from there are closed at once (0 = no limit)")
-define("max_header_size", default=16 * 1024, type=int, help="largest request head (request line and headers, tokens included) in bytes; bigger gets HTTP 431")
-define("max_body_size", default=64 * 1024, type=int, help="largest request body in bytes, on the route that takes the biggest (POST /api/sensors/<id>/readings); bigger is refused with 413 before it is read")
-define("allowed_hosts", default=[], type=str, multiple=True, help="Host names this server answers to, comma separated ('.example.com' = it and its subdomains, '*' = any); always: localhost, this machine's addresses and name, the hosts of allowed_origins")
-# Identity
-define("auth", default="open", type=str, help="'open' (guests with names) or 'token' (a JWT from ?token= or Authorization: Bearer, HS256 or RS256/ES256)")
-define("jwt_secret", default="", type=str, help="HS256 secret(s) for token mode, comma separated: tokens under any are accepted (rotation; at least 32 random bytes each, shorter is warned about at start)")
-define("jwt_public_key", default="", type=str, help="PEM file(s), comma separated, with the public keys or certificates of an identity provider: RS256 (RSA) or ES256 (EC P-256) tokens they sign are accepted")
-define("jwt_audience", default="", type=str, help="if set, a token's 'aud' must name it (tokens an identity provider issued for other services are refused)")
-define("jwt_issuer", default="", type=str, help="if set, a token's 'iss' must be exactly this")
-define("token_refresh_window", default=60.0, type=float, help="seconds before a connection's token expires that it is sent token_expiring; one that does not send a refresh is closed with 4001 at exp")
-define("max_token_lifetime", default=86400.0, type=float, help="seconds a token may still be valid when presented (exp - now); a token valid for longer is refused (0 = no limit)")
-# Every socket
-define("allowed_origins", default=[], type=str, multiple=True, help="browser origins allowed to connect, exact match, comma separated ('*' = any); default: same host only")
-define("max_message_size", default=64 * 1024, type=int, help="largest client frame in bytes (bigger: close 1009)")
-define("rate_limit", default=20.0, type=float, help="messages per second per connection (token bucket); 0 = no limit")
-define("rate_burst", default=40.0, type=float, help="token bucket size: messages a client may send at once")
-define("flood_strikes", default=20, type=int, help="rate_limited errors within one bucket period before close 1008")
-define("max_connections_per_ip", default=200, type=int, help="open WebSocket connections per client address; 0 = no limit")
-define("max_write_buffer", default=1024 * 1024, type=int, help="unflushed bytes per connection before it is a slow consumer")
-define("max_inflight", default=32, type=int, help="messages per connection being processed at once before reading pauses")
-define("ping_interval", default=20.0, type=float, help="seconds between WebSocket pings (0 = off)")
-define("ping_timeout", default=20.0, type=float, help="close a connection whose pong is this late (seconds)")
-define("websocket_compression", default=False, type=bool,
-       help="accept permessage-deflate, without context takeover: each message is compressed once for all its recipients")
-define("fast_path", default=True, type=bool,
-       help="serve WebSockets with our own frames, built once per message (off: Tornado's protocol and write_message,"
-            " which compresses per connection)")
-# Storage
-define("sqlite_synchronous", default="FULL", type=str, help="SQLite synchronous pragma: FULL (fsync every commit) or NORMAL")
-define("commit_delay", default=0.0, type=float, help="seconds the writer waits after a write so that more share its commit (0 = commit at once)")
-# Chat
-define("history_size", default=50, type=int, help="messages a joining client gets without 'since'")
-define("history_keep", default=1000, type=int, help="messages kept per room for resume and the HTTP API")
-define("max_text", default=2000, type=int, help="longest chat message, in characters")
-define("max_rooms", default=20, type=int, help="rooms one connection may be in at once")
-define("max_rooms_total", default=10000, type=int, help="rooms the server stores; joining a new one past this is refused (too_large); rooms nothing was said in are removed when their last member leaves (0 = no limit)")
-define("max_private_members", default=1000, type=int, help="members a private room may have (its member list is stored)")
-define("members_max", default=100, type=int, help="members listed in 'joined' and presence 'sync' (member_count is exact)")
-define("presence_window", default=0.1, type=float, help="seconds over which presence changes are coalesced")
-define("presence_ttl", default=15.0, type=float, help="cluster mode: seconds after which the members of a node that stopped answering leave everyone's presence")
-define("typing_interval", default=1.0, type=float, help="minimum seconds between relayed typing events per user and room")
+define_options()  # every option, typed, in realtime/config.py
 
 
-def config_from_options(**overrides: Any) -> SimpleNamespace:
-    """A plain namespace of every option, with ``overrides`` applied (for tests)."""
-    values = dict(options.as_dict())
-    unknown = set(overrides) - set(values)
-    if unknown:
-        raise TypeError("unknown options: %s" % ", ".join(sorted(unknown)))
-    values.update(overrides)
-    for name in ("allowed_origins", "allowed_hosts"):
-        items: list[str] = []
-        for item in values[name] or []:
-            items.extend(o.strip() for o in item.split(",") if o.strip())
-        values[name] = items
-    return SimpleNamespace(**values)
+def config_from_options(**overrides: Any) -> Config:
+    """The parsed options as a :class:`~realtime.config.Config`, with ``overrides`` applied (for tests)."""
+    return Config.from_options(options.as_dict(), **overrides)
 
 
-def _secrets(cfg: SimpleNamespace) -> Any:
+def _secrets(cfg: Config) -> Any:
     """``secret(name)``: a generated secret, the same for every node of a
     cluster (kept in Redis) or for every restart of one process (a file in
     data_dir)."""
@@ -224,12 +140,12 @@ class RealtimeApplication(tornado.web.Application):
         await ctx.storage.close()
 
 
-def make_app(cfg: SimpleNamespace | None = None, **overrides: Any) -> RealtimeApplication:
+def make_app(cfg: Config | None = None, **overrides: Any) -> RealtimeApplication:
     """Build the hub, store, services and handlers; nothing global."""
     if cfg is None:
         cfg = config_from_options(**overrides)
     elif overrides:
-        cfg = SimpleNamespace(**{**vars(cfg), **overrides})
+        cfg = cfg.replace(**overrides)
     os.makedirs(cfg.data_dir, exist_ok=True)
     store = SQLiteStore(os.path.join(cfg.data_dir, "realtime.sqlite3"), synchronous=cfg.sqlite_synchronous,
                         commit_delay=cfg.commit_delay)
@@ -305,7 +221,7 @@ def parse_options(argv: list[str] | None = None) -> None:
     options.run_parse_callbacks()
 
 
-def bind(cfg: SimpleNamespace) -> list[Any]:
+def bind(cfg: Config) -> list[Any]:
     """The listening sockets; with ``--processes`` other than 1, fork the workers
     here (before any event loop exists), each serving the same sockets."""
     is_redis = cfg.backplane.startswith(("redis://", "rediss://", "unix://"))
@@ -368,7 +284,7 @@ def fork_workers(n: int) -> None:
     sys.exit(0)
 
 
-def tls_context(cfg: SimpleNamespace) -> ssl.SSLContext | None:
+def tls_context(cfg: Config) -> ssl.SSLContext | None:
     """The TLS context for ``--certfile``/``--keyfile``, checked now: a
     mismatched or swapped pair would otherwise fail every handshake later."""
     if not cfg.certfile:
@@ -389,7 +305,7 @@ def make_server(app: RealtimeApplication, ssl_options: ssl.SSLContext | None = N
     return RealtimeHTTPServer.for_app(app, app.ctx.cfg, ssl_options)
 
 
-async def serve(cfg: SimpleNamespace, sockets: list[Any], ssl_options: ssl.SSLContext | None = None) -> None:
+async def serve(cfg: Config, sockets: list[Any], ssl_options: ssl.SSLContext | None = None) -> None:
     soft, _hard = raise_open_file_limit()
     app = make_app(cfg)
     await app.start()

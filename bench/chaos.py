@@ -38,14 +38,13 @@ import asyncio
 import json
 import os
 import random
-import signal
-import subprocess
 import sys
 import tempfile
 import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -60,7 +59,7 @@ from realtime import ot  # noqa: E402
 from realtime.ot import OTClient  # noqa: E402
 from realtime.storage.base import redacted  # noqa: E402
 from tests.chaos_proxy import ChaosProxy, Mischief  # noqa: E402
-from tests.servers import free_port, start_server  # noqa: E402
+from tests.servers import ServerProcess, free_port, start_server  # noqa: E402
 
 SECRET = "chaos-" + "k" * 40
 INGEST_KEY = "chaos-ingest-key-0123456789"
@@ -101,7 +100,7 @@ class Server:
         self.port = free_port()
         self.data_dir = data_dir
         self.log_path = log_path
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.proc: ServerProcess | None = None
         self.kills = 0
         self.down_since: float | None = None
         self.downtime = 0.0
@@ -112,27 +111,20 @@ class Server:
                      "--doc_log_keep=5000", "--logging=warning")
 
     def start(self) -> None:
-        with open(self.log_path, "ab") as log:
-            self.proc = start_server(self.port, self.data_dir, *self.args, stderr=log, timeout=30)
+        self.proc = start_server(self.port, self.data_dir, *self.args, log_path=Path(self.log_path), timeout=30)
         if self.down_since is not None:
             self.downtime += time.monotonic() - self.down_since
             self.down_since = None
 
     def kill(self) -> None:
         assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
+        self.proc.kill()  # SIGKILL: no shutdown, no flush
         self.kills += 1
         self.down_since = time.monotonic()
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        if self.proc is not None:
+            self.proc.stop()
 
     def get(self, path: str) -> Any:
         req = urllib.request.Request("http://127.0.0.1:%d%s" % (self.port, path),
@@ -637,8 +629,8 @@ class Chaos:
         for p in self.chat:
             hist = stored[p.room]
             for cid, seq in p.acked.items():
-                e = hist.get(seq)
-                if e is None or e["type"] != "message" or e.get("cid") != cid or e["user"] != p.user:
+                entry = hist.get(seq)
+                if entry is None or entry["type"] != "message" or entry.get("cid") != cid or entry["user"] != p.user:
                     lost += 1
             for target, tomb in p.deletes.items():
                 if not hist.get(target, {}).get("deleted") or hist.get(tomb, {}).get("target") != target:
@@ -669,11 +661,11 @@ class Chaos:
             fails.append("%d messages made, %d acknowledged, %d stored" % (made, acked, stored_msgs))
         # Editors: every copy equals the server's.
         diverged = 0
-        for e in self.editors:
-            fails.extend(e.problems)
-            if e.text != self.final_docs[e.doc]["text"]:
+        for ed in self.editors:
+            fails.extend(ed.problems)
+            if ed.text != self.final_docs[ed.doc]["text"]:
                 diverged += 1
-                fails.append("%s: its copy of %s differs from the server's" % (e.user, e.doc))
+                fails.append("%s: its copy of %s differs from the server's" % (ed.user, ed.doc))
         # Viewers: every stored point since each first subscribed, or gaps within the conflation bound.
         published = sorted({t for t, _ in self.publisher.acked})
         worst_gap = 0.0

@@ -63,8 +63,7 @@ except ImportError:  # pragma: no cover - the fallback path
 DOC = "bench"
 TARGET_LEN = 2000
 ALPHABET = "abcdefghijklmnopqrstuvwxyz     😀é\n"
-# The editor's options must be defined before the command line is parsed.
-BOOT = "import handlers.editor, server; server.main()"
+BOOT = "import server; server.main()"  # python -c, so that the argv below are the server's
 monotonic_ns = time.monotonic_ns
 
 

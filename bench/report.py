@@ -124,7 +124,7 @@ def messages_table(results: dict[str, Result], servers: list[str], labels: dict[
     headers = ["system", "conns", "rooms"] + (["offered msgs/s"] if offered else ["in flight"]) + [
         "delivered msgs/s", "srv CPU µs/msg", "vs tornado", "srv CPU %", "p50 ms", "p99 ms",
         "srv KiB/conn", "lost", "loadgen CPU %", "notes"]
-    rows = []
+    rows: list[list[str]] = []
     def ok(r: Result) -> bool:
         return "error" not in r or r.get("rate") is not None
 
@@ -142,7 +142,7 @@ def messages_table(results: dict[str, Result], servers: list[str], labels: dict[
 def connect_table(results: dict[str, Result], servers: list[str], labels: dict[str, str]) -> str:
     headers = ["system", "conns", "handshakes/s", "srv CPU µs/handshake", "p50 ms", "p99 ms",
                "srv CPU %", "loadgen CPU %", "notes"]
-    rows = []
+    rows: list[list[str]] = []
     for name, r in measured(results, servers, lambda r: r.get("rate") is not None, rows, labels, len(headers)):
         notes = []
         if r.get("failed"):
@@ -156,7 +156,7 @@ def connect_table(results: dict[str, Result], servers: list[str], labels: dict[s
 
 def idle_table(results: dict[str, Result], servers: list[str], labels: dict[str, str]) -> str:
     headers = ["system", "conns", "RSS before MiB", "RSS after MiB", "KiB/conn", "notes"]
-    rows = []
+    rows: list[list[str]] = []
     for name, r in measured(results, servers, lambda r: r.get("kib_per_conn") is not None, rows, labels, len(headers)):
         rows.append([labels[name], fmt_num(r["conns"]), fmt_num(r["rss_before"] / 2**20, 1),
                      fmt_num(r["rss_after"] / 2**20, 1), fmt_num(r["kib_per_conn"], 1), ""])
@@ -167,7 +167,7 @@ def slow_table(results: dict[str, Result], servers: list[str], labels: dict[str,
     headers = ["system", "conns", "stalled", "delivered msgs/s", "srv CPU µs/msg", "fast p50 ms",
                "fast p99 ms", "p99 no stalls", "p99 ratio", "RSS growth MiB", "bound MiB", "lost (fast)",
                "stalled closed", "loadgen CPU %", "notes"]
-    rows = []
+    rows: list[list[str]] = []
     for name, r in measured(results, servers, lambda r: r.get("growth") is not None, rows, labels, len(headers)):
         codes = ", ".join(f"{n}×{c}" for c, n in sorted(r.get("stalled_close_codes", {}).items()))
         notes = [n for n in run_notes(r, lossless_expected=False) if "disconnected" not in n]
@@ -206,11 +206,11 @@ def app_notes(r: Result) -> list[str]:
 def sensors_table(results: dict[str, Result], labels: dict[str, str]) -> str:
     headers = ["system", "viewers", "sensors x Hz", "delivered batches/s", "ideal batches/s",
                "srv CPU µs/batch", "srv CPU %", "p50 ms", "p99 ms", "max ms", "loadgen CPU %", "notes"]
-    rows = []
+    rows: list[list[str]] = []
     names = {name: labels.get(name, name) for name in results}
     for name, r in measured(results, list(results), lambda r: r.get("rate") is not None, rows, names, len(headers)):
         label = names[name]
-        rows.append([label, fmt_num(r.get("conns")), "{} x {:g}".format(r.get("sensors"), r.get("hz")),
+        rows.append([label, fmt_num(r.get("conns")), "{} x {:g}".format(r.get("sensors"), r.get("hz") or 0),
                      fmt_num(r.get("rate")), fmt_num(r.get("ideal")), fmt_num(r.get("us_per_msg"), 1),
                      fmt_num(r.get("srv_cpu_pct")), fmt_ms(r.get("p50_ms")), fmt_ms(r.get("p99_ms")),
                      fmt_ms(r.get("max_ms")), fmt_num(r.get("lg_cpu_pct")), "; ".join(app_notes(r))])
@@ -220,7 +220,7 @@ def sensors_table(results: dict[str, Result], labels: dict[str, str]) -> str:
 def editor_table(results: dict[str, Result], labels: dict[str, str]) -> str:
     headers = ["system", "editors", "offered ops/s", "applied ops/s", "srv CPU µs/op", "srv CPU %",
                "ack p50 ms", "ack p99 ms", "ack max ms", "converged", "durable", "loadgen CPU %", "notes"]
-    rows = []
+    rows: list[list[str]] = []
     names = {name: labels.get(name, name) for name in results}
     for name, r in measured(results, list(results), lambda r: r.get("rate") is not None, rows, names, len(headers)):
         label = names[name]

@@ -410,6 +410,7 @@ class Bench:
     def connect(self, srv: Running, n: int) -> dict[str, Any]:
         w = self.args.workers
         timeout = max(30.0, n / 100)
+        assert self.pool is not None, "start_pool() first"
         meter = Meter(srv.child, self.pool)
         replies = self.call("connect", timeout + 30,
                             [{"start": i, "stop": n, "step": w} for i in range(w)],
@@ -437,6 +438,7 @@ class Bench:
         self.tag = (self.tag + 1) % 10000
         self.call("reset", 10, tag=f"{self.tag:04d}")
         commits0 = store_commits(srv)
+        assert self.pool is not None, "start_pool() first"
         meter = Meter(srv.child, self.pool)
         t0_ns = time.monotonic_ns()
         pubs = self.call("publish", publish["duration"] + 30, **publish)

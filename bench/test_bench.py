@@ -137,7 +137,7 @@ def sensors_raw(**over: object) -> dict:
 
 
 def editor_raw(**over: object) -> dict:
-    base = {"editors": 50, "target_ops_per_s": 1000.0, "duration_s": 10.0, "applied_ops": 10000,
+    base: dict[str, object] = {"editors": 50, "target_ops_per_s": 1000.0, "duration_s": 10.0, "applied_ops": 10000,
             "applied_ops_per_s": 1000.0, "edits": 10000, "ack_samples": 10000, "ack_p50_ms": 3.0,
             "ack_p99_ms": 6.0, "ack_max_ms": 20.0, "server_cpu_us_per_op": 450.0, "server_cpu_pct": 45.0,
             "loadgen_cpu_pct": 35.0, "other_load_on_server_core_pct": 2.0, "other_load_on_loadgen_core_pct": 30.0,

@@ -39,6 +39,7 @@ from tornado.iostream import StreamClosedError
 from handlers.websocket import TORNADO_FITS, WireParams, WireProtocol
 from handlers.writer import MessageWriter, StreamWriter
 from realtime.auth import AuthError, Identity
+from realtime.config import Config
 from realtime.context import Context
 from realtime.limits import FloodGuard
 from realtime.protocol import (
@@ -154,7 +155,7 @@ class BaseSocketHandler(tornado.websocket.WebSocketHandler):
     _tasks = _state("tasks")
 
     @property
-    def cfg(self) -> Any:
+    def cfg(self) -> Config:
         return self.rt.ctx.cfg
 
     # -- handshake -------------------------------------------------------

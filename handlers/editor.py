@@ -1,7 +1,7 @@
 """Collaborative editing over HTTP and WebSocket: thin adapters over
 :class:`realtime.editing.EditingService`.
 
-* ``/ws/edit/<doc>``   the editing socket (docs/PROTOCOL-editor.md)
+* ``/ws/edit/<doc>``   the editing socket (docs/PROTOCOL.md, "Collaborative editing")
 * ``/api/docs``        documents, most recently edited first
 * ``/api/docs/<doc>``  one document's text and revision (404 if it never existed)
 * ``/edit/``           the documents page (``?doc=<id>`` opens or creates one)
@@ -18,26 +18,12 @@ import secrets
 import time
 from typing import Any
 
-from tornado.options import define, options
-
 from handlers.base import BaseSocketHandler, JSONHandler
 from handlers.pages import Page
-from realtime.documents import DocumentError, valid_doc_id
+from realtime.documents import valid_doc_id
 from realtime.editing import DOC_ID_RULE, EditingService, Peer, valid_client_id
 from realtime.protocol import ProtocolError, error_message, get_int
 from realtime.units import CODEPOINT, UNITS
-
-define("max_doc_size", default=200_000, type=int, help="largest document, in code points (UTF-16 code units for a ?units=utf16 connection); an edit that would make it bigger is refused (too_large)")
-define("max_op_size", default=10_000, type=int, help="most code points (UTF-16 code units for a ?units=utf16 connection) one edit may insert (too_large)")
-define("edit_rate", default=15.0, type=float, help="edits per second per editor connection (token bucket; 0 = no limit); rate_limit applies as well")
-define("edit_burst", default=30.0, type=float, help="edits an editor connection may send at once")
-define("doc_log_keep", default=1000, type=int, help="ops kept per document, in memory and in the store, to merge late edits and catch up reconnecting clients")
-define("snapshot_every", default=200, type=int, help="ops between stored snapshots of a document (bounds the replay when it is loaded)")
-define("max_docs", default=10_000, type=int, help="documents the server stores; opening a new one past this is refused (0 = no limit)")
-define("max_peers_per_doc", default=100, type=int, help="connections one document takes at once; more are closed with 1013")
-define("doc_idle_seconds", default=30.0, type=float, help="a document leaves memory this long after its last editor left (a snapshot is written)")
-define("doc_commit_delay", default=0.002, type=float, help="seconds between a document's writes: edits arriving meanwhile share one commit and one broadcast burst (0 = write at once)")
-define("cursor_interval", default=0.05, type=float, help="minimum seconds between relayed cursor updates per connection; a newer one replaces the waiting one")
 
 _REV = re.compile(r"[0-9]{1,18}")
 
@@ -114,7 +100,7 @@ class EditorSocketHandler(BaseSocketHandler):
     def _joined_peer(self) -> Peer:
         peer = self.ed.peer
         if peer is None or not peer.joined:
-            raise DocumentError("conflict", "wait for the snapshot before sending edits or cursors")
+            raise ProtocolError("conflict", "wait for the snapshot before sending edits or cursors")
         return peer
 
     def msg_op(self, msg: dict[str, Any]) -> None:
@@ -127,7 +113,7 @@ class EditorSocketHandler(BaseSocketHandler):
             if "op" not in msg:
                 raise ProtocolError("bad_message", "'op' is required")
             self.docs.submit(peer, rev, msg["op"], seq)
-        except (DocumentError, ProtocolError) as exc:
+        except ProtocolError as exc:
             self.ctx.stats.error(exc.code)
             err = error_message(exc.code, exc.message, msg.get("ref"))
             if type(seq) is int:
@@ -135,10 +121,7 @@ class EditorSocketHandler(BaseSocketHandler):
             self.send(err)
 
     def msg_cursor(self, msg: dict[str, Any]) -> None:
-        try:
-            peer = self._joined_peer()
-        except DocumentError as exc:
-            raise ProtocolError(exc.code, exc.message) from None
+        peer = self._joined_peer()
         rev = get_int(msg, "rev", minimum=0)
         anchor = get_int(msg, "anchor", minimum=0)
         head = get_int(msg, "head", required=False, default=anchor, minimum=0)
@@ -207,28 +190,22 @@ class EditorPage(Page):
         self.render("editor.html", title=doc_id, doc_id=doc_id)
 
 
-def _option(cfg: Any, name: str) -> Any:
-    # make_app builds cfg from the options defined when it runs; this module may
-    # have been imported (and its options defined) only afterwards.
-    return getattr(cfg, name) if hasattr(cfg, name) else options[name]
-
-
 def register(ctx: Any) -> list[Any]:
     """Build the editing service into ``ctx.services["docs"]``; return the routes."""
     cfg = ctx.cfg
     svc = EditingService(
         ctx.storage.document_log(), ctx.hub,
-        max_doc_size=_option(cfg, "max_doc_size"),
-        max_op_size=_option(cfg, "max_op_size"),
-        edit_rate=_option(cfg, "edit_rate"),
-        edit_burst=_option(cfg, "edit_burst"),
-        log_keep=_option(cfg, "doc_log_keep"),
-        snapshot_every=_option(cfg, "snapshot_every"),
-        max_docs=_option(cfg, "max_docs"),
-        max_peers=_option(cfg, "max_peers_per_doc"),
-        idle_seconds=_option(cfg, "doc_idle_seconds"),
-        cursor_interval=_option(cfg, "cursor_interval"),
-        commit_delay=_option(cfg, "doc_commit_delay"),
+        max_doc_size=cfg.max_doc_size,
+        max_op_size=cfg.max_op_size,
+        edit_rate=cfg.edit_rate,
+        edit_burst=cfg.edit_burst,
+        log_keep=cfg.doc_log_keep,
+        snapshot_every=cfg.snapshot_every,
+        max_docs=cfg.max_docs,
+        max_peers=cfg.max_peers_per_doc,
+        idle_seconds=cfg.doc_idle_seconds,
+        cursor_interval=cfg.cursor_interval,
+        commit_delay=cfg.doc_commit_delay,
         max_message_bytes=cfg.max_message_size,
         message_rate=cfg.rate_limit,
         message_burst=cfg.rate_burst,

@@ -34,6 +34,7 @@ from typing import Any, Awaitable, Iterable
 import tornado.httputil
 from tornado.iostream import IOStream, StreamClosedError
 
+from realtime.config import Config
 from realtime.redact import redact_uri
 
 log = logging.getLogger("tornado.access")
@@ -115,7 +116,7 @@ def local_host_names(address: str, origins: Iterable[str]) -> list[str]:
     return names
 
 
-def body_limit(handler_class: type, method: str, cfg: Any) -> int:
+def body_limit(handler_class: type, method: str, cfg: Config) -> int:
     """Bytes of body ``handler_class`` takes for ``method``: its
     ``body_limits[method]``, an int or the name of an option; 0 otherwise."""
     spec = (getattr(handler_class, "body_limits", None) or {}).get(method, 0)
@@ -135,7 +136,7 @@ class RequestGate(tornado.httputil.HTTPMessageDelegate):
     answers itself and ``inner`` never hears of the request."""
 
     def __init__(self, inner: tornado.httputil.HTTPMessageDelegate, request: tornado.httputil.HTTPServerRequest,
-                 handler_class: type, cfg: Any, hosts: HostPolicy, on_refuse: Any = None) -> None:
+                 handler_class: type, cfg: Config, hosts: HostPolicy, on_refuse: Any = None) -> None:
         self.inner = inner
         self.request = request
         self.handler_class = handler_class

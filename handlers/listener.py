@@ -34,6 +34,7 @@ import tornado.httputil
 import tornado.iostream
 from tornado.ioloop import IOLoop
 
+from realtime.config import Config
 from realtime.limits import ConnectionCounter
 
 log = logging.getLogger("realtime.server")
@@ -185,7 +186,7 @@ class RealtimeHTTPServer(tornado.httpserver.HTTPServer):
         self._warn_files = RateLimitedWarning()
 
     @classmethod
-    def for_app(cls, app: Any, cfg: Any, ssl_options: Any = None) -> "RealtimeHTTPServer":
+    def for_app(cls, app: Any, cfg: Config, ssl_options: Any = None) -> "RealtimeHTTPServer":
         """The server for ``app`` with the limits from ``cfg``."""
         return cls(
             app,

@@ -1,9 +1,8 @@
 """Sensor streaming over ``/ws/sensors``, ``/api/sensors`` and the ``/dashboard`` page.
 
 Thin adapters over :class:`realtime.sensors.SensorService`: parse, authorize,
-call the core, reply.  ``server.py`` imports this module at start-up (its
-options must exist before the command line is parsed) and calls
-:func:`register`.
+call the core, reply.  ``server.py`` calls :func:`register` (the options
+are in realtime/config.py).
 
 Who may publish: a device that presents the **ingest key** (``--ingest_key``;
 by default generated once into ``data_dir/ingest_key``), as
@@ -27,13 +26,11 @@ import re
 import socket
 from typing import Any
 
-from tornado.options import define, options
-
 from handlers.base import BaseSocketHandler, JSONHandler
 from handlers.pages import Page
 from realtime.auth import AuthError, load_or_create_secret
+from realtime.config import Config
 from realtime.context import Context
-from realtime.feeds import DEFAULT_SIMULATED
 from realtime.protocol import Outgoing, ProtocolError, get_number, get_str
 from realtime.sensors import SensorConfig, SensorService, Viewer
 
@@ -41,51 +38,11 @@ log = logging.getLogger("realtime.sensors")
 
 META_BODY_LIMIT = 4096  # bytes of a PUT /api/sensors/<id> body (label and unit are short)
 
-# -- options -------------------------------------------------------------------
-define("sensor_window", default=600.0, type=float,
-       help="seconds of readings kept per sensor (ring buffer and SQLite); also the longest backfill")
-define("sensor_max_points", default=10000, type=int,
-       help="points kept per sensor at most, whatever its rate")
-define("simulated_sensors", default=DEFAULT_SIMULATED, type=str,
-       help="simulated sensors, one per line or ';'-separated: id= label= unit= hz= model=sine|walk|sawtooth|square"
-            " plus the model's parameters; '' = none")
-define("host_metrics", default=True, type=bool,
-       help="publish this host's CPU %, memory %, load average and network bytes/s as sensors host.*")
-define("node_name", default="", type=str,
-       help="cluster mode: this machine's name, for its host metrics (host.<name>.cpu ...); default: the hostname")
-define("host_metrics_hz", default=1.0, type=float, help="samples per second of the host metrics")
-define("ingest_key", default="", type=str,
-       help="key devices present to publish readings (Authorization: Bearer, X-Ingest-Key or ?key=);"
-            " '' = generated once into data_dir/ingest_key")
-define("max_points_per_publish", default=1000, type=int,
-       help="points one publish (WebSocket message or POST) may carry; more is refused with too_large")
-define("max_sensors", default=1000, type=int, help="device sensors this server holds at most")
-define("viewer_min_hz", default=0.1, type=float, help="slowest readings rate (messages/s) a viewer may ask for")
-define("viewer_max_hz", default=20.0, type=float,
-       help="fastest readings rate (messages/s) a viewer may ask for; also the delivery tick rate")
-define("viewer_default_hz", default=10.0, type=float, help="readings rate of a viewer that does not ask for one")
-define("conflate_points", default=100, type=int,
-       help="points per sensor in one readings message at most; beyond, evenly thinned, newest kept")
-define("max_subscriptions", default=100, type=int, help="sensors one connection may name (\"*\" = all counts as one)")
-define("max_backfill_points", default=2000, type=int,
-       help="points per sensor in one backfill message at most (evenly thinned over the span)")
-define("sensor_backlog_bytes", default=256 * 1024, type=int,
-       help="unflushed bytes past which a viewer gets no new readings message; its readings conflate until it drains")
-define("ingest_max_future", default=60.0, type=float,
-       help="seconds a reading's timestamp may be ahead of the server clock")
-define("sensor_expiry", default=0.0, type=float,
-       help="remove a device sensor after this many seconds without readings (0 = keep until deleted)")
 
-
-def _opt(cfg: Any, name: str) -> Any:
-    """An option from the app's config namespace, else from tornado.options."""
-    return getattr(cfg, name) if hasattr(cfg, name) else getattr(options, name)
-
-
-def sensor_config(cfg: Any, secret: Any = None) -> SensorConfig:
+def sensor_config(cfg: Config, secret: Any = None) -> SensorConfig:
     """``secret(name)`` gives a generated secret (a file in data_dir, or the
     cluster's in Redis); used for the ingest key when none is configured."""
-    key = _opt(cfg, "ingest_key")
+    key = cfg.ingest_key
     if not key and secret is not None:
         key = secret("ingest_key")
     elif not key:
@@ -93,23 +50,23 @@ def sensor_config(cfg: Any, secret: Any = None) -> SensorConfig:
         key = load_or_create_secret(path)
         log.info("sensor ingest key is in %s (send it as Authorization: Bearer <key>)", os.path.abspath(path))
     return SensorConfig(
-        window_s=_opt(cfg, "sensor_window"),
-        max_points=_opt(cfg, "sensor_max_points"),
-        simulated=_opt(cfg, "simulated_sensors"),
-        host_metrics=_opt(cfg, "host_metrics"),
-        host_metrics_hz=_opt(cfg, "host_metrics_hz"),
+        window_s=cfg.sensor_window,
+        max_points=cfg.sensor_max_points,
+        simulated=cfg.simulated_sensors,
+        host_metrics=cfg.host_metrics,
+        host_metrics_hz=cfg.host_metrics_hz,
         ingest_key=key,
-        max_points_per_publish=_opt(cfg, "max_points_per_publish"),
-        max_sensors=_opt(cfg, "max_sensors"),
-        min_hz=_opt(cfg, "viewer_min_hz"),
-        max_hz=_opt(cfg, "viewer_max_hz"),
-        default_hz=_opt(cfg, "viewer_default_hz"),
-        conflate_points=_opt(cfg, "conflate_points"),
-        max_subscriptions=_opt(cfg, "max_subscriptions"),
-        max_backfill_points=_opt(cfg, "max_backfill_points"),
-        backlog_bytes=_opt(cfg, "sensor_backlog_bytes"),
-        max_future_s=_opt(cfg, "ingest_max_future"),
-        expiry_s=_opt(cfg, "sensor_expiry"),
+        max_points_per_publish=cfg.max_points_per_publish,
+        max_sensors=cfg.max_sensors,
+        min_hz=cfg.viewer_min_hz,
+        max_hz=cfg.viewer_max_hz,
+        default_hz=cfg.viewer_default_hz,
+        conflate_points=cfg.conflate_points,
+        max_subscriptions=cfg.max_subscriptions,
+        max_backfill_points=cfg.max_backfill_points,
+        backlog_bytes=cfg.sensor_backlog_bytes,
+        max_future_s=cfg.ingest_max_future,
+        expiry_s=cfg.sensor_expiry,
     )
 
 
@@ -117,7 +74,7 @@ def register(ctx: Context) -> list[Any]:
     """Build the sensor service into ``ctx.services["sensors"]``; return the routes."""
     cfg = sensor_config(ctx.cfg, ctx.secret)
     lease = getattr(ctx.storage, "lease", None)
-    node = _opt(ctx.cfg, "node_name") or socket.gethostname()
+    node = ctx.cfg.node_name or socket.gethostname()
     if lease is not None:  # cluster mode: each machine's metrics under its own name
         cfg = dataclasses.replace(cfg, host_prefix="host." + re.sub(r"[^A-Za-z0-9_.:-]", "_", node)[:40])
     ctx.services["sensors"] = SensorService(ctx.storage.reading_store(), cfg, hub=ctx.hub, lease=lease,

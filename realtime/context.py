@@ -5,10 +5,10 @@ from __future__ import annotations
 import itertools
 import time
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 from typing import Any, Callable
 
 from realtime.auth import Authenticator
+from realtime.config import Config
 from realtime.hub import Hub
 from realtime.limits import ConnectionCounter
 from realtime.protocol import Formats
@@ -52,7 +52,7 @@ class Stats:
 
 @dataclass
 class Context:
-    cfg: SimpleNamespace
+    cfg: Config
     hub: Hub
     store: SQLiteStore
     storage: SQLiteStorage  # hands each app its repository (or RedisStorage in cluster mode)

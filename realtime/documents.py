@@ -34,11 +34,11 @@ from typing import Any, NamedTuple
 
 from realtime import ot
 from realtime.ot import Op, OTError
+from realtime.protocol import ProtocolError
 from realtime.units import CODEPOINT, UNITS, UTF16, TextUnits, inserted, same_shape, utf16_length
 
 __all__ = [
     "SNAPSHOT_FORMAT",
-    "DocumentError",
     "DocumentState",
     "LogEntry",
     "SnapshotError",
@@ -59,23 +59,6 @@ def valid_doc_id(s: object) -> bool:
     escaping.
     """
     return type(s) is str and _DOC_ID.fullmatch(s) is not None
-
-
-class DocumentError(Exception):
-    """A refused submission, sent to the client as an ``error`` message.
-
-    ``code`` is one of ``"bad_message"`` (malformed op, or it does not fit the
-    document), ``"conflict"`` (the base revision is in the future or older than
-    the kept log: reload the document) or ``"too_large"``.
-    """
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-    def __repr__(self) -> str:
-        return f"DocumentError({self.code!r}, {self.message!r})"
 
 
 class SnapshotError(ValueError):
@@ -114,7 +97,7 @@ class DocumentState:
     """The authoritative text, revision and recent op log of one document.
 
     Invariants: ``len(log) <= max_log``; the log holds the ops for revisions
-    ``log_start + 1 .. rev`` contiguously; any :class:`DocumentError` leaves
+    ``log_start + 1 .. rev`` contiguously; any :class:`~realtime.protocol.ProtocolError` leaves
     the state exactly as it was.
 
     Limits (code points): ``max_op_size`` caps the text one op inserts,
@@ -215,17 +198,17 @@ class DocumentState:
 
         Returns the :class:`SubmitResult` that :meth:`submit` would (``rev`` is
         the revision the op would get) or raises the same
-        :class:`DocumentError`.  In cluster mode: prepare, append at
+        :class:`~realtime.protocol.ProtocolError`.  In cluster mode: prepare, append at
         ``result.rev`` atomically in the shared log, then :meth:`apply_entry`;
         if the append lost a race, apply the winners and prepare again.
         """
         if type(base_rev) is not int or base_rev < 0:
-            raise DocumentError("bad_message", "rev must be a non-negative integer")
+            raise ProtocolError("bad_message", "rev must be a non-negative integer")
         _check_client(client_id, seq)
         try:
             op = ot.check(op)
         except OTError as exc:
-            raise DocumentError("bad_message", str(exc)) from None
+            raise ProtocolError("bad_message", str(exc)) from None
 
         if client_id is not None and seq is not None:
             seen = self._clients.get(client_id)
@@ -235,7 +218,7 @@ class DocumentState:
                 # connection arriving after newer ops).
                 rev = seen[1] if seq == seen[0] else self._find_rev(client_id, seq)
                 if rev is None:
-                    raise DocumentError(
+                    raise ProtocolError(
                         "conflict",
                         f"seq {seq} is older than this client's last ({seen[0]}) "
                         "and no longer in the log",
@@ -243,12 +226,12 @@ class DocumentState:
                 return SubmitResult(rev, self._logged_op(rev), duplicate=True)
 
         if base_rev > self._rev:
-            raise DocumentError(
+            raise ProtocolError(
                 "conflict", f"rev {base_rev} is newer than the document (rev {self._rev})"
             )
         start = self.log_start
         if base_rev < start:
-            raise DocumentError(
+            raise ProtocolError(
                 "conflict",
                 f"rev {base_rev} is too old to merge (oldest kept: {start}); reload the document",
             )
@@ -259,7 +242,7 @@ class DocumentState:
             raise ValueError(f"units must be one of {UNITS}")
         size = inserted(op)
         if size > self.max_op_size:
-            raise DocumentError(
+            raise ProtocolError(
                 "too_large",
                 f"the edit inserts {size} characters; the limit is {self.max_op_size}",
             )
@@ -269,16 +252,16 @@ class DocumentState:
                 op = ot.transform(op, entry.op)[0]  # the incoming op first on a tie
             size, new_size = ot.lengths(op)
         except OTError as exc:
-            raise DocumentError("bad_message", f"the edit does not fit rev {base_rev}: {exc}") from None
+            raise ProtocolError("bad_message", f"the edit does not fit rev {base_rev}: {exc}") from None
         if size != len(self._text):
             # Only reachable with base_rev == rev: transform already checks lengths.
-            raise DocumentError(
+            raise ProtocolError(
                 "bad_message",
                 f"the edit is for a document of {size} characters, but rev {base_rev} "
                 f"has {len(self._text)}",
             )
         if new_size > self.max_doc_size and new_size > len(self._text):
-            raise DocumentError(
+            raise ProtocolError(
                 "too_large",
                 f"the document would have {new_size} characters; the limit is {self.max_doc_size}",
             )
@@ -288,13 +271,13 @@ class DocumentState:
         """:meth:`prepare` for an op counted in UTF-16 code units; sizes in those units too."""
         size = inserted(op16, utf16_length)
         if size > self.max_op_size:
-            raise DocumentError(
+            raise ProtocolError(
                 "too_large",
                 f"the edit inserts {size} UTF-16 code units; the limit is {self.max_op_size}",
             )
         logged = self._ops16_since(base_rev)
         if logged is None:
-            raise DocumentError(
+            raise ProtocolError(
                 "conflict",
                 f"rev {base_rev} is too old to merge in UTF-16 units (the document was reloaded "
                 "since); reload the document",
@@ -302,7 +285,7 @@ class DocumentState:
         base = ot.lengths(op16)[0]
         expected = ot.lengths(logged[0])[0] if logged else self._len16
         if base != expected:
-            raise DocumentError(
+            raise ProtocolError(
                 "bad_message",
                 f"the edit is for a document of {base} UTF-16 code units, but rev {base_rev} has {expected}",
             )
@@ -311,10 +294,10 @@ class DocumentState:
         try:
             op = self.text_units().op_from_utf16(op16)
         except OTError as exc:  # SplitError: lengths were checked above
-            raise DocumentError("bad_message", str(exc)) from None
+            raise ProtocolError("bad_message", str(exc)) from None
         new_size = ot.lengths(op16, utf16_length)[1]
         if new_size > self.max_doc_size and new_size > self._len16:
-            raise DocumentError(
+            raise ProtocolError(
                 "too_large",
                 f"the document would have {new_size} UTF-16 code units; the limit is {self.max_doc_size}",
             )
@@ -350,7 +333,7 @@ class DocumentState:
         UTF-16 form is unknown (logged before the document was reloaded from
         a snapshot without it) is ``conflict``.
 
-        Raises :class:`DocumentError`; on error nothing changes.
+        Raises :class:`~realtime.protocol.ProtocolError`; on error nothing changes.
         """
         result = self.prepare(base_rev, op, client_id, seq, units=units)
         if not result.duplicate:
@@ -367,11 +350,11 @@ class DocumentState:
         appended to a shared log.  ``rev`` must be ``self.rev + 1`` and ``op``
         must fit the current text; no transform, no size limits (refusing an
         op that is already in the log would split the copies).  Raises
-        :class:`DocumentError` (``conflict`` for a gap, ``bad_message`` for a
+        :class:`~realtime.protocol.ProtocolError` (``conflict`` for a gap, ``bad_message`` for a
         bad op); on error nothing changes.
         """
         if rev != self._rev + 1:
-            raise DocumentError(
+            raise ProtocolError(
                 "conflict", f"entry for rev {rev} does not follow rev {self._rev}"
             )
         _check_client(client_id, seq)
@@ -380,7 +363,7 @@ class DocumentState:
             op16 = self.text_units().op_to_utf16(op)
             text = ot.apply(self._text, op)
         except OTError as exc:
-            raise DocumentError("bad_message", str(exc)) from None
+            raise ProtocolError("bad_message", str(exc)) from None
         self._append(op, op16, text, client_id, seq)
 
     def _append(self, op: Op, op16: Op, text: str, client_id: str | None, seq: int | None) -> None:
@@ -398,11 +381,11 @@ class DocumentState:
     def rollback(self, rev: int, text: str) -> list[LogEntry]:
         """Undo the ops after ``rev`` (``text`` is the text at ``rev``), as when
         another node appended first and ours must be transformed over its ops.
-        Returns the entries taken off.  Raises :class:`DocumentError`
+        Returns the entries taken off.  Raises :class:`~realtime.protocol.ProtocolError`
         (``conflict``) when the log no longer holds them."""
         k = self._rev - rev
         if k < 0 or k > len(self._log):
-            raise DocumentError("conflict", f"cannot roll back from rev {self._rev} to {rev}")
+            raise ProtocolError("conflict", f"cannot roll back from rev {self._rev} to {rev}")
         undone = [self._log.pop() for _ in range(k)][::-1]
         for _ in range(k):
             self._log16.pop()
@@ -472,14 +455,14 @@ class DocumentState:
 
         ``None`` when ``rev`` is outside the log window (see :meth:`ops_since`).
         Text inserted exactly at the cursor goes after it.  Raises
-        ``DocumentError("bad_message")`` if ``index`` is not a position in the
+        ``ProtocolError("bad_message")`` if ``index`` is not a position in the
         text at ``rev``.
         """
         entries = self.ops_since(rev)
         if entries is None:
             return None
         if type(index) is not int or index < 0:
-            raise DocumentError("bad_message", "a cursor position must be a non-negative integer")
+            raise ProtocolError("bad_message", "a cursor position must be a non-negative integer")
         try:
             if not entries and index > len(self._text):
                 raise OTError(
@@ -488,7 +471,7 @@ class DocumentState:
             for entry in entries:
                 index = ot.transform_index(index, entry.op)
         except OTError as exc:
-            raise DocumentError("bad_message", str(exc)) from None
+            raise ProtocolError("bad_message", str(exc)) from None
         return index
 
     # -- saving -------------------------------------------------------------------
@@ -560,7 +543,7 @@ class DocumentState:
             try:
                 _check_client(raw[2], raw[3])
                 op = ot.check(raw[1])
-            except (DocumentError, OTError) as exc:
+            except (ProtocolError, OTError) as exc:
                 raise SnapshotError(f"bad snapshot log entry for rev {rev}: {exc}") from None
             base, target = ot.lengths(op)
             if target != expected_target:
@@ -584,7 +567,7 @@ class DocumentState:
                 raise SnapshotError(f"bad snapshot dedupe entry for client {client_id!r}")
             try:
                 _check_client(client_id, pair[0])
-            except DocumentError as exc:
+            except ProtocolError as exc:
                 raise SnapshotError(f"bad snapshot dedupe entry: {exc}") from None
             state._clients[client_id] = (pair[0], pair[1])
         while len(state._clients) > state.max_clients:
@@ -636,6 +619,6 @@ def _well_formed(text: str) -> bool:
 
 def _check_client(client_id: object, seq: object) -> None:
     if client_id is not None and (type(client_id) is not str or not client_id):
-        raise DocumentError("bad_message", "client id must be a non-empty string")
+        raise ProtocolError("bad_message", "client id must be a non-empty string")
     if seq is not None and (type(seq) is not int or seq < 0):
-        raise DocumentError("bad_message", "seq must be a non-negative integer")
+        raise ProtocolError("bad_message", "seq must be a non-negative integer")

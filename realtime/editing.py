@@ -62,7 +62,6 @@ from realtime import ot
 from realtime.auth import Identity
 from realtime.documents import (
     SNAPSHOT_FORMAT,
-    DocumentError,
     DocumentState,
     LogEntry,
     SnapshotError,
@@ -101,7 +100,7 @@ def move_positions(
     """Move ``positions`` in the text at ``rev`` to the text at ``upto``, counted in ``units``.
 
     ``None`` when the log no longer reaches back to ``rev`` (in those units).
-    Raises ``DocumentError("bad_message")`` for a position outside the text at
+    Raises ``ProtocolError("bad_message")`` for a position outside the text at
     ``rev``.  Text inserted exactly at a position goes after it.
     """
     entries = state.ops_since(rev, units)
@@ -115,7 +114,7 @@ def move_positions(
     for p in positions:
         if type(p) is not int or not 0 <= p <= length:
             what = "UTF-16 code units" if utf16 else "characters"
-            raise DocumentError(
+            raise ProtocolError(
                 "bad_message", f"cursor position {p!r} is outside the text at rev {rev} ({length} {what})"
             )
     size = utf16_length if utf16 else len
@@ -159,7 +158,7 @@ def build_state(doc_id: str, loaded: Loaded, **limits: int) -> tuple[DocumentSta
         for rev, op, client, seq, _ in ops:
             if rev > state.rev:
                 state.apply_entry(rev, op, client, seq)
-    except DocumentError as exc:
+    except ProtocolError as exc:
         raise SnapshotError(f"document {doc_id}: stored log does not replay: {exc.message}") from None
     if state.rev != loaded.rev:
         raise SnapshotError(f"document {doc_id}: stored log ends at rev {state.rev}, the document is at {loaded.rev}")
@@ -791,28 +790,28 @@ class EditingService:
     def submit(self, peer: Peer, base_rev: Any, op: Any, seq: Any) -> None:
         """Apply the peer's op in memory now; ack and broadcast once it has committed.
 
-        Raises :class:`~realtime.documents.DocumentError` (nothing changed):
+        Raises :class:`~realtime.protocol.ProtocolError` (nothing changed):
         ``bad_message``, ``conflict``, ``too_large``, ``rate_limited``,
         ``forbidden`` or ``unavailable``.
         """
         doc = peer.doc
         try:
             if peer.gone or doc.broken:
-                raise DocumentError("unavailable", "the document is being reloaded; reconnect")
+                raise ProtocolError("unavailable", "the document is being reloaded; reconnect")
             if not peer.joined:
-                raise DocumentError("conflict", "wait for the snapshot before sending ops")
+                raise ProtocolError("conflict", "wait for the snapshot before sending ops")
             if not peer.can_edit:
-                raise DocumentError("forbidden", "you may view this document but not edit it")
+                raise ProtocolError("forbidden", "you may view this document but not edit it")
             if not peer.bucket.take():
-                raise DocumentError(
+                raise ProtocolError(
                     "rate_limited", f"more than {self.edit_rate:g} edits per second; resend this op shortly")
             if self.log.overloaded:
-                raise DocumentError("unavailable", "the server is overloaded; resend this op shortly")
+                raise ProtocolError("unavailable", "the server is overloaded; resend this op shortly")
             if doc.rebasing:  # catching up with another node: taken in order right after
                 doc.deferred.append((peer, base_rev, op, seq))
                 return
             result = doc.state.submit(base_rev, op, peer.client_id, seq, units=peer.units)
-        except DocumentError as exc:
+        except ProtocolError as exc:
             self.ops_refused[exc.code] = self.ops_refused.get(exc.code, 0) + 1
             raise
         if result.duplicate:
@@ -940,7 +939,7 @@ class EditingService:
             try:
                 op16 = state.text_units().op_to_utf16(obj["op"])
                 state.apply_entry(rev, obj["op"], obj.get("client"), obj.get("seq"))
-            except (DocumentError, ot.OTError, KeyError, TypeError):
+            except (ProtocolError, ot.OTError, KeyError, TypeError):
                 self._start_rebase(doc)  # not what our copy expects: read the log
                 return
             doc.committed_rev = rev
@@ -1042,7 +1041,7 @@ class EditingService:
         for peer, base_rev, op, seq in deferred:
             try:
                 self.submit(peer, base_rev, op, seq)
-            except DocumentError as exc:
+            except ProtocolError as exc:
                 if not peer.gone:
                     peer.member.send({"type": "error", "code": exc.code, "message": exc.message})
         if doc.conflict:
@@ -1107,8 +1106,6 @@ class EditingService:
             if moved is not None and peer.units == UTF16:
                 from_peer = doc.committed_units().from_utf16
                 moved = (from_peer(moved[0]), from_peer(moved[1]))
-        except DocumentError as exc:
-            raise ProtocolError(exc.code, exc.message) from None
         except ot.OTError as exc:  # units.SplitError
             raise ProtocolError("bad_message", f"the cursor would split a character: {exc}") from None
         if moved is None:

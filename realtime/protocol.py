@@ -80,6 +80,10 @@ class ProtocolError(Exception):
         self.message = message
         self.close = close
 
+    def __repr__(self) -> str:
+        close = "" if self.close is None else ", close=%d" % self.close
+        return f"ProtocolError({self.code!r}, {self.message!r}{close})"
+
 
 def error_message(code: str, message: str, ref: Any = None) -> dict[str, Any]:
     msg: dict[str, Any] = {"type": "error", "code": code, "message": message}

@@ -685,10 +685,6 @@ class SensorService:
         self.fanout.leave(viewer)
         self._viewers.pop(viewer, None)
 
-    @property
-    def viewer_count(self) -> int:
-        return len(self._viewers)
-
     def welcome(self, *, can_publish: bool) -> dict[str, Any]:
         cfg = self.cfg
         return {

@@ -1,34 +1,29 @@
-"""Print every server option as a markdown table (for the README).
+"""Print every server option as a markdown table (for the README), section by
+section in the order realtime/config.py lists them.
 
     python scripts/options_table.py
 """
 
+import dataclasses
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tornado.options import options  # noqa: E402
-
-import server  # noqa: E402,F401  (defines the options)
-
-SKIP = {"help", "logging", "log_to_stderr", "log_file_prefix", "log_file_max_size",
-        "log_file_num_backups", "log_rotate_when", "log_rotate_interval", "log_rotate_mode"}
+from realtime.config import Config  # noqa: E402
 
 
 def main() -> None:
     groups: dict[str, list[str]] = {}
-    for opt in sorted(options._options.values(), key=lambda o: (o.file_name, o.name)):
-        if opt.name in SKIP:
-            continue
-        module = os.path.basename(opt.file_name)
-        default = opt.default
+    for f in dataclasses.fields(Config):
+        factory = f.default_factory
+        default = factory() if callable(factory) else f.default
         if isinstance(default, str) and "\n" in default:
             default = "(see conf/)"
-        row = "| `%s` | `%r` | %s |" % (opt.name, default, (opt.help or "").replace("|", "\\|"))
-        groups.setdefault(module, []).append(row)
-    for module, rows in groups.items():
-        print("\n**%s**\n" % module)
+        row = "| `%s` | `%r` | %s |" % (f.name, default, f.metadata["help"].replace("|", "\\|"))
+        groups.setdefault(f.metadata["section"], []).append(row)
+    for section, rows in groups.items():
+        print("\n**%s**\n" % (section[0].upper() + section[1:]))
         print("| option | default | meaning |")
         print("|---|---|---|")
         print("\n".join(rows))

@@ -1,4 +1,4 @@
-"""Rewrite the options table in README.md from the define()d options.
+"""Rewrite the options table in README.md from realtime/config.py (scripts/options_table.py).
 
     python scripts/update_readme.py
 """

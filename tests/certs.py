@@ -5,6 +5,8 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import ssl
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 from cryptography import x509
@@ -40,3 +42,14 @@ def trusting(certfile: str) -> ssl.SSLContext:
     """A client context that verifies the server against this one certificate
     (hostname included): the test proves TLS works, it does not switch checks off."""
     return ssl.create_default_context(cafile=certfile)
+
+
+def https_ready(port: int) -> bool:
+    """Whether ``https://127.0.0.1:port/healthz`` answers 200 (a ``ready`` for
+    ServerProcess.start; the certificate is checked by the tests themselves)."""
+    try:
+        with urllib.request.urlopen("https://127.0.0.1:%d/healthz" % port, timeout=1,
+                                    context=ssl._create_unverified_context()) as r:
+            return bool(r.status == 200)
+    except (urllib.error.URLError, OSError):
+        return False

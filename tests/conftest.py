@@ -1,9 +1,8 @@
-"""Shared fixtures: a fresh app per test on a temp data dir, and a JSON socket client."""
+"""Shared fixtures: a fresh app per test on a temp data dir, and JSON socket clients on it
+(tests/clients.py)."""
 
 from __future__ import annotations
 
-import asyncio
-import json
 import logging
 import os
 import sys
@@ -11,13 +10,14 @@ from typing import Any
 
 import pytest
 from tornado.httpclient import HTTPRequest
-from tornado.websocket import WebSocketClientConnection, websocket_connect
+from tornado.websocket import websocket_connect
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import server  # noqa: E402
+from tests.clients import Client  # noqa: E402
 
 # Test defaults: fast presence flushes, no pings to wait for.
 TEST_OPTIONS: dict[str, Any] = {"presence_window": 0.01, "ping_interval": 0}
@@ -49,68 +49,6 @@ def http_server(request, io_loop, _unused_port, app):
     io_loop.run_sync(srv.close_all_connections, timeout=5)
 
 
-class Client:
-    """A test peer: JSON in, JSON out, with a skip-list for noise."""
-
-    def __init__(self, conn: WebSocketClientConnection) -> None:
-        self.conn = conn
-        self.seen: list[dict[str, Any]] = []
-
-    def send(self, obj: Any) -> None:
-        self.conn.write_message(obj if isinstance(obj, (str, bytes)) else json.dumps(obj),
-                                binary=isinstance(obj, bytes))
-
-    async def recv(self, timeout: float = 3.0) -> dict[str, Any] | None:
-        """The next message, or None when the connection closed."""
-        raw = await asyncio.wait_for(self.conn.read_message(), timeout)
-        if raw is None:
-            return None
-        msg = json.loads(raw)
-        self.seen.append(msg)
-        return msg
-
-    async def expect(self, mtype: str, timeout: float = 3.0, skip: tuple[str, ...] = ("presence", "typing"),
-                     ) -> dict[str, Any]:
-        """The next message of ``mtype``, skipping ``skip`` types; anything else fails."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while True:
-            msg = await self.recv(max(0.01, deadline - loop.time()))
-            assert msg is not None, "connection closed (code %s) while waiting for %s" % (
-                self.conn.close_code, mtype)
-            if msg["type"] == mtype:
-                return msg
-            if msg["type"] not in skip:
-                raise AssertionError("expected %s, got %r" % (mtype, msg))
-
-    async def nothing(self, mtype: str | None = None, wait: float = 0.2,
-                      skip: tuple[str, ...] = ("presence", "typing")) -> None:
-        """Assert that no message (of ``mtype``, or of any non-skipped type) arrives."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + wait
-        while loop.time() < deadline:
-            try:
-                msg = await self.recv(deadline - loop.time())
-            except asyncio.TimeoutError:
-                return
-            if msg is None:
-                return
-            if (mtype is None and msg["type"] not in skip) or msg["type"] == mtype:
-                raise AssertionError("unexpected message %r" % msg)
-
-    async def closed(self, timeout: float = 3.0) -> int | None:
-        """Wait for the close; return the close code."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while True:
-            raw = await asyncio.wait_for(self.conn.read_message(), max(0.01, deadline - loop.time()))
-            if raw is None:
-                return self.conn.close_code
-
-    def close(self) -> None:
-        self.conn.close()
-
-
 @pytest.fixture
 def connect(http_server, http_port):
     """``await connect('/ws/chat', name='ann')`` -> Client (welcome not yet read)."""
@@ -130,6 +68,36 @@ def connect(http_server, http_port):
     yield _connect
     for c in opened:
         c.close()
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").lower() not in ("", "0", "false", "no")
+
+
+def _skip_reason(report: Any) -> str:
+    longrepr = report.longrepr
+    return longrepr[2] if isinstance(longrepr, tuple) and len(longrepr) == 3 else str(longrepr)
+
+
+def _fail_skips_in_ci(report: Any) -> None:
+    """In CI every test must run: scripts/test.sh installs what each needs, so
+    a skip there means a missing tool, and it fails instead of passing quietly."""
+    if report.skipped and in_ci() and not hasattr(report, "wasxfail"):
+        report.outcome = "failed"
+        report.longrepr = "skipped under CI=%s, where every test must run: %s" % (
+            os.environ["CI"], _skip_reason(report))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    _fail_skips_in_ci(outcome.get_result())
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    outcome = yield  # a module-level importorskip or skip(allow_module_level=True)
+    _fail_skips_in_ci(outcome.get_result())
 
 
 def pytest_collection_modifyitems(config, items):

@@ -9,9 +9,11 @@ import shutil
 import signal
 import socket
 import subprocess
-import time
 
 import pytest
+
+from tests.servers import free_port
+from tests.waiting import until_sync
 
 
 def redis_binary() -> str | None:
@@ -19,19 +21,11 @@ def redis_binary() -> str | None:
 
 
 def require_redis() -> str:
-    """The redis-server path; a missing one fails in CI (scripts/test.sh installs it) and skips elsewhere."""
+    """The redis-server path; a missing one skips the test (a failure under CI: scripts/test.sh installs it)."""
     path = redis_binary()
     if path is None:
-        if os.environ.get("CI"):
-            pytest.fail("redis-server is not installed (scripts/test.sh installs Debian's redis-server)")
-        pytest.skip("redis-server is not installed")
+        pytest.skip("redis-server is not installed (scripts/test.sh installs Debian's redis-server)")
     return path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class RedisServer:
@@ -51,19 +45,20 @@ class RedisServer:
              "--appendonly", "yes", "--appendfsync", "always", "--save", "", "--daemonize", "no",
              "--protected-mode", "yes", "--logfile", os.path.join(self.dir, "redis.log")],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
+        proc = self.proc
+
+        def answers() -> bool:
+            if proc.poll() is not None:
+                raise RuntimeError("redis-server exited: see %s/redis.log" % self.dir)
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
                     s.sendall(b"PING\r\n")
-                    if s.recv(16).startswith(b"+PONG"):
-                        return self
+                    return s.recv(16).startswith(b"+PONG")
             except OSError:
-                pass
-            if self.proc.poll() is not None:
-                raise RuntimeError("redis-server exited: see %s/redis.log" % self.dir)
-            time.sleep(0.05)
-        raise RuntimeError("redis-server did not start")
+                return False
+
+        until_sync(answers, 10, what="redis-server to answer PING on port %d" % self.port)
+        return self
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         if self.proc is not None and self.proc.poll() is None:

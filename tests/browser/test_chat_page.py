@@ -13,12 +13,13 @@ import shutil
 from collections.abc import Callable
 from typing import Any
 
-from tests.browser.conftest import PageHandle, ServerProcess
+from tests.browser.conftest import PageHandle
+from tests.servers import ServerProcess
 
 try:
     from playwright.sync_api import expect
 except ImportError:  # the `browser` fixture skips (or, under CI, fails) these tests
-    expect = None
+    expect = None  # type: ignore[assignment]
 
 XSS = "<img src=x onerror=alert(1)>"
 
@@ -309,6 +310,9 @@ async () => {
   Object.assign(FakeSocket, { CONNECTING: 0, OPEN: 1, CLOSING: 2, CLOSED: 3 });
   window.WebSocket = FakeSocket;
   const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+  // The longest backoff: a client that meant to reconnect has opened a socket within it.
+  const MAX_DELAY = 120;
+  const pastAnyRetry = () => sleep(2 * MAX_DELAY);
   const until = async (fn, ms = 2000) => {
     const end = Date.now() + ms;
     while (!fn()) { if (Date.now() > end) throw new Error('timed out: ' + fn); await sleep(5); }
@@ -323,7 +327,7 @@ async () => {
     onOpen: (w) => welcomes.push(w),
     onState: (s, d) => states.push(s),
     refreshToken: async () => { refreshed += 1; token = 't2'; },
-    baseDelay: 20, maxDelay: 120, stableAfter: 10000,
+    baseDelay: 20, maxDelay: MAX_DELAY, stableAfter: 10000,
   });
   out.sendBeforeOpen = c.send({ type: 'x' });
   c.connect();
@@ -359,7 +363,7 @@ async () => {
   sockets[8].accept();
   sockets[8].drop(4003, 'not allowed here');
   out.forbidden = { state: c.state, fatal: !!c.detail.fatal, message: c.detail.message };
-  await sleep(300);
+  await pastAnyRetry();  // 4003: no retry at all
   out.socketsAfterForbidden = sockets.length;
   out.sendWhenClosed = c.send({ type: 'x' });
   // 1008 (flooding): a long pause, not a quick retry.
@@ -374,7 +378,7 @@ async () => {
   p.close();
   out.closedState = p.state;
   out.closedCode = sockets[sockets.length - 1].closedWith;
-  await sleep(150);
+  await pastAnyRetry();  // closed by the page: no retry either
   out.socketsAfterClose = sockets.length - n - 1;
   out.states = states;
   out.wss = socketURL('/ws/x', { a: 1 }).startsWith('ws://');

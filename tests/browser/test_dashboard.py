@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import json
 import time
-import urllib.request
 from typing import Any, Callable
 
-from tests.browser.conftest import PageHandle, ServerProcess
+from tests.browser.conftest import PageHandle
+from tests.clients import request
+from tests.servers import ServerProcess
+from tests.waiting import until_sync
 
 try:
     from playwright.sync_api import expect
 except ImportError:  # the `browser` fixture skips (or, under CI, fails) these tests
-    expect = None
+    expect = None  # type: ignore[assignment]
 
 
 def open_dashboard(make_page: Callable[..., PageHandle], base: str, **ctx: Any) -> PageHandle:
@@ -26,6 +28,16 @@ def open_dashboard(make_page: Callable[..., PageHandle], base: str, **ctx: Any) 
     expect(page.locator("#conn-state")).to_have_attribute("data-state", "open")
     expect(page.locator("#dash")).to_have_attribute("data-ready", "true")
     return handle
+
+
+def polling(page: Any) -> Callable[[float], None]:
+    """How ``until_sync`` passes the time in a page: Playwright's own wait, so page events keep coming."""
+    return lambda seconds: page.wait_for_timeout(seconds * 1000)
+
+
+def drawn(page: Any) -> None:
+    """Return once the page has painted what it received so far (two animation frames)."""
+    page.evaluate("() => new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)))")
 
 
 def card(page: Any, sensor: str) -> Any:
@@ -38,12 +50,10 @@ def canvas_pixels(page: Any, sensor: str) -> str:
 
 def ingest(server: ServerProcess, method: str, path: str, body: Any) -> dict:
     key = (server.data_dir / "ingest_key").read_text().strip()
-    data = None if body is None else json.dumps(body).encode()  # DELETE takes no body (413 otherwise)
-    req = urllib.request.Request(server.url + path, data=data, method=method,
-                                 headers={"Authorization": "Bearer " + key})
-    with urllib.request.urlopen(req, timeout=5) as resp:
-        assert resp.status in (200, 201)
-        return json.loads(resp.read())
+    # (DELETE takes no body: 413 otherwise)
+    reply = request(server.url, path, method, body, {"Authorization": "Bearer " + key})
+    assert reply.status in (200, 201), reply
+    return reply.body
 
 
 def test_charts_draw_and_move_and_values_update(make_page, server):
@@ -63,13 +73,14 @@ def test_charts_draw_and_move_and_values_update(make_page, server):
     assert first != blank
     values = {vib.locator(".sensor-value").inner_text()}
     frames = {first}
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and (len(values) < 3 or len(frames) < 3):
-        page.wait_for_timeout(250)
+
+    def moved() -> bool:
         values.add(vib.locator(".sensor-value").inner_text())
         frames.add(canvas_pixels(page, "sim.vibration"))
-    assert len(frames) >= 3, "the chart did not move"
-    assert len(values) >= 3, "the latest value did not change"
+        return len(values) >= 3 and len(frames) >= 3
+
+    until_sync(moved, timeout=5, interval=0.1, sleep=polling(page),
+               what="three different frames and values of the vibration chart")
     # Backfill on open: the 1 Hz temperature chart already holds a minute of points.
     expect(card(page, "sim.temperature").locator(".sensor-foot")).to_contain_text("max ")
     assert page.evaluate("""() => document.querySelector(
@@ -108,13 +119,20 @@ def test_picker_pause_and_rate(make_page, server):
     page.reload()
     expect(page.locator("#dash")).to_have_attribute("data-ready", "true")
 
-    # Rate: 2 Hz means at most about two readings messages a second.
+    # Rate: 2 Hz means about two readings messages a second.  Five readings after the server's
+    # answer to the new rate, timed by the server's own timestamps, span four intervals.
     page.click('label[for="rate-2"]')
-    page.wait_for_timeout(500)
-    start = len(frames)
-    page.wait_for_timeout(2000)
-    readings = [f for f in frames[start:] if '"type":"readings"' in f]
-    assert 2 <= len(readings) <= 6, len(readings)
+
+    def at_two_hz() -> list[dict[str, Any]] | None:
+        msgs = [json.loads(f) for f in frames]
+        answer = next((i for i, m in enumerate(msgs) if m["type"] == "subscribed" and m.get("max_hz") == 2), None)
+        after = [] if answer is None else [m for m in msgs[answer + 1:] if m["type"] == "readings"]
+        return after[:5] if len(after) >= 5 else None
+
+    readings = until_sync(at_two_hz, timeout=10, interval=0.1, sleep=polling(page),
+                          what="five readings messages after the switch to 2 Hz")
+    span = readings[-1]["ts"] - readings[0]["ts"]
+    assert 4 / 3 <= span <= 4, [m["ts"] for m in readings]  # 1 to 3 a second
 
     # Choosing sensors: hide one; the choice survives a reload.
     page.click("#picker-toggle")
@@ -129,21 +147,35 @@ def test_picker_pause_and_rate(make_page, server):
     assert page.is_checked("#rate-2")
 
     # Pause freezes the charts and values; resume goes live again.
+    def power_readings() -> int:  # readings messages with points of sim.power
+        return sum(1 for f in frames if '"type":"readings"' in f and '"sim.power"' in f)
+
+    def next_power_reading() -> str:  # the chart once the next reading of sim.power is drawn
+        seen = power_readings()
+        until_sync(lambda: power_readings() > seen, timeout=10, sleep=polling(page))
+        drawn(page)
+        return canvas_pixels(page, "sim.power")
+
     page.click("#pause")
     expect(page.locator("#paused-banner")).to_be_visible()
     power = card(page, "sim.power")
-    # The first point after the pause still draws the line out to the frozen edge; then nothing moves.
-    page.wait_for_timeout(1000)
+    # Points from before the pause still draw, and the first one after it draws the line out to
+    # the frozen edge: the first reading that changes nothing shows the frozen view.
     frozen = canvas_pixels(page, "sim.power")
-    page.wait_for_timeout(1500)
-    assert canvas_pixels(page, "sim.power") == frozen
+    for _ in range(6):
+        now = next_power_reading()
+        if now == frozen:
+            break
+        frozen = now
+    else:
+        raise AssertionError("the chart kept moving while paused")
+    for _ in range(3):  # three more readings: nothing moves
+        assert next_power_reading() == frozen, "the chart moved while paused"
     page.click("#resume")
     expect(page.locator("#paused-banner")).to_be_hidden()
     expect(power.locator(".sensor-value")).not_to_have_text("–")
-    deadline = time.monotonic() + 5
-    while canvas_pixels(page, "sim.power") == frozen and time.monotonic() < deadline:
-        page.wait_for_timeout(200)
-    assert canvas_pixels(page, "sim.power") != frozen
+    until_sync(lambda: canvas_pixels(page, "sim.power") != frozen, timeout=5, interval=0.1, sleep=polling(page),
+               what="the power chart to move again after resume")
 
     # "All" brings everything back.
     page.click("#picker-toggle")
@@ -164,9 +196,5 @@ def test_reconnects_after_a_restart_and_stored_readings_come_back(make_page, ser
     # The reading was stored before its 200: after the restart it is back, through the backfill.
     expect(card(page, "plant.boiler").locator(".sensor-value")).to_have_text("42.5")
     vib = card(page, "sim.vibration").locator(".sensor-value")
-    first = vib.inner_text()
-    deadline = time.monotonic() + 5
-    while vib.inner_text() == first and time.monotonic() < deadline:
-        page.wait_for_timeout(100)
-    assert vib.inner_text() != first, "no live readings after the reconnect"
+    expect(vib).not_to_have_text(vib.inner_text(), timeout=5000)  # live readings after the reconnect
     assert not handle.page_errors, handle.page_errors

@@ -13,12 +13,13 @@ from typing import Any
 
 import pytest
 
-from tests.browser.conftest import PageHandle, ServerProcess
+from tests.browser.conftest import PageHandle
+from tests.servers import ServerProcess
 
 try:
     from playwright.sync_api import expect
 except ImportError:  # the `browser` fixture skips (or, under CI, fails) these tests
-    expect = None
+    expect = None  # type: ignore[assignment]
 
 pytestmark = pytest.mark.browser
 

@@ -12,14 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.browser.conftest import PageHandle, ServerProcess
-from tests.certs import self_signed, trusting
-from tests.servers import free_port
+from tests.browser.conftest import PageHandle
+from tests.certs import https_ready, self_signed, trusting
+from tests.servers import ServerProcess, free_port
 
 try:
     from playwright.sync_api import expect
 except ImportError:  # the `browser` fixture skips (or, under CI, fails) these tests
-    expect = None
+    expect = None  # type: ignore[assignment]
 
 KEY = "tls-browser-key-0123456789"
 
@@ -27,11 +27,12 @@ KEY = "tls-browser-key-0123456789"
 @pytest.fixture
 def tls_server(tmp_path: Path) -> Iterator[ServerProcess]:
     cert, key = self_signed(tmp_path / "certs")
-    srv = ServerProcess(free_port(), tmp_path / "data", tmp_path / "server.log", scheme="https",
-                        args=("--certfile=" + cert, "--keyfile=" + key, "--ingest_key=" + KEY,
-                              "--host_metrics=False"))
+    port = free_port()
+    srv = ServerProcess(port, tmp_path / "data", "--certfile=" + cert, "--keyfile=" + key, "--ingest_key=" + KEY,
+                        "--host_metrics=False", log_path=tmp_path / "server.log")
+    srv.url = "https://127.0.0.1:%d" % port
     srv.cert = cert  # type: ignore[attr-defined]
-    srv.start()
+    srv.start(ready=lambda: https_ready(port))
     try:
         yield srv
     finally:

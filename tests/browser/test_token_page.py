@@ -5,20 +5,20 @@ from __future__ import annotations
 
 import re
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import jwt
 import pytest
 
-from tests.browser.conftest import PageHandle, ServerProcess
-from tests.servers import free_port
+from tests.browser.conftest import PageHandle
+from tests.clients import request
+from tests.servers import ServerProcess, free_port
 
 try:
     from playwright.sync_api import expect
 except ImportError:  # the `browser` fixture skips (or, under CI, fails) these tests
-    expect = None
+    expect = None  # type: ignore[assignment]
 
 SECRET = "browser-" + "s" * 40
 KEY = "k" * 32
@@ -30,9 +30,9 @@ def mint(sub: str = "ann", ttl: float = 60.0) -> str:
 
 @pytest.fixture
 def token_server(tmp_path: Path) -> Iterator[ServerProcess]:
-    srv = ServerProcess(free_port(), tmp_path / "data", tmp_path / "server.log",
-                        args=("--auth=token", "--jwt_secret=" + SECRET, "--token_refresh_window=2",
-                              "--ingest_key=" + KEY, "--simulated_sensors=", "--host_metrics=False"))
+    srv = ServerProcess(free_port(), tmp_path / "data", "--auth=token", "--jwt_secret=" + SECRET,
+                        "--token_refresh_window=2", "--ingest_key=" + KEY, "--simulated_sensors=",
+                        "--host_metrics=False", log_path=tmp_path / "server.log")
     srv.start()
     try:
         yield srv
@@ -42,8 +42,7 @@ def token_server(tmp_path: Path) -> Iterator[ServerProcess]:
 
 def opened(srv: ServerProcess) -> int:
     """WebSocket connections the server has opened (a reconnect is one more)."""
-    with urllib.request.urlopen(srv.url + "/metrics", timeout=5) as r:
-        text = r.read().decode()
+    text = request(srv.port, "/metrics").body
     m = re.search(r"realtime_connections_opened_total ([0-9.]+)", text)
     return int(float(m.group(1))) if m else 0
 

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import subprocess
 from typing import Any
 
 import pytest
 
 from tests.redis_server import RedisServer
-from tests.servers import free_port, start_server
+from tests.servers import ServerProcess, free_port, start_server
 
 
 @pytest.fixture
@@ -20,21 +19,19 @@ def redis(tmp_path: Any) -> Any:
 
 @pytest.fixture
 def cluster(tmp_path: Any, redis: RedisServer) -> Any:
-    """``cluster(n)`` -> n node ports (each with its own data_dir) on one Redis."""
-    procs: list[subprocess.Popen[bytes]] = []
+    """``cluster(n)`` -> n node ports (each with its own data_dir) on one Redis;
+    ``cluster.procs`` are their :class:`~tests.servers.ServerProcess` es."""
+    procs: list[ServerProcess] = []
 
     def start(n: int, *args: str) -> list[int]:
         ports = []
         for _ in range(n):
             port = free_port()
-            procs.append(start_server(port, str(tmp_path / ("node%d" % len(procs))), "--backplane=" + redis.url,
-                                      *args))
+            procs.append(start_server(port, tmp_path / ("node%d" % len(procs)), "--backplane=" + redis.url, *args))
             ports.append(port)
         return ports
 
     start.procs = procs  # type: ignore[attr-defined]
     yield start
     for p in procs:
-        if p.poll() is None:
-            p.kill()
-            p.wait(10)
+        p.kill()

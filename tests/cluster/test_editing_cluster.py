@@ -11,14 +11,15 @@ import asyncio
 import json
 import random
 import re
-import urllib.request
 from typing import Any
 
 import pytest
 import websockets
 
 from realtime import ot
+from tests.clients import request
 from tests.cluster.test_chat_cluster import http, run
+from tests.waiting import until
 
 pytestmark = pytest.mark.cluster
 
@@ -79,6 +80,12 @@ class Editor:
                 raise AssertionError(msg)
 
 
+def metric(text: str, name: str) -> float:
+    found = re.search(r"^%s (\S+)$" % re.escape(name), text, re.M)
+    assert found is not None, "%s is not in /metrics" % name
+    return float(found.group(1))
+
+
 def test_editors_on_two_nodes_type_at_once_and_every_copy_converges(cluster: Any) -> None:
     a, b = cluster(2)
 
@@ -86,17 +93,25 @@ def test_editors_on_two_nodes_type_at_once_and_every_copy_converges(cluster: Any
         rng = random.Random(7)
         editors = [await Editor.open(p, "shared", n) for p, n in ((a, "ann"), (b, "bob"), (a, "cy"), (b, "dee"))]
         loop = asyncio.get_running_loop()
-        pumps = [asyncio.ensure_future(e.pump(loop.time() + 12)) for e in editors]
+        pumps = [asyncio.ensure_future(e.pump(loop.time() + 60)) for e in editors]
         for _ in range(40):
             for e in editors:
                 await e.edit(rng)
-            await asyncio.sleep(0.02)
-        # Quiet: let every op be acknowledged and every copy catch up.
-        for _ in range(200):
-            if all(e.client.state == "synchronized" for e in editors):
-                break
-            await asyncio.sleep(0.05)
-        await asyncio.sleep(0.5)
+            await asyncio.sleep(0.02)  # pacing: the edits of the four interleave with the traffic
+
+        # Quiet: every op acknowledged, every copy at the revision both nodes serve.
+        async def converged() -> bool:
+            for p in pumps:
+                if p.done():  # a pump that stopped (a close, an error) ends the wait: the asserts say why
+                    p.result()
+                    return True
+            if not all(e.client.state == "synchronized" for e in editors):
+                return False
+            revs = {e.client.rev for e in editors}
+            served = {(await asyncio.to_thread(http, p, "/api/docs/shared"))[1]["rev"] for p in (a, b)}
+            return len(revs) == 1 and revs == served
+
+        await until(converged, timeout=20, interval=0.05)
         for p in pumps:
             p.cancel()
         await asyncio.gather(*pumps, return_exceptions=True)
@@ -111,9 +126,8 @@ def test_editors_on_two_nodes_type_at_once_and_every_copy_converges(cluster: Any
 
     run(main())
     for port in (a, b):  # both nodes applied the other's edits (the cross-node path was taken)
-        text = urllib.request.urlopen("http://127.0.0.1:%d/metrics" % port, timeout=5).read().decode()
-        remote = float(re.search(r"^realtime_doc_remote_ops_total (\S+)$", text, re.M).group(1))
-        rebases = float(re.search(r"^realtime_doc_rebases_total (\S+)$", text, re.M).group(1))
+        text = request(port, "/metrics").body
+        remote, rebases = metric(text, "realtime_doc_remote_ops_total"), metric(text, "realtime_doc_rebases_total")
         assert remote > 0, text
         print("node %d: %d remote ops applied, %d rebases" % (port, remote, rebases))
 

@@ -32,7 +32,7 @@ class Recorder:
 def test_envelope_round_trip_keeps_what_subscribers_filter_on() -> None:
     out = Outgoing({"type": "op", "rev": 7, "op": [1, "é😀"], "client": "c-abcd"}, seq=7, client="c-abcd")
     env = Envelope.unpack(Envelope.of("node-a", "doc:x", out).pack())
-    assert env == ("node-a", "doc:x", "op", 7, "c-abcd", out.text)
+    assert tuple(env) == ("node-a", "doc:x", "op", 7, "c-abcd", out.text)
     back = env.outgoing()
     assert (back.kind, back.seq, back.client, back.text, back.data) == ("op", 7, "c-abcd", out.text, out.data)
     assert back.obj == out.obj and back.frame == out.frame
@@ -84,8 +84,12 @@ def test_unsubscribe_stops_delivery_and_forgets_the_topic(backplane: Any) -> Non
             await b.wait_for(1)
             hub.unsubscribe("t", b)
             assert hub.topics == 0 and hub.subscribers("t") == 0
+            far = Recorder()
+            if nodes.multi_node:
+                await (await nodes.hub()).subscribe("t", far)
             hub.publish("t", {"type": "x", "n": 2})
-            await asyncio.sleep(0.05)
+            if nodes.multi_node:  # it went round the backplane: what could reach b has come back by now
+                await far.wait_for(1)
             assert [o.obj["n"] for o in b.got] == [1] and a.got == []
             hub.unsubscribe("t", b)  # twice: harmless
 
@@ -127,7 +131,7 @@ def test_every_node_gets_every_message_once(backplane: Any) -> None:
             for sub in subs:
                 await sub.wait_for(30)
             for sub in subs:
-                assert sorted(o.seq for o in sub.got) == list(range(1, 31))
+                assert sorted(o.seq for o in sub.got if o.seq is not None) == list(range(1, 31))
                 for origin in range(len(hubs)):  # each node's messages in the order it sent them
                     mine = [o.obj["i"] for o in sub.got if o.obj["from"] == origin]
                     assert mine == sorted(mine)

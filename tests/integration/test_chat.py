@@ -9,6 +9,8 @@ import sqlite3
 import pytest
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError
 
+from tests.waiting import until
+
 
 async def joined(client, room="lobby", **extra):
     client.send({"type": "join", "room": room, **extra})
@@ -59,7 +61,7 @@ async def test_retry_with_same_cid_is_acked_again_not_stored_twice(connect, http
     assert {a["seq"] for a in acks} == {1}
     assert sum(1 for a in acks if a.get("duplicate")) == 2
     assert (await bob.expect("message"))["seq"] == 1
-    await bob.nothing("message", wait=0.3)
+    await bob.nothing_before_pong("message")  # the acked retries were not broadcast
     # Another user may use the same cid: it is theirs, not a retry.
     bob.send({"type": "say", "room": "lobby", "text": "mine", "cid": "same"})
     assert (await bob.expect("ack", skip=("presence", "message")))["seq"] == 2
@@ -115,8 +117,9 @@ async def test_no_message_lost_or_doubled_at_the_join_seam(connect, app_options)
     async def talk():
         for i in range(total):
             talker.send({"type": "say", "room": "lobby", "text": "n%d" % i, "cid": "t%d" % i})
-            if i % 10 == 0:
-                await asyncio.sleep(0.002)
+            if i % 10 == 9:  # in bursts of ten, each burst stored before the next: joins land in between
+                await talker.expect("ack", skip=("presence", "typing", "message"),
+                                    where=lambda a, i=i: a["cid"] == "t%d" % i)
 
     talking = asyncio.ensure_future(talk())
     checked = 0
@@ -230,7 +233,7 @@ async def test_rate_limit_then_flood_close(connect, app_options):
 
 @pytest.mark.gen_test
 @pytest.mark.parametrize("app_options", [{"max_connections_per_ip": 2}])
-async def test_connections_per_ip_are_capped(connect, app_options):
+async def test_connections_per_ip_are_capped(connect, app, app_options):
     a = await connect("/ws/chat")
     b = await connect("/ws/chat")
     with pytest.raises(HTTPClientError) as e:
@@ -238,7 +241,7 @@ async def test_connections_per_ip_are_capped(connect, app_options):
     assert e.value.code == 429
     a.close()
     await a.closed()
-    await asyncio.sleep(0.1)
+    await until(lambda: app.ctx.conn_limit.count("127.0.0.1") == 1)  # the server has seen it go
     c = await connect("/ws/chat")
     assert (await c.expect("welcome"))["type"] == "welcome"
     assert b
@@ -264,7 +267,7 @@ async def test_allowed_origins_exact_match(connect, app_options):
 
 
 @pytest.mark.gen_test
-async def test_presence_counts_tabs_once_and_announces_leave(connect):
+async def test_presence_counts_tabs_once_and_announces_leave(connect, app):
     ann = await user(connect, "ann")
     ann_tab2 = await user(connect, "ann", session=ann.welcome["session"])
     assert ann_tab2.joined["member_count"] == 1
@@ -272,32 +275,31 @@ async def test_presence_counts_tabs_once_and_announces_leave(connect):
     assert bob.joined["member_count"] == 2
     names = {m["name"] for m in bob.joined["members"]}
     assert names == {"ann", "bob"}
-    await bob.nothing(wait=0.2)  # drain bob's own join announcement
+    await bob.expect("presence", skip=(), where=lambda m: m["member_count"] == 2)  # bob's own join
     ann.close()
-    await asyncio.sleep(0.1)
-    await bob.nothing("presence", wait=0.1, skip=())  # ann still has a tab
+    await until(lambda: len(app.ctx.connections) == 2)  # the server has closed ann's first tab
+    # Carl joins after that: the next presence bob hears announces carl alone.  Had the first
+    # tab's close been announced, it would come before carl's join, or in the same diff.
+    carl = await user(connect, "carl")
+    ev = await bob.expect("presence", skip=())
+    assert (ev["event"], ev["user"]["name"], ev["member_count"]) == ("join", "carl", 3)  # ann still has a tab
     ann_tab2.close()
     ev = await bob.expect("presence", skip=())
-    assert ev["event"] == "leave" and ev["user"]["name"] == "ann" and ev["member_count"] == 1
+    assert ev["event"] == "leave" and ev["user"]["name"] == "ann" and ev["member_count"] == 2
+    assert carl
 
 
 @pytest.mark.gen_test(timeout=20)
 @pytest.mark.parametrize("app_options", [{"presence_window": 0.2, "max_connections_per_ip": 0}])
 async def test_mass_join_presence_is_coalesced(connect, app_options):
     watcher = await user(connect, "watcher")
-    await asyncio.sleep(0.3)
+    await watcher.expect("presence", skip=())  # its own join, announced alone
     crowd = []
     for i in range(40):
         crowd.append(await user(connect, "u%d" % i))
-    await asyncio.sleep(0.5)
     presence = []
-    while True:
-        try:
-            m = await watcher.recv(0.2)
-        except asyncio.TimeoutError:
-            break
-        if m["type"] == "presence":
-            presence.append(m)
+    while not presence or presence[-1]["member_count"] < 41:  # until everyone's join is announced
+        presence.append(await watcher.expect("presence", skip=()))
     assert 1 <= len(presence) <= 5, [p["event"] for p in presence]
     assert presence[-1]["member_count"] == 41
 
@@ -310,7 +312,7 @@ async def test_typing_reaches_others_and_is_throttled(connect):
         ann.send({"type": "typing", "room": "lobby"})
     t = await bob.expect("typing", skip=("presence",))
     assert t["user"]["name"] == "ann"
-    await bob.nothing("typing", wait=0.3, skip=("presence",))
+    await bob.nothing_before_pong("typing", after=(ann,))  # the other four were dropped
 
 
 @pytest.mark.gen_test
@@ -339,7 +341,7 @@ async def test_a_storage_failure_is_an_error_not_a_lost_ack(connect, app):
     ann.send({"type": "say", "room": "lobby", "text": "lost?", "cid": "x1", "ref": 3})
     err = await ann.expect("error", skip=("presence",))
     assert err["code"] == "unavailable" and err["ref"] == 3
-    await bob.nothing("message", wait=0.2)
+    await bob.nothing_before_pong("message")  # nothing was broadcast
     store.write = real_write
     ann.send({"type": "say", "room": "lobby", "text": "lost?", "cid": "x1"})
     assert (await ann.expect("ack", skip=("presence", "message")))["seq"] == 1

@@ -23,30 +23,20 @@ async def person(connect, app, sub, *roles):
     return c
 
 
+async def expect_any(client, types, timeout=3.0):
+    """The next message of one of ``types``; chat traffic in between is skipped."""
+    while True:
+        msg = await client.recv(timeout)
+        assert msg is not None, "closed (%s)" % client.conn.close_code
+        if msg["type"] in types:
+            return msg
+        assert msg["type"] in ("presence", "typing", "message", "member", "deleted", "left"), msg
+
+
 async def ask(client, msg, reply="joined"):
     """Send ``msg``; the reply of type ``reply`` or the error."""
     client.send(msg)
-    return await client.expect_any((reply, "error"))
-
-
-def _expect_any(self, types, timeout=3.0):
-    async def run():
-        while True:
-            msg = await self.recv(timeout)
-            assert msg is not None, "closed (%s)" % self.conn.close_code
-            if msg["type"] in types:
-                return msg
-            assert msg["type"] in ("presence", "typing", "message", "member", "deleted", "left"), msg
-    return run()
-
-
-@pytest.fixture(autouse=True)
-def _client_helpers():
-    from tests.conftest import Client
-
-    Client.expect_any = _expect_any
-    yield
-    del Client.expect_any
+    return await expect_any(client, (reply, "error"))
 
 
 async def saw(client, mtype, **match):
@@ -71,7 +61,7 @@ async def http_get(port, path, app=None, sub=None, roles=()):
 
 async def say(client, room, text, cid):
     client.send({"type": "say", "room": room, "text": text, "cid": cid})
-    ack = await client.expect_any(("ack", "error"))
+    ack = await expect_any(client, ("ack", "error"))
     assert ack["type"] == "ack", ack
     return ack["seq"]
 
@@ -106,7 +96,7 @@ async def test_a_private_room_is_read_by_its_members_only(connect, app, http_por
     code, body = await http_get(http_port, "/api/rooms", app, "bob")
     assert "ops" in [r["room"] for r in body["rooms"]]
     # Nothing said in ops ever reached carl.
-    await carl.nothing("message", wait=0.2)
+    await carl.nothing_before_pong("message", after=(ann, bob))
     assert not any(m.get("room") == "ops" and m["type"] == "message" for m in carl.seen)
 
 
@@ -167,7 +157,7 @@ async def test_a_moderator_deletes_a_message_every_member_sees_the_tombstone_in_
     again = await ask(mod, {"type": "delete", "room": "lobby", "seq": s2}, "ack")
     assert (again["seq"], again["duplicate"]) == (s2 + 1, True)
     assert (await ask(mod, {"type": "delete", "room": "lobby", "seq": s2 + 1}, "ack"))["code"] == "not_found"
-    await ann.nothing("deleted", wait=0.2)
+    await ann.nothing_before_pong("deleted", skip=("presence", "message", "deleted"), after=(mod,))
     assert [m["seq"] for m in ann.seen if m["type"] == "deleted"] == [s2 + 1]
     # Later reads: a fresh join, a resume, HTTP, all show the message deleted and the tombstone after it.
     dave = await person(connect, app, "dave")
@@ -211,7 +201,7 @@ async def test_removing_a_member_takes_its_connections_out_of_the_room(connect, 
         assert await saw(c, "left") == {"type": "left", "room": "ops", "reason": "removed"}
     await say(ann, "ops", "bob is gone", "a1")
     assert (await saw(carl, "message", text="bob is gone"))["seq"] == ack["seq"] + 1
-    await bob.nothing("message", wait=0.2)
+    await bob.nothing_before_pong("message", after=(ann,))
     assert (await ask(bob, {"type": "say", "room": "ops", "text": "x"}, "ack"))["code"] == "not_found"
     assert (await ask(bob, {"type": "join", "room": "ops"}))["code"] == "forbidden"
     assert (await http_get(http_port, "/api/rooms/ops/messages", app, "bob"))[0] == 403

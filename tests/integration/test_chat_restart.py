@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 
 import pytest
@@ -20,7 +19,7 @@ async def talk(port: int, n: int) -> list[int]:
         await ws.send(json.dumps({"type": "join", "room": "vault"}))
         for i in range(n):
             await ws.send(json.dumps({"type": "say", "room": "vault", "text": "m%d" % i, "cid": "c%d" % i}))
-        acked = []
+        acked: list[int] = []
         while len(acked) < n:
             msg = json.loads(await asyncio.wait_for(ws.recv(), 5))
             if msg["type"] == "ack":
@@ -43,28 +42,21 @@ async def history(port: int) -> dict:
 def test_acked_messages_survive_sigkill(tmp_path):
     port = free_port()
     data = str(tmp_path / "data")
-    proc = start_server(port, data, "--rate_limit=0")
-    try:
+    with start_server(port, data, "--rate_limit=0") as proc:
         acked = asyncio.run(talk(port, 40))
-        # Kill the instant the last ack is in: no graceful shutdown, no flush.
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(5)
+        proc.kill()  # the instant the last ack is in: no graceful shutdown, no flush
         assert acked == list(range(1, 41))
-        proc = start_server(port, data, "--rate_limit=0")
+        proc.start()
         joined = asyncio.run(history(port))
         assert [m["seq"] for m in joined["messages"]] == list(range(1, 41))
         assert [m["text"] for m in joined["messages"]][-1] == "m39"
         # The epoch is unchanged, so a client can resume across the restart.
         assert joined["seq"] == 40
-    finally:
-        proc.kill()
-        proc.wait(5)
 
 
 @pytest.mark.slow
 def test_sigterm_closes_with_1001_and_exits_cleanly(tmp_path):
     port = free_port()
-    proc = start_server(port, str(tmp_path / "data"), "--rate_limit=0")
 
     async def wait_close():
         url = "ws://127.0.0.1:%d/ws/chat" % port
@@ -76,9 +68,6 @@ def test_sigterm_closes_with_1001_and_exits_cleanly(tmp_path):
                     await asyncio.wait_for(ws.recv(), 5)
             return e.value.rcvd.code if e.value.rcvd else None
 
-    try:
+    with start_server(port, str(tmp_path / "data"), "--rate_limit=0") as proc:
         assert asyncio.run(wait_close()) == 1001
         assert proc.wait(10) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()

@@ -21,8 +21,8 @@ from typing import Any
 import pytest
 import websockets
 
+from tests.clients import request
 from tests.servers import free_port, start_server
-from tests.servers import http_json as get
 
 pytestmark = pytest.mark.slow
 KEY = "disk-full-key-0123456789"
@@ -71,6 +71,11 @@ def fill(path: Any) -> int:
     return n
 
 
+def get(port: int, path: str) -> tuple[int, Any]:
+    reply = request(port, path)
+    return reply.status, reply.body
+
+
 class Chat:
     def __init__(self, ws: Any) -> None:
         self.ws = ws
@@ -103,9 +108,8 @@ async def open_chat(port: int, name: str, room: str = "vault") -> tuple[Chat, di
 def test_a_full_disk_refuses_writes_keeps_reads_and_recovers(tiny_disk: Any, tmp_path: Any) -> None:
     port = free_port()
     log_path = tmp_path / "server.log"
-    log = open(log_path, "wb")
-    proc = start_server(port, str(tiny_disk / "data"), "--ingest_key=" + KEY, "--simulated_sensors=",
-                        "--host_metrics=False", "--rate_limit=0", "--max_text=4000", stderr=log)
+    proc = start_server(port, tiny_disk / "data", "--ingest_key=" + KEY, "--simulated_sensors=",
+                        "--host_metrics=False", "--rate_limit=0", "--max_text=4000", log_path=log_path)
     filler = tiny_disk / "filler"
 
     async def main() -> None:
@@ -155,7 +159,7 @@ def test_a_full_disk_refuses_writes_keeps_reads_and_recovers(tiny_disk: Any, tmp
         assert not stored & ann.refused
         bob, bob_joined = await open_chat(port, "bob")
         assert bob_joined["type"] == "joined", bob_joined
-        assert [m["cid"] for m in bob_joined["messages"]][-1] == max(ann.acked, key=ann.acked.get)
+        assert [m["cid"] for m in bob_joined["messages"]][-1] == max(ann.acked, key=lambda cid: ann.acked[cid])
         carl, carl_joined = await open_chat(port, "carl", "archive")
         assert carl_joined["type"] == "joined", carl_joined
         assert [m["text"] for m in carl_joined["messages"]] == ["kept"]
@@ -182,9 +186,7 @@ def test_a_full_disk_refuses_writes_keeps_reads_and_recovers(tiny_disk: Any, tmp
     try:
         asyncio.run(asyncio.wait_for(main(), 120))
     finally:
-        proc.terminate()
-        proc.wait(10)
-        log.close()
+        proc.stop()
     text = log_path.read_text(errors="replace")
     assert "Traceback" not in text, text[-3000:]
     assert "full" in text  # the store's error was logged, in a line

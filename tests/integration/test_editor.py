@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import random
 import sqlite3
 from typing import Any
@@ -11,10 +10,11 @@ from typing import Any
 import pytest
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError
 
-import handlers.editor  # noqa: F401  (defines the editor options before make_app sees overrides)
 from realtime import editing, ot
 from realtime.ot import OTClient
 from realtime.storage import sqlite_repos
+from tests.clients import fetch
+from tests.waiting import until
 
 NOISE = ("peer_joined", "peer_left", "cursor")
 
@@ -99,17 +99,14 @@ async def open_editor(connect, doc: str = "notes", name: str = "ann", **params: 
 
 
 async def fetch_json(port: int, path: str) -> dict[str, Any]:
-    resp = await AsyncHTTPClient().fetch("http://127.0.0.1:%d%s" % (port, path))
-    return json.loads(resp.body)
+    reply = await fetch(port, path)
+    assert reply.status == 200, reply
+    return reply.body
 
 
 async def http_status(port: int, path: str) -> tuple[int, dict[str, Any]]:
-    try:
-        resp = await AsyncHTTPClient().fetch("http://127.0.0.1:%d%s" % (port, path))
-    except HTTPClientError as e:
-        assert e.response is not None
-        return e.code, json.loads(e.response.body)
-    return resp.code, json.loads(resp.body)
+    reply = await fetch(port, path)
+    return reply.status, reply.body
 
 
 async def seeded(connect, text: str, doc: str = "notes", name: str = "ann", **params: Any) -> Editor:
@@ -149,7 +146,7 @@ async def test_op_is_acked_to_the_sender_and_broadcast_to_the_others(connect, ht
     assert await ann.c.expect("ack") == {"type": "ack", "rev": 1, "seq": 1}
     assert await bob.c.expect("op") == {"type": "op", "rev": 1, "op": ["hi 😀"], "client": ann.client_id,
                                         "seq": 1}
-    await ann.c.nothing(wait=0.1)  # the sender does not get its own op back
+    await ann.c.nothing_before_pong()  # the sender does not get its own op back
     assert (await fetch_json(http_port, "/api/docs/notes"))["text"] == "hi 😀"
 
 
@@ -226,7 +223,7 @@ async def test_resent_op_is_acked_again_and_not_applied_twice(connect, http_port
     assert [a["rev"] for a in acks] == [1, 1, 1]
     assert [bool(a.get("duplicate")) for a in acks] == [False, True, True]
     assert (await bob.c.expect("op", skip=NOISE))["op"] == ["once"]
-    await bob.c.nothing("op", wait=0.15, skip=NOISE)
+    await bob.c.nothing_before_pong("op")  # the acked resends were not broadcast
     assert (await fetch_json(http_port, "/api/docs/notes"))["text"] == "once"
 
 
@@ -239,13 +236,13 @@ async def session_for(connect, name: str) -> str:
 
 
 @pytest.mark.gen_test
-async def test_resend_after_reconnect_with_client_id_is_recognised(connect, http_port):
+async def test_resend_after_reconnect_with_client_id_is_recognised(connect, http_port, app):
     session = await session_for(connect, "ann")
     ann = await open_editor(connect, name="ann", session=session)
     old_id = ann.client_id
     ann.edit(["typed before the drop"])
     ann.c.close()  # gone before reading the ack: did the op make it?
-    await asyncio.sleep(0.1)
+    await until(lambda: not app.ctx.connections)  # the server has seen it go
     c = await connect("/ws/edit/notes", session=session, rev=0, client=old_id)
     resume = await c.expect("ops", skip=NOISE)
     assert resume["client"] == old_id and resume["rev"] == 1
@@ -331,7 +328,7 @@ async def test_cursor_is_relayed_with_identity_and_transformed(connect):
     cur = await ann.c.expect("cursor")
     assert cur == {"type": "cursor", "client": bob.client_id, "user": bob.first["user"], "color": bob.first["color"],
                    "rev": 2, "anchor": 8, "head": 13}
-    await bob.c.nothing("cursor", wait=0.1, skip=("op",))  # not echoed to its sender
+    await bob.c.nothing_before_pong("cursor", skip=("op",))  # not echoed to its sender
     # A third person sees both, with bob's cursor at the snapshot's revision.
     carol = await open_editor(connect, name="carol")
     listed = {p["client"]: p for p in carol.first["peers"]}
@@ -350,14 +347,19 @@ async def test_cursors_are_throttled_and_the_latest_wins(connect, app_options):
     ann = await seeded(connect, "0123456789")
     bob = await open_editor(connect, name="bob")
     await ann.c.expect("peer_joined")
+    loop = asyncio.get_running_loop()
     for i in range(4):
         bob.c.send({"type": "cursor", "rev": 1, "anchor": i})
     first = await ann.c.expect("cursor")
+    first_at = loop.time()
     assert (first["anchor"], first["head"]) == (0, 0)
-    await ann.c.nothing("cursor", wait=0.1)
-    last = await ann.c.expect("cursor", timeout=1)
+    last = await ann.c.expect("cursor", timeout=1)  # the next one ann hears is the latest of the three
     assert (last["anchor"], last["head"]) == (3, 3)
-    await ann.c.nothing("cursor", wait=0.3)
+    assert loop.time() - first_at >= 0.1, "the latest cursor came before the interval ended"
+    # Nothing else was waiting: the next cursor ann hears is a new one.
+    bob.c.send({"type": "cursor", "rev": 1, "anchor": 5})
+    again = await ann.c.expect("cursor", timeout=1)
+    assert (again["anchor"], again["head"]) == (5, 5)
 
 
 @pytest.mark.gen_test
@@ -417,7 +419,7 @@ async def test_every_bad_op_gets_an_error_and_changes_nothing(connect, http_port
     # Lone surrogates never get past the JSON decoder.
     ann.c.send('{"type":"op","rev":1,"op":[5,"\\ud800"],"seq":1}')
     assert (await ann.c.expect("error"))["code"] == "bad_json"
-    await bob.c.nothing("op", wait=0.1, skip=NOISE)
+    await bob.c.nothing_before_pong("op")
     body = await fetch_json(http_port, "/api/docs/notes")
     assert (body["rev"], body["text"]) == (1, "hello")
     # ... and the connection still works.
@@ -547,13 +549,13 @@ async def test_snapshots_trim_the_log_and_an_unloaded_document_reloads(app, conn
     assert snaps == [9] and ops == [8, 9, 10]  # keep 2 before rev 9, and all after the snapshot
     ann.c.close()
     svc = app.ctx.docs
-    for _ in range(100):
-        if "notes" not in svc.docs:
-            break
-        await asyncio.sleep(0.02)
-    assert "notes" not in svc.docs
-    await asyncio.sleep(0.1)  # the unload snapshot commits
-    ops, snaps = await app.ctx.store.read(rows)
+    await until(lambda: "notes" not in svc.docs)  # unloaded once idle
+
+    async def snapshot_on_unload() -> tuple[list[int], list[int]] | None:
+        ops, snaps = await app.ctx.store.read(rows)
+        return (ops, snaps) if snaps != [9] else None
+
+    ops, snaps = await until(snapshot_on_unload)
     assert snaps == [10] and ops == [9, 10]
     body = await fetch_json(http_port, "/api/docs/notes")
     assert (body["rev"], body["text"]) == (10, "0123456789")
@@ -653,12 +655,10 @@ async def test_utf16_catch_up_survives_an_unloaded_document(app, connect, http_p
     js.send({"type": "op", "rev": 1, "op": [2, "!"], "seq": 2})
     await js.expect("ack", skip=NOISE)
     js.close()
-    for _ in range(100):
-        if "notes" not in app.ctx.docs.docs:
-            break
-        await asyncio.sleep(0.02)
-    assert "notes" not in app.ctx.docs.docs
-    await asyncio.sleep(0.1)  # the unload snapshot commits
+    await until(lambda: "notes" not in app.ctx.docs.docs)  # unloaded once idle
+    # The snapshot written on unload (at rev 2) has committed.
+    await until(lambda: app.ctx.store.read(
+        lambda conn: conn.execute("SELECT 1 FROM doc_snapshots WHERE doc='notes' AND rev=2").fetchone()))
     again = await connect("/ws/edit/notes", name="js", units="utf16", rev=1)
     ops = (await again.expect("ops", skip=NOISE))["ops"]
     assert [e["op"] for e in ops] == [[2, "!"]]  # its UTF-16 form came back with the snapshot

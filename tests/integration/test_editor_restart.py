@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import signal
-import urllib.request
 from typing import Any
 
 import pytest
@@ -15,6 +12,7 @@ import websockets
 
 from realtime import ot
 from realtime.ot import OTClient
+from tests.clients import request
 from tests.servers import free_port, start_server
 
 EDITOR_ARGS = ("--rate_limit=0", "--edit_rate=0", "--snapshot_every=7", "--doc_log_keep=10")
@@ -23,8 +21,9 @@ EDITOR_ARGS = ("--rate_limit=0", "--edit_rate=0", "--snapshot_every=7", "--doc_l
 
 
 def get_doc(port: int, doc: str) -> dict[str, Any]:
-    with urllib.request.urlopen("http://127.0.0.1:%d/api/docs/%s" % (port, doc), timeout=5) as resp:
-        return json.loads(resp.read())
+    reply = request(port, "/api/docs/" + doc)
+    assert reply.status == 200, reply
+    return reply.body
 
 
 async def recv(ws: Any) -> dict[str, Any]:
@@ -56,6 +55,7 @@ async def edit(port: int, sess: str, n: int) -> tuple[list[str], str, OTClient]:
             text = ot.apply(text, op)
             client.apply_client(op)
             p = client.pending()
+            assert p is not None
             await ws.send(json.dumps({"type": "op", "rev": p.rev, "op": p.op, "seq": p.seq}))
             while True:
                 msg = await recv(ws)
@@ -70,14 +70,11 @@ async def edit(port: int, sess: str, n: int) -> tuple[list[str], str, OTClient]:
 def test_acked_edits_survive_sigkill_and_clients_resume(tmp_path):
     port = free_port()
     data = str(tmp_path / "data")
-    proc = start_server(port, data, *EDITOR_ARGS)
-    try:
+    with start_server(port, data, *EDITOR_ARGS) as proc:
         sess = asyncio.run(session(port))
         texts, client_id, client = asyncio.run(edit(port, sess, 40))
-        # Kill the instant the last ack is in: no graceful shutdown, no snapshot on exit.
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(5)
-        proc = start_server(port, data, *EDITOR_ARGS)
+        proc.kill()  # the instant the last ack is in: no graceful shutdown, no snapshot on exit
+        proc.start()
         doc = get_doc(port, "vault")
         assert (doc["rev"], doc["text"]) == (40, texts[-1])
 
@@ -115,6 +112,3 @@ def test_acked_edits_survive_sigkill_and_clients_resume(tmp_path):
 
         asyncio.run(resume())
         assert get_doc(port, "vault")["text"] == texts[-1] + "more"
-    finally:
-        proc.kill()
-        proc.wait(5)

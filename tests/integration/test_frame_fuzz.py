@@ -103,15 +103,12 @@ async def close_code(reader: asyncio.StreamReader, timeout: float = 5.0) -> int 
 def fuzz_server(tmp_path_factory: Any) -> Any:
     tmp = tmp_path_factory.mktemp("fuzz")
     port = free_port()
-    log = open(tmp / "server.log", "wb")
-    proc = start_server(port, str(tmp / "data"), "--rate_limit=0", "--max_connections_per_ip=0",
+    proc = start_server(port, tmp / "data", "--rate_limit=0", "--max_connections_per_ip=0",
                         "--handshake_timeout=1.5", "--ping_interval=1", "--ping_timeout=1",
                         "--simulated_sensors=", "--host_metrics=False", "--max_message_size=%d" % MAX_MESSAGE,
-                        stderr=log)
+                        log_path=tmp / "server.log")
     yield port, proc, tmp / "server.log"
-    proc.terminate()
-    proc.wait(10)
-    log.close()
+    proc.stop()
 
 
 def no_traceback(log_path: Any) -> None:
@@ -203,7 +200,7 @@ def test_random_mutations_never_hang_or_break_the_server_and_memory_stays_bounde
                                                                            rss_end / 2**20))
     assert growth < 20, "RSS grew %.1f MiB over 500 fuzzed connections" % growth
     no_traceback(log_path)
-    assert psutil.Process(proc.pid).is_running()
+    assert proc.poll() is None and psutil.Process(proc.pid).is_running()
 
 
 def test_a_handshake_trickled_byte_by_byte_is_bounded_by_the_handshake_timeout(fuzz_server: Any) -> None:

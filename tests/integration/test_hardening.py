@@ -18,6 +18,7 @@ from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 from realtime.redact import RedactingFilter, redact_text
 from tests.integration.test_sensors import BASE as SENSOR_BASE
 from tests.integration.test_sensors import KEY
+from tests.waiting import until
 
 SECRET = "s" * 32
 
@@ -146,7 +147,7 @@ async def test_a_dribbled_or_silent_handshake_is_closed_at_the_deadline(http_ser
 async def test_half_open_connections_per_address_are_capped(http_port, http_server, app_options):
     socks = [socket.create_connection(("127.0.0.1", http_port)) for _ in range(8)]
     try:
-        await asyncio.sleep(0.3)
+        await until(lambda: http_server.refused_half_open + http_server.half_open.count("127.0.0.1") == 8)
         assert http_server.refused_half_open == 3
         closed = 0
         for s in socks:
@@ -161,8 +162,7 @@ async def test_half_open_connections_per_address_are_capped(http_port, http_serv
     finally:
         for s in socks:
             s.close()
-    await asyncio.sleep(0.2)
-    assert http_server.half_open.count("127.0.0.1") == 0
+    await until(lambda: http_server.half_open.count("127.0.0.1") == 0)
     # A complete request is not half-open: keep-alive requests and sockets work as usual.
     health = await AsyncHTTPClient().fetch("http://127.0.0.1:%d/healthz" % http_port)
     assert health.code == 200
@@ -237,14 +237,14 @@ def test_the_redacting_filter_cleans_messages_and_tracebacks():
 
 
 @pytest.mark.gen_test(timeout=30)
-async def test_close_codes_a_client_invents_do_not_add_metric_series(connect, http_port):
+async def test_close_codes_a_client_invents_do_not_add_metric_series(connect, http_port, app):
     """Issue: every distinct close code a client sent became a new series (up to 65,536)."""
     for i in range(30):
         c = await connect("/ws/chat", name="c%d" % i)
         await c.expect("welcome")
         c.conn.close(3000 + i)
         await c.closed()
-    await asyncio.sleep(0.2)
+    await until(lambda: sum(app.ctx.stats.closes.values()) == 30)  # the server has counted every close
     text = (await AsyncHTTPClient().fetch("http://127.0.0.1:%d/metrics" % http_port)).body.decode()
     series = [line for line in text.splitlines() if line.startswith("realtime_closes_total{")]
     assert series == ['realtime_closes_total{code="other"} 30.0']
@@ -417,16 +417,19 @@ async def test_empty_rooms_are_reclaimed_rooms_are_capped_and_listed_by_activity
     assert await rooms_listed(http_port) == ["zeta", "empty", "alpha"]  # newest activity first
     ann.send({"type": "leave", "room": "empty"})
     await ann.expect("left", skip=("presence", "message"))
-    for _ in range(50):
-        if "empty" not in await rooms_listed(http_port):
-            break
-        await asyncio.sleep(0.02)
-    assert await rooms_listed(http_port) == ["zeta", "alpha"]  # nothing was said in it: gone
+
+    async def empty_is_gone() -> list[str] | None:
+        rooms = await rooms_listed(http_port)
+        return None if "empty" in rooms else rooms
+
+    assert await until(empty_is_gone) == ["zeta", "alpha"]  # nothing was said in it: gone
     ann.send({"type": "join", "room": "fourth"})  # room for it now
     assert (await ann.expect("joined", skip=("presence", "message")))["room"] == "fourth"
     ann.send({"type": "leave", "room": "alpha"})
     await ann.expect("left", skip=("presence", "message"))
-    await asyncio.sleep(0.1)
+    # A write queued behind anything the leave started: once it is acked, a removal would be done.
+    ann.send({"type": "say", "room": "zeta", "text": "sentinel", "cid": "z3"})
+    await ann.expect("ack", skip=("presence", "message"))
     assert "alpha" in await rooms_listed(http_port)  # it has history: kept
     assert app.ctx.chat.rooms_reclaimed == 1
 
@@ -441,9 +444,14 @@ async def test_documents_never_edited_do_not_fill_max_docs(connect, http_port, a
         await c.expect("snapshot", skip=("presence", "welcome", "peers", "joined"))
         c.close()
         await c.closed()
-    await asyncio.sleep(0.5)  # idle documents leave memory; the empty ones are removed
-    resp = await http.fetch("http://127.0.0.1:%d/api/docs/a" % http_port, raise_error=False)
-    assert resp.code == 404
+
+    async def removed(doc: str) -> bool:
+        resp = await http.fetch("http://127.0.0.1:%d/api/docs/%s" % (http_port, doc), raise_error=False)
+        return resp.code == 404
+
+    # Idle documents leave memory; the empty ones are removed.
+    await until(lambda: removed("a"), timeout=5)
+    await until(lambda: removed("b"), timeout=5)
     c = await connect("/ws/edit/c", name="x")
     snap = await c.expect("snapshot", skip=("presence", "welcome", "peers", "joined"))
     assert snap["rev"] == 0

@@ -17,26 +17,10 @@ import psutil
 import pytest
 
 from bench.attacks import silent, still_open
-from tests.servers import ROOT, free_port, server_command, start_server
+from tests.servers import ROOT, ServerProcess, free_port, healthz, server_command, start_server
+from tests.waiting import until_sync
 
 pytestmark = pytest.mark.slow
-
-
-def healthz(port: int, timeout: float = 1.0) -> int | None:
-    try:
-        with urllib.request.urlopen("http://127.0.0.1:%d/healthz" % port, timeout=timeout) as r:
-            return r.status
-    except (urllib.error.URLError, OSError):
-        return None
-
-
-def stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 def closed_by_server(socks: list[socket.socket]) -> int:
@@ -58,7 +42,8 @@ def test_out_of_files_the_server_backs_off_logs_once_and_recovers(tmp_path):
         soft = next(line.split()[3] for line in limits.splitlines() if line.startswith("Max open files"))
         assert soft == "200"  # raised from 100 to the hard limit at start
         socks = silent(port, 260)  # more than the process may open
-        time.sleep(0.5)
+        until_sync(lambda: "cannot accept connections" in log_path.read_text(errors="replace"),
+                   what="the server to run out of files")
         cpu = psutil.Process(proc.pid).cpu_percent(interval=3.0)
         assert cpu < 30, "the accept loop spins at %.0f%% CPU" % cpu
         text = log_path.read_text(errors="replace")
@@ -68,14 +53,11 @@ def test_out_of_files_the_server_backs_off_logs_once_and_recovers(tmp_path):
         for s in socks:
             s.close()
         socks = []
-        deadline = time.monotonic() + 5
-        while healthz(port) != 200:
-            assert time.monotonic() < deadline, "the server did not recover once files were free"
-            time.sleep(0.1)
+        until_sync(lambda: healthz(port) == 200, what="the server to recover once files were free")
     finally:
         for s in socks:
             s.close()
-        stop(proc)
+        proc.stop()
 
 
 def test_slowloris_sockets_are_capped_per_address_and_closed_at_the_deadline(tmp_path):
@@ -87,18 +69,17 @@ def test_slowloris_sockets_are_capped_per_address_and_closed_at_the_deadline(tmp
     try:
         before = psutil.Process(proc.pid).num_fds()
         socks = silent(port, 200)
-        time.sleep(0.5)
+        start = time.monotonic()
+        until_sync(lambda: closed_by_server(socks) >= 180, timeout=1.2)  # well before the deadline
         assert closed_by_server(socks) == 180  # all but 20 closed as soon as they were accepted
         assert psutil.Process(proc.pid).num_fds() - before <= 22
-        start = time.monotonic()
-        while closed_by_server(socks) < 200:
-            assert time.monotonic() - start < 3.0, "half-open sockets outlived the handshake deadline"
-            time.sleep(0.05)
+        until_sync(lambda: closed_by_server(socks) == 200, timeout=3.0 - (time.monotonic() - start),
+                   what="half-open sockets to be closed at the handshake deadline")
         assert healthz(port) == 200
     finally:
         for s in socks:
             s.close()
-        stop(proc)
+        proc.stop()
 
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl")
@@ -114,17 +95,10 @@ def test_tls_a_stalled_handshake_is_closed_and_a_swapped_pair_stops_the_start(tm
     assert done.returncode == 2
     assert "cannot start" in done.stderr and "Traceback" not in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1, done.stderr
-    proc = subprocess.Popen(server_command(port, str(tmp_path / "data"), "--certfile=%s" % cert,
-                                           "--keyfile=%s" % key, "--handshake_timeout=1"), cwd=ROOT)
+    proc = ServerProcess(port, tmp_path / "data", "--certfile=%s" % cert, "--keyfile=%s" % key,
+                         "--handshake_timeout=1")
+    proc.start(ready=proc.listening)
     try:
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline and proc.poll() is None
-                time.sleep(0.05)
         s = socket.create_connection(("127.0.0.1", port))
         s.sendall(b"\x16\x03\x01\x00\xc8\x01")  # the start of a ClientHello, never finished
         s.settimeout(5)
@@ -133,7 +107,7 @@ def test_tls_a_stalled_handshake_is_closed_and_a_swapped_pair_stops_the_start(tm
         assert 0.8 < time.monotonic() - start < 3.0
         s.close()
     finally:
-        stop(proc)
+        proc.stop()
 
 
 def test_a_corrupt_database_stops_the_start_with_one_line(tmp_path):
@@ -164,8 +138,7 @@ def test_a_read_only_database_stops_the_start_with_one_line(tmp_path):
         pytest.skip("cannot drop root's file rights here")
     data = tmp_path / "data"
     port = free_port()
-    proc = start_server(port, str(data))  # creates the database, then stops
-    stop(proc)
+    start_server(port, str(data)).stop()  # creates the database, then stops
     db = data / "realtime.sqlite3"
     sqlite3.connect(db).execute("PRAGMA wal_checkpoint(TRUNCATE)").connection.close()
     for name in os.listdir(data):
@@ -205,9 +178,10 @@ def test_the_process_log_never_shows_a_credential(tmp_path):
             urllib.request.urlopen(req, timeout=5).close()
         except (urllib.error.URLError, OSError):
             pass
-        time.sleep(0.3)
+        until_sync(lambda: "/api/sensors/dev.x" in log_path.read_text(errors="replace"),
+                   what="the requests in the process log")
     finally:
-        stop(proc)
+        proc.stop()
     text = log_path.read_text(errors="replace")
     assert "/static/js/chat.js" in text and "/api/sensors/dev.x" in text
     assert "LEAK" not in text, [line for line in text.splitlines() if "LEAK" in line]

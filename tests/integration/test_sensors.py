@@ -13,8 +13,9 @@ import pytest
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 from tornado.websocket import websocket_connect
 
-import handlers.sensors  # noqa: F401  (defines the sensor options)
+from tests.clients import Reply, fetch
 from tests.integration.test_server import masked_text_frame, raw_ws
+from tests.waiting import until
 
 KEY = "test-ingest-key"
 SPEC = """\
@@ -51,17 +52,12 @@ def url(port, path):
     return "http://127.0.0.1:%d%s" % (port, path)
 
 
-async def http(port, method, path, body=None, key=KEY, headers=None):
-    """(status, decoded JSON body); never raises for HTTP errors."""
+async def http(port, method, path, body=None, key=KEY, headers=None) -> Reply:
+    """``tests.clients.fetch`` with ``key`` as the Bearer token (none when None)."""
     hdrs = dict(headers or {})
     if key is not None:
         hdrs["Authorization"] = "Bearer " + key
-    if body is not None and not isinstance(body, (str, bytes)):
-        body = json.dumps(body)
-    req = HTTPRequest(url(port, path), method=method, headers=hdrs, body=body,
-                      allow_nonstandard_methods=True)
-    resp = await AsyncHTTPClient().fetch(req, raise_error=False)
-    return resp.code, (json.loads(resp.body) if resp.body else None), resp
+    return await fetch(port, path, method, body, hdrs)
 
 
 def stored_rows(app, sensor):
@@ -132,6 +128,8 @@ async def test_subscribe_backfills_then_streams_batches_without_gap_or_double(co
 
 @pytest.mark.gen_test
 async def test_wildcard_then_unsubscribe(connect):
+    other = await viewer(connect)
+    await subscribe(other, ["fast"], max_hz=20)
     c = await viewer(connect)
     reply = await subscribe(c, ["*"], max_hz=20)
     assert reply["sensors"] == ["*"]
@@ -146,7 +144,10 @@ async def test_wildcard_then_unsubscribe(connect):
         assert "fast" not in m["points"]
     c.send({"type": "unsubscribe", "sensors": ["*"]})
     assert (await c.expect("unsubscribed", skip=("readings",)))["sensors"] == []
-    await c.nothing("readings", wait=0.3)
+    # Three more ticks reach a viewer at the same rate; none reached this one.
+    await other.round_trip()
+    await readings(other, 3)
+    await c.nothing_before_pong("readings")
 
 
 @pytest.mark.gen_test(timeout=15)
@@ -286,7 +287,8 @@ async def test_the_ingest_key_never_reaches_the_access_log(connect, http_server,
     assert code == 200
     dev.close()
     await dev.closed()
-    await asyncio.sleep(0.05)
+    # The access log line is written once the server has closed its side.
+    await until(lambda: any("/ws/sensors" in r.getMessage() for r in caplog.records))
     logged = "\n".join(r.getMessage() for r in caplog.records)
     assert "/ws/sensors" in logged and "/api/sensors/dev.log/readings" in logged
     assert KEY not in logged
@@ -375,7 +377,7 @@ async def test_bad_publishes_are_refused_and_nothing_is_stored(connect, app, app
     assert "string" in (await dev.expect("error"))["message"]
     dev.send({"type": "publish", "sensor": "dev.bad", "points": [[time.time() * 1000, 1]]})
     assert "milliseconds" in (await dev.expect("error"))["message"]
-    await watcher.nothing("sensor_added", wait=0.2, skip=("readings",))
+    await watcher.nothing_before_pong("sensor_added", skip=("readings",))
     assert stored_rows(app, "dev.bad") == []
     code, _, _ = await http(http_port, "GET", "/api/sensors/dev.bad", key=None)
     assert code == 404
@@ -419,7 +421,7 @@ async def test_http_ingest_needs_the_key(http_server, http_port):
     path = "/api/sensors/dev.k/readings"
     code, body, resp = await http(http_port, "POST", path, "1", key=None)
     assert code == 401 and body["error"] == "unauthorized"
-    assert resp.headers["WWW-Authenticate"].startswith("Bearer")
+    assert resp["WWW-Authenticate"].startswith("Bearer")
     code, body, _ = await http(http_port, "POST", path, "1", key="wrong")
     assert code == 403 and body["error"] == "forbidden"
     code, _, _ = await http(http_port, "POST", path, "1", key=None, headers={"X-Ingest-Key": "nope"})
@@ -522,11 +524,17 @@ async def test_delete_removes_a_device_sensor_and_tells_viewers(connect, http_po
 @pytest.mark.gen_test
 @pytest.mark.parametrize("app_options", [{**BASE, "sensor_expiry": 0.3}])
 async def test_silent_device_sensors_expire_when_configured(connect, app, app_options, http_port):
+    posted = time.monotonic()
     code, _, _ = await http(http_port, "POST", "/api/sensors/dev.old/readings", "1")
     assert code == 200
     watcher = await viewer(connect)
-    await asyncio.sleep(0.4)
-    await app.ctx.sensors._maintenance_pass()  # the maintenance timer's work, now
+
+    async def expired() -> bool:
+        await app.ctx.sensors._maintenance_pass()  # the maintenance timer's work, now
+        return (await http(http_port, "GET", "/api/sensors/dev.old", key=None)).status == 404
+
+    await until(expired, interval=0.05)
+    assert time.monotonic() - posted >= 0.3, "expired before sensor_expiry"
     removed = await watcher.expect("sensor_removed")
     assert removed == {"type": "sensor_removed", "sensor": "dev.old", "reason": "expired"}
 
@@ -638,11 +646,7 @@ async def test_a_stalled_viewer_conflates_stays_open_and_never_slows_the_others(
     assert caught is not None, "no conflated catch-up message"
     assert len(caught["points"]["fast"]) <= 20 and caught["conflated"] > 0
     assert time.time() - caught["points"]["fast"][-1][0] < 5  # the latest value won
-    for _ in range(50):
-        if fan.behind == 0:
-            break
-        await asyncio.sleep(0.1)
-    assert fan.behind == 0
+    await until(lambda: fan.behind == 0, timeout=5)
     assert app.ctx.stats.errors.get("slow_consumer") is None
     stalled.close()
 

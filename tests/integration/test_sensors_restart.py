@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import signal
 import time
-import urllib.error
-import urllib.request
+from typing import Any
 
 import pytest
 import websockets
 
+from tests.clients import request
 from tests.servers import free_port, start_server
 
 KEY = "restart-test-key"
@@ -22,16 +20,10 @@ SENSOR_ARGS = ("--ingest_key=%s" % KEY, "--host_metrics=false", "--sensor_window
 
 
 
-def call(port: int, method: str, path: str, body=None, key: str | None = KEY):
-    data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request("http://127.0.0.1:%d%s" % (port, path), data=data, method=method)
-    if key:
-        req.add_header("Authorization", "Bearer " + key)
-    try:
-        with urllib.request.urlopen(req, timeout=5) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read() or b"null")
+def call(port: int, method: str, path: str, body=None, key: str | None = KEY) -> tuple[int, Any]:
+    """(status, JSON body), with ``key`` as the Bearer token."""
+    reply = request(port, path, method, body, {"Authorization": "Bearer " + key} if key else None)
+    return reply.status, reply.body
 
 
 async def publish_over_ws(port: int, points: list[list[float]]) -> dict:
@@ -48,8 +40,7 @@ async def publish_over_ws(port: int, points: list[list[float]]) -> dict:
 def test_acknowledged_readings_and_metadata_survive_sigkill(tmp_path):
     port = free_port()
     data = str(tmp_path / "data")
-    proc = start_server(port, data, *SENSOR_ARGS)
-    try:
+    with start_server(port, data, *SENSOR_ARGS) as proc:
         now = time.time()
         assert call(port, "PUT", "/api/sensors/dev.http", {"label": "Boiler", "unit": "°C"})[0] == 201
         sent = []
@@ -61,11 +52,8 @@ def test_acknowledged_readings_and_metadata_survive_sigkill(tmp_path):
         ws_points = [[round(now - 1 + j / 10, 3), -float(j)] for j in range(5)]
         ack = asyncio.run(publish_over_ws(port, ws_points))
         assert ack == {"type": "ack", "sensor": "dev.ws", "stored": 5, "ref": 1}
-        # No graceful shutdown, no flush: the instant the last 200/ack is in.
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(5)
-
-        proc = start_server(port, data, *SENSOR_ARGS)
+        proc.kill()  # no graceful shutdown, no flush: the instant the last 200/ack is in
+        proc.start()
         status, body = call(port, "GET", "/api/sensors/dev.http/readings?limit=10000", key=None)
         assert status == 200
         assert body["points"] == sent
@@ -91,11 +79,7 @@ def test_acknowledged_readings_and_metadata_survive_sigkill(tmp_path):
         assert asyncio.run(backfill()) == ws_points
         # Deleting is durable too.
         assert call(port, "DELETE", "/api/sensors/dev.ws")[0] == 200
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(5)
-        proc = start_server(port, data, *SENSOR_ARGS)
+        proc.kill()
+        proc.start()
         assert call(port, "GET", "/api/sensors/dev.ws", key=None)[0] == 404
         assert call(port, "GET", "/api/sensors/dev.http", key=None)[0] == 200
-    finally:
-        proc.kill()
-        proc.wait(5)

@@ -14,6 +14,7 @@ from tornado.httpclient import AsyncHTTPClient, HTTPClientError
 
 from realtime.redact import redact_uri as redact
 from tests.integration.test_chat import joined, user
+from tests.waiting import until
 
 
 def raw_ws(port: int, path: str, rcvbuf: int = 4096) -> socket.socket:
@@ -50,7 +51,7 @@ async def test_a_client_that_stops_reading_is_closed_1013_and_others_keep_up(con
     # Blocking socket calls run in a thread: the server shares this loop.
     stalled = await loop.run_in_executor(None, raw_ws, http_port, "/ws/chat?name=stalled")
     stalled.sendall(masked_text_frame('{"type":"join","room":"lobby"}'))
-    await asyncio.sleep(0.2)
+    await until(lambda: app.ctx.chat.presence.count("lobby") == 3)  # the stalled reader has joined
     assert len(app.ctx.connections) == 3
     async def drain(client):  # the talker hears its own messages; keep reading them
         while await client.recv(30) is not None:
@@ -77,11 +78,7 @@ async def test_a_client_that_stops_reading_is_closed_1013_and_others_keep_up(con
         m = await fast.expect("message", skip=("presence",))
         received += 1
     assert m["seq"] == total  # the fast reader got everything
-    for _ in range(40):  # the server drops the stalled TCP connection promptly
-        if len(app.ctx.connections) == 2:
-            break
-        await asyncio.sleep(0.1)
-    assert len(app.ctx.connections) == 2
+    await until(lambda: len(app.ctx.connections) == 2, timeout=4)  # the server drops the stalled TCP promptly
     assert app.ctx.stats.errors.get("slow_consumer") == 1
     stalled.close()
     draining.cancel()
@@ -157,9 +154,9 @@ async def test_access_log_never_shows_tokens(connect, caplog):
     await c.expect("welcome")
     c.close()
     await c.closed()
-    await asyncio.sleep(0.05)
+    # The access log line is written once the server has closed its side.
+    await until(lambda: any("/ws/chat" in r.getMessage() for r in caplog.records))
     logged = "\n".join(r.getMessage() for r in caplog.records)
-    assert "/ws/chat" in logged
     assert "SECRET-TOKEN-123" not in logged and "SESSION-456" not in logged
 
 

@@ -15,8 +15,8 @@ import pytest
 import websockets
 
 from realtime import ot
-from tests.certs import self_signed, trusting
-from tests.servers import free_port, start_server
+from tests.certs import https_ready, self_signed, trusting
+from tests.servers import ServerProcess, free_port
 
 pytestmark = pytest.mark.slow
 KEY = "tls-ingest-key-0123456789"
@@ -27,13 +27,12 @@ def tls_server(tmp_path_factory: Any) -> Any:
     tmp = tmp_path_factory.mktemp("tls")
     cert, key = self_signed(tmp / "certs")
     port = free_port()
-    log = open(tmp / "server.log", "wb")
-    proc = start_server(port, str(tmp / "data"), "--certfile=" + cert, "--keyfile=" + key, "--ingest_key=" + KEY,
-                        "--simulated_sensors=", "--host_metrics=False", "--handshake_timeout=2", stderr=log)
+    proc = ServerProcess(port, tmp / "data", "--certfile=" + cert, "--keyfile=" + key, "--ingest_key=" + KEY,
+                         "--simulated_sensors=", "--host_metrics=False", "--handshake_timeout=2",
+                         log_path=tmp / "server.log")
+    proc.start(ready=lambda: https_ready(port))
     yield port, cert, tmp / "server.log"
-    proc.terminate()
-    proc.wait(10)
-    log.close()
+    proc.stop()
 
 
 async def recv(ws: Any, mtype: str, timeout: float = 5.0) -> dict[str, Any]:

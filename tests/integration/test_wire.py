@@ -12,10 +12,12 @@ import struct
 import msgpack
 import pytest
 import websockets
+from websockets.typing import Subprotocol
 
 from realtime import protocol as protocol_module
 from realtime.wire import Deflater
 from tests.unit.test_wire import client_frame
+from tests.waiting import until
 
 # Echo runs through the rate limit; these tests send bursts on purpose.
 FAST = {"rate_limit": 0}
@@ -113,7 +115,7 @@ async def test_an_invalid_close_code_is_answered_with_1002_not_echoed(http_serve
     assert b0 & 0x0F == 0x8 and struct.unpack("!H", payload[:2])[0] == 1002
     assert await asyncio.wait_for(reader.read(), 3) == b""
     writer.close()
-    await asyncio.sleep(0.05)
+    await until(lambda: app.ctx.stats.closes)  # the server has counted the close
     assert code not in app.ctx.stats.closes and "other" not in app.ctx.stats.closes
     assert app.ctx.stats.closes.get(1002) == 1
 
@@ -187,7 +189,9 @@ async def test_a_chat_message_is_compressed_once_for_every_compressed_member(htt
     json.loads(await plain.recv())
     await plain.send(json.dumps({"type": "join", "room": "lobby"}))
     text = "compress me once " * 40
-    await asyncio.sleep(0.2)
+    for ws in members + [plain]:  # every member has joined before anyone speaks
+        while json.loads(await asyncio.wait_for(ws.recv(), 3))["type"] != "joined":
+            pass
     await members[0].send(json.dumps({"type": "say", "room": "lobby", "text": text, "cid": "c1"}))
     for ws in members + [plain]:
         while True:
@@ -211,7 +215,7 @@ class Packed:
 
     @classmethod
     async def connect(cls, port: int, path: str, **kw) -> "Packed":
-        ws = await websockets.connect(ws_url(port, path), subprotocols=["msgpack"], **kw)
+        ws = await websockets.connect(ws_url(port, path), subprotocols=[Subprotocol("msgpack")], **kw)
         assert ws.subprotocol == "msgpack"
         return cls(ws)
 
@@ -331,7 +335,13 @@ async def test_pings_keep_answering_clients_and_drop_silent_ones(http_server, ht
     b0, payload = await asyncio.wait_for(read_frame(reader), 2)
     assert b0 & 0x0F == 0x8 and b"ping timed out" in payload
     writer.close()
-    await asyncio.sleep(0.6)  # several ping periods
+    # Three more ping periods, counted on a third connection that answers each ping.
+    clock, clock_writer, _ = await raw_open(http_port, "/ws/echo")
+    for _ in range(3):
+        b0, payload = await asyncio.wait_for(read_frame(clock), 2)
+        assert b0 & 0x0F == 0x9
+        clock_writer.write(client_frame(payload, 0xA))
+    clock_writer.close()
     await lively.send("still here")
     assert await asyncio.wait_for(lively.recv(), 3) == "still here"
     await lively.close()

@@ -13,6 +13,7 @@ from realtime.chat import (
     valid_room,
 )
 from realtime.protocol import Outgoing, ProtocolError
+from tests.waiting import until
 
 PLAN = dict(epoch="e1", history_size=50, resume_max=1000)
 
@@ -210,7 +211,6 @@ async def _stored(log, n, start=1):
 
 
 def test_relay_passes_messages_on_once_in_seq_order_and_fills_gaps(tmp_path):
-    import asyncio
 
     async def body(svc, log, hub, sink, subs):
         msgs = await _stored(log, 6)
@@ -219,10 +219,7 @@ def test_relay_passes_messages_on_once_in_seq_order_and_fills_gaps(tmp_path):
         hub.dispatch("chat:r", msgs[3])  # 2 and 3 were lost in transit
         hub.dispatch("chat:r", msgs[1])  # arrives late, while the gap is filled
         hub.dispatch("chat:r", msgs[5])
-        for _ in range(100):
-            if len(sink.seqs()) >= 6:
-                break
-            await asyncio.sleep(0.01)
+        await until(lambda: len(sink.seqs()) >= 6)
         assert sink.seqs() == [1, 2, 3, 4, 5, 6]  # 5 came from the log too
         assert svc.gaps_filled >= 1
         state = await svc.room("r")

@@ -1,9 +1,10 @@
-"""conf/ and the README document every option, with the real defaults."""
+"""conf/ and the README document every option, with the real defaults; links in the tree resolve."""
 
 import ast
 import glob
 import os
 
+import pytest
 from tornado.options import options
 
 import server  # noqa: F401  (defines the options)
@@ -55,3 +56,46 @@ def test_every_conf_name_is_a_real_option():
     names = set(options.as_dict())
     for name in all_conf_names():
         assert name in names, "conf/ mentions unknown option %s" % name
+
+
+def test_the_parsed_command_line_and_config_file_become_a_typed_config(tmp_path):
+    """tornado.options parses (the command line wins over the file); realtime.config.Config holds the result."""
+    from tornado.options import OptionParser
+
+    from realtime.config import Config, define_options
+
+    conf = tmp_path / "x.conf"
+    conf.write_text("max_text = 500\nallowed_origins = ['https://a.example, https://b.example']\nport = 1\n")
+    parser = OptionParser()
+    define_options(parser)
+    parser.parse_config_file(str(conf), final=False)
+    parser.parse_command_line(["server.py", "--port=9000", "--rate_limit=2.5", "--fast_path=false"], final=False)
+    cfg = Config.from_options(parser.as_dict())
+    assert (cfg.max_text, cfg.port, cfg.rate_limit, cfg.fast_path) == (500, 9000, 2.5, False)
+    assert cfg.allowed_origins == ["https://a.example", "https://b.example"]
+    assert Config.from_options(OptionParser().as_dict()) == Config()  # nothing parsed: the defaults
+    assert cfg.replace(max_text=10).max_text == 10
+    with pytest.raises(TypeError, match="no_such_option"):
+        cfg.replace(no_such_option=1)
+
+
+def test_links_to_files_in_the_tree_resolve():
+    """A doc that was merged or renamed leaves no dangling link: relative Markdown links, and
+    mentions of docs/*.md anywhere in the tree, name files that exist."""
+    import re
+    import subprocess
+
+    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    dangling = []
+    for name in files:
+        if not name.endswith((".md", ".py", ".js", ".html", ".conf", ".example", ".cfg", ".toml", ".sh")):
+            continue
+        with open(os.path.join(ROOT, name), encoding="utf-8", errors="replace") as f:
+            text = f.read()
+        targets = re.findall(r"\bdocs/[\w.-]+\.md\b", text)
+        if name.endswith(".md"):
+            targets += [os.path.join(os.path.dirname(name), t)
+                        for t in re.findall(r"\]\(([^)#\s:]+\.[a-z]+)(?:#[^)]*)?\)", text)]
+        dangling += ["%s -> %s" % (name, t) for t in targets
+                     if not os.path.exists(os.path.join(ROOT, os.path.normpath(t)))]
+    assert not dangling, dangling

@@ -12,7 +12,6 @@ from hypothesis import strategies as st
 
 from realtime import ot
 from realtime.documents import (
-    DocumentError,
     DocumentState,
     LogEntry,
     SnapshotError,
@@ -20,6 +19,7 @@ from realtime.documents import (
     valid_doc_id,
 )
 from realtime.ot import OTClient
+from realtime.protocol import ProtocolError
 from realtime.units import CODEPOINT, UTF16, TextUnits
 
 from .test_ot import ops_on
@@ -30,7 +30,7 @@ def state_of(doc: DocumentState) -> dict[str, Any]:
     return doc.to_snapshot()
 
 
-def make_doc(**limits: int) -> DocumentState:
+def make_doc(**limits: Any) -> DocumentState:
     doc = DocumentState("doc", **limits)
     doc.submit(0, ["hello"], "a", 1)  # rev 1: "hello"
     doc.submit(1, [5, " world"], "b", 1)  # rev 2: "hello world"
@@ -121,7 +121,7 @@ def test_late_resend_out_of_the_window_is_a_conflict() -> None:
     doc = make_doc(max_log=1)
     doc.submit(2, [11, "!"], "a", 2)
     before = state_of(doc)
-    with pytest.raises(DocumentError, match="no longer in the log") as info:
+    with pytest.raises(ProtocolError, match="no longer in the log") as info:
         doc.submit(0, ["hello"], "a", 1)
     assert info.value.code == "conflict" and state_of(doc) == before
 
@@ -171,7 +171,7 @@ def test_prepare_changes_nothing() -> None:
 def test_errors_leave_the_document_unchanged(args: tuple, code: str, words: str) -> None:
     doc = make_doc(max_op_size=10, max_doc_size=20)
     before = state_of(doc)
-    with pytest.raises(DocumentError, match=words) as info:
+    with pytest.raises(ProtocolError, match=words) as info:
         doc.submit(*args)
     assert info.value.code == code and info.value.message == str(info.value)
     assert code in repr(info.value)
@@ -182,7 +182,7 @@ def test_too_old_base_is_a_conflict() -> None:
     doc = make_doc(max_log=1)
     assert doc.log_start == 1
     before = state_of(doc)
-    with pytest.raises(DocumentError, match="too old") as info:
+    with pytest.raises(ProtocolError, match="too old") as info:
         doc.submit(0, ["x"], "c", 1)
     assert info.value.code == "conflict"
     assert state_of(doc) == before
@@ -193,7 +193,7 @@ def test_too_old_base_is_a_conflict() -> None:
 def test_shrinking_an_oversized_document_is_allowed() -> None:
     doc = DocumentState("doc", "x" * 30, max_doc_size=20)
     assert doc.submit(0, [-5, 25]).rev == 1
-    with pytest.raises(DocumentError) as info:
+    with pytest.raises(ProtocolError) as info:
         doc.submit(1, ["y", 25])
     assert info.value.code == "too_large"
 
@@ -229,7 +229,7 @@ def test_transform_cursor() -> None:
     assert doc.transform_cursor(4, 0) is None
     assert make_doc(max_log=1).transform_cursor(0, 0) is None
     for rev, index in [(3, 14), (1, 6), (1, -1), (2, "1")]:
-        with pytest.raises(DocumentError) as info:
+        with pytest.raises(ProtocolError) as info:
             doc.transform_cursor(rev, index)  # type: ignore[arg-type]
         assert info.value.code == "bad_message"
 
@@ -240,14 +240,15 @@ def test_apply_entry() -> None:
     assert doc.text == "hello world!" and doc.rev == 3
     assert doc.submit(3, [12], "z", 4).duplicate
     before = state_of(doc)
-    for args, code in [
+    cases: list[tuple[tuple[Any, ...], str]] = [
         ((5, [12]), "conflict"),
         ((3, [12]), "conflict"),
         ((4, [11]), "bad_message"),
         ((4, [12, 0]), "bad_message"),
         ((4, [12], "", 1), "bad_message"),
-    ]:
-        with pytest.raises(DocumentError) as info:
+    ]
+    for args, code in cases:
+        with pytest.raises(ProtocolError) as info:
             doc.apply_entry(*args)
         assert info.value.code == code
         assert state_of(doc) == before
@@ -368,7 +369,7 @@ def test_utf16_op_is_transformed_in_utf16_units() -> None:
 def test_utf16_errors(args: tuple, code: str, words: str) -> None:
     doc = DocumentState("doc", "😀ab", max_op_size=5, max_doc_size=4)
     before = state_of(doc)
-    with pytest.raises(DocumentError, match=words) as info:
+    with pytest.raises(ProtocolError, match=words) as info:
         doc.submit(*args, units=UTF16)
     assert info.value.code == code and state_of(doc) == before
 
@@ -402,7 +403,7 @@ def test_utf16_forms_unknown_after_an_older_snapshot() -> None:
     again = DocumentState.from_snapshot(old)
     assert again.ops_since(0) is not None and again.ops_since(0, UTF16) is None
     assert again.ops_since(1, UTF16) == []
-    with pytest.raises(DocumentError, match="too old to merge in UTF-16 units") as info:
+    with pytest.raises(ProtocolError, match="too old to merge in UTF-16 units") as info:
         again.submit(0, [2, "!"], "js", 1, units=UTF16)
     assert info.value.code == "conflict"
     again.submit(1, [3, "!"], "js", 1, units=UTF16)  # from the reload on, they are known
@@ -651,5 +652,5 @@ def test_rollback_undoes_the_tail_and_the_dedupe_of_its_ops() -> None:
     # What another node appended instead goes on, then ours again (transformed by the caller).
     doc.apply_entry(2, ["x", 3], "c-far3", 1)
     assert doc.submit(2, [4, "!"], "c-two2", 1).rev == 3 and doc.text == "xabc!"
-    with pytest.raises(DocumentError):
+    with pytest.raises(ProtocolError):
         doc.rollback(-1, "")

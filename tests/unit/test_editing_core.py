@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from realtime import editing, ot
 from realtime.auth import Identity
 from realtime.backplane.memory import MemoryBackplane
-from realtime.documents import DocumentError, DocumentState, SnapshotError
+from realtime.documents import DocumentState, SnapshotError
 from realtime.editing import (
     EditingService,
     Peer,
@@ -74,12 +74,12 @@ def test_move_positions_through_the_log() -> None:
     assert move_positions(doc, 1, (6, 9), 3) == (7, 12)
     assert move_positions(doc, 1, (6,), 2) == (7,)  # only up to rev 2
     assert move_positions(doc, 3, (12,), 3) == (12,)
-    with pytest.raises(DocumentError) as e:
+    with pytest.raises(ProtocolError) as e:
         move_positions(doc, 1, (12,), 3)
     assert e.value.code == "bad_message"
-    with pytest.raises(DocumentError):
+    with pytest.raises(ProtocolError):
         move_positions(doc, 3, (-1,), 3)
-    with pytest.raises(DocumentError):
+    with pytest.raises(ProtocolError):
         move_positions(doc, 3, (True,), 3)  # type: ignore[arg-type]
     assert move_positions(doc, 4, (0,), 4) is None  # from the future
     small = DocumentState("d", max_log=1)
@@ -158,7 +158,7 @@ def _replay(n: int) -> tuple[DocumentState, list[tuple[int, list[Any], str, int]
 
 
 def test_build_state_refuses_inconsistent_data() -> None:
-    ops = [(1, '["ab"]', "c-a", 1, "u"), (3, '[2, "c"]', "c-a", 2, "u")]
+    ops: list[Any] = [(1, '["ab"]', "c-a", 1, "u"), (3, '[2, "c"]', "c-a", 2, "u")]
     with pytest.raises(SnapshotError, match="does not replay"):
         build_state("d", Loaded(3, 0, None, ops))
     with pytest.raises(SnapshotError, match="ends at rev 1"):
@@ -202,7 +202,7 @@ def test_peer_holds_then_filters() -> None:
     member = FakeMember()
     live = editing.LiveDoc(DocumentState("d"), 0, {}, 0)
     peer = Peer(member, live, "c-mine", 0, TokenBucket(0, 1))
-    msgs = [
+    msgs: list[dict[str, Any]] = [
         {"type": "op", "rev": 1, "op": ["a"], "client": "c-other", "seq": 1},
         {"type": "op", "rev": 2, "op": [1, "b"], "client": "c-other", "seq": 2},
         {"type": "op", "rev": 3, "op": [2, "c"], "client": "c-mine", "seq": 1},
@@ -357,7 +357,7 @@ def test_a_failed_commit_closes_the_peers_and_drops_the_document() -> None:
         assert bob_m.closed_with is not None and bob_m.closed_with[0] == 1011
         assert "d" not in svc.docs and svc.commit_failures == 1
         assert not any(m["type"] in ("ack", "op") for m in ann_m.got + bob_m.got)
-        with pytest.raises(DocumentError) as e:
+        with pytest.raises(ProtocolError) as e:
             svc.submit(ann, 0, ["again"], 2)
         assert e.value.code == "unavailable"
         # Reopened from the store: rev 0, and the client's resend applies.
@@ -377,7 +377,7 @@ def test_store_busy_is_refused_before_anything_changes() -> None:
         svc = service(store)
         ann, _ = await joined(svc, store, "ann")
         store.pending = store.max_pending
-        with pytest.raises(DocumentError) as e:
+        with pytest.raises(ProtocolError) as e:
             svc.submit(ann, 0, ["x"], 1)
         assert e.value.code == "unavailable" and svc.docs["d"].state.rev == 0
 
@@ -469,7 +469,7 @@ def test_peers_get_their_units_and_each_unit_is_encoded_once() -> None:
         with pytest.raises(ProtocolError, match=r"outside the text at rev 2 \(4 UTF-16 code units\)"):
             svc.cursor(eve, 2, 5, 5)
         # a UTF-16 op that splits the pair is refused, nothing changes
-        with pytest.raises(DocumentError, match="would split a character") as de:
+        with pytest.raises(ProtocolError, match="would split a character") as de:
             svc.submit(eve, 2, [1, -1, 2], 1)
         assert de.value.code == "bad_message" and svc.docs["d"].state.rev == 2
         # joining: the others' cursors and the catch-up come in the joiner's units
@@ -555,7 +555,7 @@ def test_random_interleavings_of_edits_deliveries_and_commits_converge(data: st.
                 pos = data.draw(st.integers(0, size))
                 if size > pos and data.draw(st.booleans()):
                     k = data.draw(st.integers(1, size - pos))
-                    op = [pos, -k, size - pos - k]
+                    op: list[Any] = [pos, -k, size - pos - k]
                 else:
                     op = [pos, data.draw(st.sampled_from(["a", "bc", "😀", "👍🏽", "\n"])), size - pos]
                 c.edit(ot.check([x for x in op if x != 0]))

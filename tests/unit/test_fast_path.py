@@ -22,9 +22,9 @@ def tornado_frame(payload: bytes) -> bytes:
     proto._compressor = None
     proto._message_bytes_out = 0
     proto._wire_bytes_out = 0
-    proto.stream = CaptureStream()
+    stream = proto.stream = CaptureStream()  # type: ignore[assignment]
     proto._write_frame(True, 0x1, payload)
-    return proto.stream.written
+    return stream.written
 
 
 @pytest.mark.parametrize("text", ["", "x", "é" * 62, "y" * 125, "z" * 126, "€" * 30000, "w" * 70000])

@@ -6,6 +6,7 @@ import math
 from collections import namedtuple
 from itertools import pairwise
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -66,7 +67,7 @@ def test_sensor_info_to_json() -> None:
     {"kind": "virtual"},
 ])
 def test_sensor_info_rejects(kwargs: dict) -> None:
-    fields = {"id": "s", "label": "S", "unit": "", "rate_hz": 1.0, "kind": "device"}
+    fields: dict[str, Any] = {"id": "s", "label": "S", "unit": "", "rate_hz": 1.0, "kind": "device"}
     fields.update(kwargs)
     with pytest.raises(ValueError):
         SensorInfo(**fields)
@@ -290,7 +291,9 @@ def test_conflator_thins_evenly_and_keeps_first_and_newest() -> None:
     c = Conflator(5)
     c.add("a", [(float(i), float(i)) for i in range(100)])
     assert c.pending_points == 5
-    times = [p[0] for p in c.take()["a"]]
+    taken = c.take()
+    assert taken is not None
+    times = [p[0] for p in taken["a"]]
     assert len(times) == 5 and times[0] == 0.0 and times[-1] == 99.0
     stride = times[1] - times[0]  # evenly spread over the whole interval
     assert stride >= 16 and all(b - a == stride for a, b in pairwise(times[:-1]))
@@ -301,7 +304,9 @@ def test_conflator_thinning_spans_several_adds() -> None:
     c = Conflator(4)
     for i in range(40):
         c.add("a", [(float(i), 0.0)])
-    times = [p[0] for p in c.take()["a"]]
+    taken = c.take()
+    assert taken is not None
+    times = [p[0] for p in taken["a"]]
     assert times[0] == 0.0 and times[-1] == 39.0 and len(times) <= 4
     # the next interval starts afresh
     c.add("a", [(40.0, 0.0)])

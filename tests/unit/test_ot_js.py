@@ -107,7 +107,7 @@ def python_result(fn: str, args: list) -> dict[str, Any]:
         return {"error": "OTError", "message": str(exc)}
 
 
-def assert_same(node: Node, cases: list[tuple[str, list]]) -> None:
+def assert_same(node: Node, cases: list[tuple[str, Any]]) -> None:
     for (fn, args), js in zip(cases, node.run(cases)):
         py = python_result(fn, args)
         assert js.keys() == py.keys(), (fn, args, py, js)

@@ -10,6 +10,7 @@ from tornado.iostream import IOStream, StreamClosedError
 
 from handlers.base import _NO_ARGS, _NO_HEADERS
 from handlers.writer import MessageWriter, StreamWriter
+from tests.waiting import until
 
 
 def pair(rcvbuf: int = 4096) -> tuple[IOStream, socket.socket]:
@@ -31,14 +32,6 @@ def drain(sock: socket.socket) -> bytes:
         if not chunk:
             return got
         got += chunk
-
-
-async def until(cond, timeout: float = 3.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not cond():
-        assert loop.time() < deadline, "condition not reached"
-        await asyncio.sleep(0.005)
 
 
 @pytest.mark.gen_test
