@@ -264,6 +264,12 @@ class Pending(NamedTuple):
     user_id: str | None
     length: int  # of the text after it
     op16: list[Any]  # op counted in UTF-16 units, for the peers using them
+    # As the client sent it, for a rebase (cluster mode): the op is transformed
+    # again from its own base over the log in its final order, exactly as the
+    # client transforms it, since the two transform paths need not agree.
+    base_rev: int = 0
+    sent: Any = None
+    units: str = CODEPOINT
 
 
 class LiveDoc:
@@ -825,7 +831,7 @@ class EditingService:
             return
         assert result.op is not None and result.op16 is not None
         self._append(doc, Pending(result.rev, result.op, peer, peer.client_id, seq, peer.user.id,
-                                  len(doc.state.text), result.op16))
+                                  len(doc.state.text), result.op16, base_rev, op, peer.units))
 
     def _append(self, doc: LiveDoc, pending: Pending) -> None:
         doc.batch.append(pending)
@@ -998,17 +1004,15 @@ class EditingService:
                 remote = [(e.rev, e.op, e16.op, e.client_id, e.seq) for e, e16 in zip(entries, entries16)]
                 pending = list(doc.inflight) + doc.batch
             committed_text = state.text
-            rops = [r[1] for r in remote]
             rebased: list[Pending] = []
             for p in pending:
                 if p.client is not None and p.seq is not None and state.seen(p.client, p.seq):
                     continue  # it did reach the log (an answer lost on the way)
-                op = p.op
-                for j, r in enumerate(rops):
-                    op, rops[j] = ot.transform(op, r)
-                op16 = state.text_units().op_to_utf16(op)
-                state.apply_entry(state.rev + 1, op, p.client, p.seq)
-                rebased.append(p._replace(rev=state.rev, op=op, op16=op16, length=len(state.text)))
+                # Submitted again as the client sent it: transformed over every op
+                # after its base, ours and the other nodes', in the log's order.
+                result = state.submit(p.base_rev, p.sent, p.client, p.seq, units=p.units)
+                assert result.op is not None and result.op16 is not None and not result.duplicate
+                rebased.append(p._replace(rev=result.rev, op=result.op, op16=result.op16, length=len(state.text)))
         except Exception as exc:  # a broken log, an unreachable store: the single-node path
             doc.rebasing = False
             self._fail(doc, exc)
