@@ -39,7 +39,7 @@ from handlers.gate import HostPolicy, RequestGate, local_host_names
 from handlers.listener import RealtimeHTTPServer, raise_open_file_limit
 from handlers.pages import StaticFiles
 from handlers.writer import Flusher
-from realtime.auth import Authenticator, load_or_create_secret
+from realtime.auth import Authenticator, load_or_create_secret, load_public_keys
 from realtime.backplane import make_backplane
 from realtime.chat import ChatService
 from realtime.config import Config, define_options
@@ -155,7 +155,9 @@ def make_app(cfg: Config | None = None, **overrides: Any) -> RealtimeApplication
     secret = _secrets(cfg)
     cookie_secret = cfg.cookie_secret or secret("cookie")
     auth = Authenticator(cookie_secret.encode("utf-8"), mode=cfg.auth, jwt_secret=cfg.jwt_secret,
-                         max_token_lifetime=cfg.max_token_lifetime)
+                         max_token_lifetime=cfg.max_token_lifetime,
+                         jwt_public_keys=load_public_keys(cfg.jwt_public_key) if cfg.jwt_public_key else None,
+                         audience=cfg.jwt_audience, issuer=cfg.jwt_issuer)
     storage: Any = SQLiteStorage(store)
     if backplane.name == "redis":
         from realtime.storage.redis_repos import RedisStorage
@@ -170,7 +172,7 @@ def make_app(cfg: Config | None = None, **overrides: Any) -> RealtimeApplication
         presence_window=cfg.presence_window, typing_interval=cfg.typing_interval,
         presence_store=storage.presence_store(), node_id=getattr(backplane, "node_id", ""),
         presence_ttl=cfg.presence_ttl,
-        max_rooms_total=cfg.max_rooms_total,
+        max_rooms_total=cfg.max_rooms_total, max_private_members=cfg.max_private_members,
     )
     extra_routes: list[Any] = []
     # Apps added by later modules register themselves here (sensors, editor).

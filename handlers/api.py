@@ -29,8 +29,10 @@ def _int_arg(handler: JSONHandler, name: str, default: int | None, lo: int, hi: 
 
 
 class RoomsAPI(JSONHandler):
+    """``GET /api/rooms``: the rooms this user may read (public ones without an identity)."""
+
     async def get(self) -> None:
-        self.finish({"rooms": await self.ctx.chat.room_list()})
+        self.finish({"rooms": await self.ctx.chat.room_list(self.user)})
 
 
 class RoomMessagesAPI(JSONHandler):
@@ -42,7 +44,7 @@ class RoomMessagesAPI(JSONHandler):
         since = _int_arg(self, "since", None, 0, 2**62)
         limit = _int_arg(self, "limit", 100, 1, 1000)
         assert limit is not None
-        self.finish(await self.ctx.chat.messages_since(room, since, limit))
+        self.finish(await self.ctx.chat.messages_since(room, since, limit, self.user))
 
 
 class HealthHandler(JSONHandler):

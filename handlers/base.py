@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import time
 from types import MappingProxyType
 from typing import Any, Awaitable, Callable, Mapping
 
@@ -51,6 +52,7 @@ from realtime.protocol import (
     decode_msgpack,
     decode_value,
     error_message,
+    get_str,
 )
 from realtime.wire import OP_BINARY, OP_TEXT, frame
 
@@ -96,7 +98,8 @@ class ConnState:
     """Everything the base keeps per connection, in slots."""
 
     __slots__ = ("ctx", "user", "ip", "conn_id", "flood", "ip_counted", "opened", "closing",
-                 "inflight", "inflight_done", "tasks", "outq", "outq_bytes", "writer", "fmt", "cap")
+                 "inflight", "inflight_done", "tasks", "outq", "outq_bytes", "writer", "fmt", "cap",
+                 "refusal", "expiry")
 
     def __init__(self, ctx: Context, flood: FloodGuard) -> None:
         self.ctx = ctx
@@ -115,6 +118,8 @@ class ConnState:
         self.writer: StreamWriter | MessageWriter | None = None  # set at open (handlers/writer.py)
         self.fmt: WireFormat = ctx.formats.json  # JSON text or MessagePack binary, deflated or not
         self.cap: int = ctx.cfg.max_write_buffer
+        self.refusal: tuple[int, str] | None = None  # ?close_codes=1: refused, told by a close after the upgrade
+        self.expiry: asyncio.TimerHandle | None = None  # token_expiring, then close 4001 at the token's exp
 
 
 def _state(name: str) -> Any:
@@ -187,11 +192,26 @@ class BaseSocketHandler(tornado.websocket.WebSocketHandler):
         return WireProtocol(self, ctx.wire_params)
 
     def refuse(self, status: int, message: str) -> None:
-        """Answer the handshake with an HTTP error instead of an upgrade."""
+        """Answer the handshake with an HTTP error instead of an upgrade.
+
+        A browser cannot read that status (its WebSocket sees only 1006), so a
+        client that asks with ``?close_codes=1`` gets an upgrade instead, then at
+        once a close: 4001 for a 401 (refresh the token, then reconnect), 4003
+        for a 403 (do not reconnect).  Nothing else is sent on such a socket."""
         self.ctx.stats.refused(status)
+        code = {401: Close.TOKEN_EXPIRED, 403: Close.FORBIDDEN}.get(status)
+        if code is not None and self.get_query_argument("close_codes", "") in ("1", "true") \
+                and self.request.headers.get("Upgrade", "").lower() == "websocket":
+            self.rt.refusal = (code, message)
+            return
         self.set_status(status)
         self.set_header("Content-Type", "application/json")
         self.finish({"error": message, "status": status})
+
+    @property
+    def handshake_refused(self) -> bool:
+        """prepare() refused this request (an HTTP answer, or a close to come)."""
+        return self._finished or self.rt.refusal is not None
 
     def prepare(self) -> None:
         """Identity and per-address limits, before the upgrade.
@@ -217,6 +237,8 @@ class BaseSocketHandler(tornado.websocket.WebSocketHandler):
         except AuthError as e:
             self.refuse(e.status, e.message)
             return
+        if self.rt.refusal is not None:
+            return
         ip = self.ip = self.request.remote_ip or "?"
         if not self.ctx.conn_limit.acquire(ip):
             self.refuse(429, "too many connections from this address")
@@ -233,6 +255,10 @@ class BaseSocketHandler(tornado.websocket.WebSocketHandler):
     # -- lifecycle -------------------------------------------------------
 
     def open(self, *args: str, **kwargs: str) -> Awaitable[None] | None:
+        refusal = self.rt.refusal
+        if refusal is not None:  # ?close_codes=1: the refusal, as a close code a browser can read
+            self.close(*refusal)
+            return None
         self.conn_id = self.ctx.next_id()
         self._opened = True
         self.ctx.connections.add(self)
@@ -240,7 +266,62 @@ class BaseSocketHandler(tornado.websocket.WebSocketHandler):
         self._setup_writer()
         self.set_nodelay(True)
         self._shed_handshake_state()
+        if self.user is not None and self.user.expires is not None:
+            return self._guard(self._open_with_token, *args)
         return self._guard(self.opened, *args)
+
+    # -- token lifetime ----------------------------------------------------
+
+    async def _open_with_token(self, *args: str) -> None:
+        result = self.opened(*args)
+        if result is not None:
+            await result
+        self._arm_expiry()  # after the first message (welcome, snapshot): it always comes first
+
+    def _arm_expiry(self) -> None:
+        """``token_expiring`` ``--token_refresh_window`` seconds before the
+        token's ``exp`` (at once if it is closer), then close 4001 at ``exp``
+        unless a ``refresh`` brought a later one (as Centrifugo does)."""
+        rt = self.rt
+        if rt.expiry is not None:
+            rt.expiry.cancel()
+            rt.expiry = None
+        user = rt.user
+        if rt.closing or user is None or user.expires is None:
+            return
+        warn_in = user.expires - self.cfg.token_refresh_window - time.time()
+        loop = asyncio.get_running_loop()
+        if warn_in > 0:
+            rt.expiry = loop.call_later(warn_in, self._token_expiring)
+        else:
+            self._token_expiring()
+
+    def _token_expiring(self) -> None:
+        rt = self.rt
+        user = rt.user
+        if rt.closing or user is None or user.expires is None:
+            return
+        left = max(0.0, user.expires - time.time())
+        self.send({"type": "token_expiring", "exp": user.expires, "expires_in": round(left, 3)})
+        rt.expiry = asyncio.get_running_loop().call_later(left, self._token_expired)
+
+    def _token_expired(self) -> None:
+        self.rt.expiry = None
+        self.ctx.stats.error("token_expired")
+        self.close(Close.TOKEN_EXPIRED, "token expired: refresh it, then reconnect")
+
+    def msg_refresh(self, msg: dict[str, Any]) -> None:
+        """``{"type": "refresh", "token": ...}``: a fresh token for this
+        connection's user; its expiry (and roles) replace the old ones."""
+        token = get_str(msg, "token", max_len=self.cfg.max_header_size)
+        assert token is not None and self.user is not None
+        try:
+            self.user = self.ctx.auth.refreshed(self.user, token)
+        except AuthError as e:
+            code = {400: "bad_message", 403: "forbidden"}.get(e.status, "unauthorized")
+            raise ProtocolError(code, e.message) from None
+        self._arm_expiry()
+        self.reply(msg, {"type": "refreshed", "exp": self.user.expires})
 
     def _setup_writer(self) -> None:
         """Finished frames through our protocol's writer; with Tornado's own
@@ -276,6 +357,9 @@ class BaseSocketHandler(tornado.websocket.WebSocketHandler):
             self._ip_counted = False
             self.ctx.conn_limit.release(self.ip)
         self.ctx.stats.closed(self.close_code or 1006)
+        if self.rt.expiry is not None:
+            self.rt.expiry.cancel()
+            self.rt.expiry = None
         for task in list(self._tasks or ()):
             task.cancel()
         if self._opened:
@@ -558,7 +642,13 @@ class JSONHandler(tornado.web.RequestHandler):
         self._body = bytearray()
 
     def prepare(self) -> None:
-        if self.public or self.ctx.auth.mode != "token":
+        if self.public:
+            return
+        if self.ctx.auth.mode != "token":
+            # A guest's session (the pages' cookie, or ?session=) says who reads
+            # private rooms; without one the reader is anonymous (public data only).
+            self.user = self.ctx.auth.from_session(self.get_query_argument("session", None)
+                                                   or self.get_cookie(SESSION_COOKIE))
             return
         token = request_token(self)
         if token is None:

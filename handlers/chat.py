@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import time
+from functools import partial
 from typing import Any
 
 from handlers.base import BaseSocketHandler
 from realtime.chat import ChatService, RoomSubscription, valid_room
-from realtime.protocol import ProtocolError, get_int, get_str
+from realtime.protocol import ProtocolError, get_int, get_str, get_str_list
 
 
 class ChatSocketHandler(BaseSocketHandler):
@@ -51,10 +52,15 @@ class ChatSocketHandler(BaseSocketHandler):
         return room
 
     async def msg_join(self, msg: dict[str, Any]) -> None:
-        room = self._room(msg, joined=False)
         since = get_int(msg, "since", required=False, minimum=0)
         epoch = get_str(msg, "epoch", max_len=64, required=False)
-        reply = await self.chat.join(self, self.rooms, room, since, epoch)
+        other = get_str(msg, "with", max_len=64, required=False)
+        if other is not None:  # the direct-message room with that user
+            reply = await self.chat.join_dm(self, self.rooms, other, since, epoch)
+            room = reply["room"]
+        else:
+            room = self._room(msg, joined=False)
+            reply = await self.chat.join(self, self.rooms, room, since, epoch)
         sub = self.rooms.get(room)
         if sub is None or self._closing:
             return  # left or disconnected while history was read
@@ -72,6 +78,34 @@ class ChatSocketHandler(BaseSocketHandler):
         assert self.user is not None
         room = self._room(msg)
         await self.chat.say(self.user, room, msg.get("text"), msg.get("cid"), self.send)
+
+    async def msg_create(self, msg: dict[str, Any]) -> None:
+        """A private room, owned by this user (see the roles in docs/PROTOCOL.md)."""
+        assert self.user is not None
+        room = self._room(msg, joined=False)
+        members = get_str_list(msg, "members", max_items=self.chat.max_private_members, max_len=64) \
+            if msg.get("members") is not None else []
+        self.reply(msg, await self.chat.create_private(self.user, room, members))
+
+    async def msg_add_member(self, msg: dict[str, Any]) -> None:
+        assert self.user is not None
+        target = get_str(msg, "user", max_len=64)
+        assert target is not None
+        await self.chat.add_member(self.user, self._room(msg, joined=False), target, partial(self.reply, msg))
+
+    async def msg_remove_member(self, msg: dict[str, Any]) -> None:
+        assert self.user is not None
+        target = get_str(msg, "user", max_len=64)
+        assert target is not None
+        await self.chat.remove_member(self.user, self._room(msg, joined=False), target, partial(self.reply, msg))
+
+    async def msg_delete(self, msg: dict[str, Any]) -> None:
+        assert self.user is not None
+        await self.chat.delete_message(self.user, self._room(msg, joined=False), msg.get("seq"),
+                                       partial(self.reply, msg))
+
+    async def msg_members(self, msg: dict[str, Any]) -> None:
+        self.reply(msg, await self.chat.member_list(self.user, self._room(msg, joined=False)))
 
     def msg_typing(self, msg: dict[str, Any]) -> None:
         """Not stored.  At most one per ``typing_interval`` per room is relayed;

@@ -115,7 +115,7 @@ class SensorSocketHandler(BaseSocketHandler):
         """The base's identity and limits, then the ingest key: a key that is
         presented must be right (HTTP 403 otherwise); without one, a viewer."""
         super().prepare()
-        if self._finished:
+        if self.handshake_refused:
             return
         svc: SensorService = self.ctx.sensors
         viewer = self.viewer = Viewer(self, svc.fanout.clamp(svc.cfg.default_hz))

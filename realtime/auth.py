@@ -7,10 +7,15 @@ Two modes:
   pages set as the ``rt_session`` cookie and that every ``welcome`` message
   returns, so a non-browser client can pass it back as ``?session=``.  The name
   comes from ``?name=`` (validated) or the session, else ``guest-XXXX``.
-* ``token``: a signed JWT (HS256, ``exp`` required) from ``?token=`` or
+* ``token``: a signed JWT (``exp`` and ``sub`` required) from ``?token=`` or
   ``Authorization: Bearer``; claims ``sub`` (user id), ``name``, ``roles``.
   A handshake without a valid token is refused with HTTP 401 (expired: 401 too,
-  with a reason the client can act on).
+  with a reason the client can act on).  Tokens are HS256 under one of the
+  ``--jwt_secret`` secrets (several: rotation, the first is the one to sign
+  with), or RS256/ES256 under a ``--jwt_public_key`` (an identity provider's).
+  The token header's ``alg`` must be one of those configured: ``none`` and
+  every other algorithm are refused before any key is tried, so a public key
+  can never be used as an HMAC secret.
 
 Security caveat: the session is a bearer credential for a *guest* name only; it
 proves nothing about a real person.  Use token mode where identity matters.
@@ -51,6 +56,58 @@ def load_or_create_secret(path: str) -> str:
     with os.fdopen(fd, "w", encoding="ascii") as f:
         f.write(secret + "\n")
     return secret
+
+
+def split_secrets(value: str) -> list[str]:
+    """``--jwt_secret``: one secret, or several separated by commas (a
+    rotation: tokens under any of them are accepted, the first signs)."""
+    return [p.strip() for p in value.split(",") if p.strip()]
+
+
+def load_public_keys(paths: str) -> list[Any]:
+    """The public keys in ``--jwt_public_key`` (PEM files, comma separated;
+    a file may hold several keys or certificates).  ``ValueError`` says which
+    file is unusable and why."""
+    from cryptography import x509
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+    keys: list[Any] = []
+    for path in (p.strip() for p in paths.split(",") if p.strip()):
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError as e:
+            raise ValueError("--jwt_public_key %s: %s" % (path, e.strerror)) from None
+        blocks = list(re.finditer(rb"-----BEGIN ([A-Z ]+)-----.+?-----END \1-----", data, re.S))
+        if not blocks:
+            raise ValueError("--jwt_public_key %s: no PEM public key or certificate in it" % path)
+        for block in blocks:
+            try:
+                key = (x509.load_pem_x509_certificate(block.group(0)).public_key()
+                       if block.group(1) == b"CERTIFICATE" else load_pem_public_key(block.group(0)))
+                key_algorithm(key)
+            except (ValueError, UnsupportedAlgorithm) as e:
+                raise ValueError("--jwt_public_key %s: %s" % (path, e)) from None
+            keys.append(key)
+    return keys
+
+
+def key_algorithm(key: Any) -> str:
+    """The one JWT algorithm a public key verifies: RS256 for RSA, ES256 for
+    EC P-256, ES384 for P-384 (anything else is a ``ValueError``)."""
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+    if isinstance(key, rsa.RSAPublicKey):
+        if key.key_size < 2048:
+            raise ValueError("an RSA key of %d bits is too weak (at least 2048)" % key.key_size)
+        return "RS256"
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        curve = {"secp256r1": "ES256", "secp384r1": "ES384"}.get(key.curve.name)
+        if curve is not None:
+            return curve
+        raise ValueError("EC keys on curve %s are not supported (P-256 or P-384)" % key.curve.name)
+    raise ValueError("a %s is not an RSA or EC public key" % type(key).__name__)
 
 
 class AuthError(Exception):
@@ -94,6 +151,11 @@ def clean_name(raw: str | None) -> str | None:
 _ID_RE = re.compile(r"^[A-Za-z0-9_.:@-]{1,64}$")
 
 
+def valid_user_id(s: object) -> bool:
+    """A user id as tokens and sessions carry them: 1-64 of ``A-Z a-z 0-9 _ . : @ -``."""
+    return isinstance(s, str) and bool(_ID_RE.match(s))
+
+
 class Signer:
     """HMAC-SHA256 over a short text; output is URL-safe."""
 
@@ -130,18 +192,29 @@ class Authenticator:
         session_max_age: float = 30 * 86400,
         guest_roles: frozenset[str] = frozenset({"chat", "edit"}),
         max_token_lifetime: float = 86400.0,
+        jwt_public_keys: list[Any] | None = None,
+        audience: str = "",
+        issuer: str = "",
     ) -> None:
         if mode not in ("open", "token"):
             raise ValueError("auth mode must be 'open' or 'token'")
-        if mode == "token" and not jwt_secret:
-            raise ValueError("token mode needs --jwt_secret")
-        if mode == "token" and len(jwt_secret.encode("utf-8")) < MIN_JWT_SECRET:
-            log.warning("--jwt_secret is %d bytes: anyone holding one token can guess it offline and mint "
-                        "their own; use at least %d random bytes", len(jwt_secret.encode("utf-8")), MIN_JWT_SECRET)
+        self.jwt_secrets = split_secrets(jwt_secret)
+        # algorithm -> the keys that verify it
+        self.keys: dict[str, list[Any]] = {"HS256": list(self.jwt_secrets)} if self.jwt_secrets else {}
+        for key in jwt_public_keys or []:
+            self.keys.setdefault(key_algorithm(key), []).append(key)
+        if mode == "token" and not self.keys:
+            raise ValueError("token mode needs --jwt_secret or --jwt_public_key")
+        for s in self.jwt_secrets if mode == "token" else []:
+            if len(s.encode("utf-8")) < MIN_JWT_SECRET:
+                log.warning("a --jwt_secret is %d bytes: anyone holding one token can guess it offline and mint "
+                            "their own; use at least %d random bytes", len(s.encode("utf-8")), MIN_JWT_SECRET)
         self.max_token_lifetime = max_token_lifetime
         self.mode = mode
         self.signer = Signer(secret)
-        self.jwt_secret = jwt_secret
+        self.jwt_secret = self.jwt_secrets[0] if self.jwt_secrets else ""  # the one make_token signs with
+        self.audience = audience
+        self.issuer = issuer
         self.session_max_age = session_max_age
         self.guest_roles = guest_roles
 
@@ -193,16 +266,31 @@ class Authenticator:
         return ident
 
     def verify_token(self, token: str) -> Identity:
+        """The identity a token proves, or :class:`AuthError` (401)."""
         import jwt  # PyJWT; only needed in token mode
 
         try:
-            claims = jwt.decode(
-                token, self.jwt_secret, algorithms=["HS256"], options={"require": ["exp", "sub"]}
-            )
-        except jwt.ExpiredSignatureError:
-            raise AuthError(401, "token expired", expired=True)
+            alg = jwt.get_unverified_header(token).get("alg")
         except jwt.InvalidTokenError as e:
             raise AuthError(401, "invalid token: %s" % e)
+        keys = self.keys.get(alg) if isinstance(alg, str) else None
+        if not keys or not isinstance(alg, str):
+            raise AuthError(401, "invalid token: algorithm %r is not accepted here (accepted: %s)"
+                            % (str(alg)[:20], ", ".join(sorted(self.keys)) or "none"))
+        claims: dict[str, Any] | None = None
+        for key in keys:  # several secrets or keys: during a rotation, a token under any of them counts
+            try:
+                claims = jwt.decode(token, key, algorithms=[alg], options={"require": ["exp", "sub"]},
+                                    audience=self.audience or None, issuer=self.issuer or None)
+                break
+            except jwt.InvalidSignatureError:
+                continue
+            except jwt.ExpiredSignatureError:
+                raise AuthError(401, "token expired", expired=True)
+            except jwt.InvalidTokenError as e:
+                raise AuthError(401, "invalid token: %s" % e)
+        if claims is None:
+            raise AuthError(401, "invalid token: Signature verification failed")
         if self.max_token_lifetime > 0 and float(claims["exp"]) - time.time() > self.max_token_lifetime:
             raise AuthError(401, "invalid token: it expires more than %g seconds from now (--max_token_lifetime)"
                             % self.max_token_lifetime)
@@ -215,6 +303,17 @@ class Authenticator:
             raise AuthError(401, "invalid token: 'roles' must be a list")
         return Identity(sub, name, frozenset(str(r) for r in roles), guest=False,
                         expires=float(claims["exp"]))
+
+    def refreshed(self, current: Identity, token: str) -> Identity:
+        """The identity of an open connection after it presented a fresh token
+        (the ``refresh`` message): the same user, the new token's expiry and
+        roles.  :class:`AuthError` 401 for a bad token, 403 for another user's."""
+        if self.mode != "token":
+            raise AuthError(400, "this server does not use tokens (--auth=open)")
+        fresh = self.verify_token(token)
+        if fresh.id != current.id:
+            raise AuthError(403, "the token is for another user (%s)" % fresh.id)
+        return Identity(current.id, current.name, fresh.roles, guest=False, expires=fresh.expires)
 
     def make_token(self, sub: str, name: str, roles: list[str], ttl: float = 3600) -> str:
         """Mint a token (for tests, the CLI and admin tooling)."""

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
 import logging
 import re
 import time
@@ -33,10 +34,24 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
-from realtime.auth import Identity
+from realtime.auth import Identity, valid_user_id
 from realtime.hub import Hub
 from realtime.protocol import Outgoing, ProtocolError, has_control_chars
-from realtime.storage.base import ChatLog, PresenceStore, RoomRecord, StorageError, StoreBusy, TooManyRooms
+from realtime.storage.base import (
+    ChatLog,
+    NoSuchMessage,
+    NotAMember,
+    PresenceStore,
+    RoomExists,
+    RoomRecord,
+    StorageError,
+    StoreBusy,
+    TooManyRooms,
+    may_read,
+    member_json,
+    redacted,
+    tombstone_json,
+)
 
 log = logging.getLogger("realtime.chat")
 
@@ -47,6 +62,22 @@ _CID_MAX = 64
 def valid_room(name: object) -> bool:
     """A room name: 1-64 of ``A-Z a-z 0-9 _ . -``, starting with a letter or digit."""
     return isinstance(name, str) and bool(_ROOM_RE.match(name))
+
+
+DM_PREFIX = "dm-"  # reserved: only direct-message rooms have names starting so
+
+
+def dm_room(a: str, b: str) -> str:
+    """The name of the direct-message room of users ``a`` and ``b`` (either
+    order): ``dm-`` and the first 32 hex digits of SHA-256 over
+    ``<length of the smaller id>:<smaller id><larger id>`` (UTF-8)."""
+    lo, hi = sorted((a, b))
+    return DM_PREFIX + hashlib.sha256(("%d:%s%s" % (len(lo), lo, hi)).encode("utf-8")).hexdigest()[:32]
+
+
+def is_moderator(user: Identity) -> bool:
+    """The ``moderator`` role, or ``admin`` (which includes it)."""
+    return user.can("moderator")
 
 
 def check_text(text: object, max_len: int) -> str:
@@ -100,18 +131,32 @@ def resume_plan(
 class RoomState:
     """A room as this process knows it: epoch, last committed seq, recent messages."""
 
-    def __init__(self, name: str, epoch: str, last_seq: int, oldest_seq: int, cache_size: int) -> None:
+    def __init__(self, name: str, epoch: str, last_seq: int, oldest_seq: int, cache_size: int,
+                 kind: str = "public", owner: str | None = None) -> None:
         self.name = name
         self.epoch = epoch
         self.last_seq = last_seq
         self.oldest_seq = oldest_seq  # oldest kept in the store
         self.recent: deque[dict[str, Any]] = deque(maxlen=cache_size)
+        self.kind = kind  # public, private, dm (realtime.storage.base.ROOM_KINDS)
+        self.owner = owner
 
     def committed(self, msg: dict[str, Any], keep: int) -> None:
         if msg["seq"] > self.last_seq:
             self.last_seq = msg["seq"]
             self.recent.append(msg)
             self.oldest_seq = max(self.oldest_seq, self.last_seq - keep + 1)
+            if msg["type"] == "deleted":
+                self._redact(msg["target"])
+
+    def _redact(self, target: int) -> None:
+        """What the store did to the deleted message, done to the cache (which
+        then answers history reads exactly as the store would)."""
+        if not self.recent:
+            return
+        i = target - self.recent[0]["seq"]
+        if 0 <= i < len(self.recent) and self.recent[i]["type"] == "message":
+            self.recent[i] = redacted(self.recent[i])
 
     def cached_after(self, after: int, limit: int) -> list[dict[str, Any]] | None:
         """Messages with seq > after from memory, or None if memory lacks some."""
@@ -237,14 +282,16 @@ class RoomSubscription:
     messages are held; :meth:`release` sends those the history did not have.
     """
 
-    __slots__ = ("member", "room", "buffering", "buffer", "last_sent")
+    __slots__ = ("member", "room", "buffering", "buffer", "last_sent", "subs", "removed")
 
-    def __init__(self, member: Member, room: str) -> None:
+    def __init__(self, member: Member, room: str, subs: "dict[str, RoomSubscription] | None" = None) -> None:
         self.member = member
         self.room = room
         self.buffering = True
         self.buffer: list[Outgoing] = []
         self.last_sent = 0
+        self.subs = subs  # the member's subscriptions, this one among them
+        self.removed = False  # the member was removed from the room (a moderator, the owner)
 
     def deliver(self, out: Outgoing) -> None:
         if self.buffering:
@@ -430,7 +477,10 @@ class RoomRelay:
         try:
             await svc.hub.subscribe(self.topic, self)
             try:
-                record = await svc.log.open_room(self.name, svc.history_size, svc.max_rooms_total)
+                # An existing room is read, not written: joining it works on a full disk too.
+                found = await svc.log.find_room(self.name, svc.history_size)
+                record = found if found is not None else await svc.log.open_room(
+                    self.name, svc.history_size, svc.max_rooms_total)
             except BaseException:
                 svc.hub.unsubscribe(self.topic, self)
                 raise
@@ -469,8 +519,30 @@ class RoomRelay:
             self.held.append(out)
             self.filling = asyncio.ensure_future(self._fill(out.seq))
             return
-        state.committed(out.obj, self.service.history_keep)
+        self._pass(out)
+
+    def _pass(self, out: Outgoing) -> None:
+        """The next entry in seq order: into the state, to every member, then
+        what a membership change means for this node's members."""
+        assert self.state is not None
+        self.state.committed(out.obj, self.service.history_keep)
         self._fan(out)
+        if out.kind == "member" and out.obj.get("event") == "removed":
+            self._removed(out.obj["user"])
+
+    def _removed(self, user_id: str) -> None:
+        """A member was removed (or banned): this node's connections of that
+        user leave the room after the entry that says so, and get nothing after it."""
+        for sub in tuple(self.members):
+            if sub.member.user.id != user_id:
+                continue
+            sub.removed = True
+            if sub.subs is not None:
+                self.service.leave(sub.member, sub.subs, self.name)
+            else:
+                self.service._drop(self, sub)
+            if not sub.buffering:
+                sub.member.send({"type": "left", "room": self.name, "reason": "removed"})
 
     def _fan(self, out: Outgoing) -> None:
         for sub in tuple(self.members):
@@ -506,8 +578,7 @@ class RoomRelay:
             svc.gaps_filled += 1
             for msg in msgs:
                 if msg["seq"] == state.last_seq + 1:
-                    state.committed(msg, svc.history_keep)
-                    self._fan(Outgoing(msg, seq=msg["seq"]))
+                    self._pass(Outgoing(msg, seq=msg["seq"]))
             if self.held and state.last_seq < upto - 1:
                 # Not in the log (trimmed, or another epoch): skip ahead rather than stall.
                 log.warning("room %s: seqs %d..%d are not in the log; skipping them", self.name,
@@ -542,8 +613,9 @@ class ChatService:
                  members_max: int = 100, presence_window: float = 0.1,
                  presence_diff_max: int = 50, typing_interval: float = 1.0, max_rooms_total: int = 0,
                  presence_store: PresenceStore | None = None, node_id: str = "",
-                 presence_ttl: float = 15.0) -> None:
+                 presence_ttl: float = 15.0, max_private_members: int = 1000) -> None:
         self.log = log
+        self.max_private_members = max_private_members
         self.max_rooms_total = max_rooms_total  # rooms stored at most (0 = no limit)
         self.rooms_reclaimed = 0
         self.hub = hub
@@ -581,7 +653,8 @@ class ChatService:
     # -- rooms -----------------------------------------------------------
 
     def room_state(self, name: str, record: RoomRecord) -> RoomState:
-        state = RoomState(name, record.epoch, record.last_seq, record.oldest_seq, max(self.history_size, 200))
+        state = RoomState(name, record.epoch, record.last_seq, record.oldest_seq, max(self.history_size, 200),
+                          record.kind, record.owner)
         state.recent.extend(record.recent)
         return state
 
@@ -618,20 +691,79 @@ class ChatService:
         except StorageError:
             raise ProtocolError("unavailable", "history could not be read; retry shortly")
 
+    # -- who may read -----------------------------------------------------
+
+    async def _role(self, room: str, user_id: str | None) -> str | None:
+        if user_id is None:
+            return None
+        try:
+            return await self.log.role(room, user_id)
+        except StorageError:
+            raise ProtocolError("unavailable", "the room's members could not be read; retry shortly")
+
+    async def check_read(self, room: RoomState, user: Identity | None) -> str | None:
+        """ProtocolError ``forbidden`` unless ``user`` may read ``room`` (None:
+        an anonymous HTTP reader, who may read public rooms only).  Returns the
+        user's stored role.  Read from the store, so a removal on another node
+        counts at once."""
+        role = await self._role(room.name, user.id if user is not None else None)
+        if not may_read(room.kind, role):
+            if room.kind == "public":
+                raise ProtocolError("forbidden", "you were removed from room %s" % room.name)
+            raise ProtocolError("forbidden", "room %s is private: only its members may read it" % room.name)
+        return role
+
     # -- membership ------------------------------------------------------
+
+    async def join_dm(self, member: Member, subs: dict[str, RoomSubscription], other: str,
+                      since: int | None, epoch: str | None) -> dict[str, Any]:
+        """Join the direct-message room of ``member`` and user ``other``; the
+        room is created the first time either of them asks."""
+        if not valid_user_id(other):
+            raise ProtocolError("bad_message", "'with' must be a user id (1-64 of A-Z a-z 0-9 _ . : @ -)")
+        me = member.user.id
+        if other == me:
+            raise ProtocolError("bad_message", "a direct-message room needs another user")
+        name = dm_room(me, other)
+        if name not in subs and name not in self._relays:
+            try:
+                await self.log.create_room(name, "dm", None, sorted((me, other)), self.history_size,
+                                           self.max_rooms_total)
+            except TooManyRooms as e:
+                raise ProtocolError("too_large", "%s; join an existing one" % e) from None
+            except RoomExists:
+                raise ProtocolError("conflict", "room %s exists and is not a direct-message room" % name) from None
+            except StorageError:
+                raise ProtocolError("unavailable", "the room could not be created; retry shortly") from None
+        reply = await self.join(member, subs, name, since, epoch)
+        reply["with"] = other
+        return reply
 
     async def join(self, member: Member, subs: dict[str, RoomSubscription], name: str,
                    since: int | None, epoch: str | None) -> dict[str, Any]:
         """Subscribe ``member`` to ``name`` and return the ``joined`` message.
 
-        The caller sends it, then calls ``subs[name].release(reply["seq"])``."""
+        The caller sends it, then calls ``subs[name].release(reply["seq"])``.
+        A private or direct-message room is ``forbidden`` to a non-member, a
+        public one to a user removed from it."""
         if not valid_room(name):
             raise ProtocolError("bad_message", "room names are 1-64 letters, digits, '_', '.' or '-'")
         if name in subs:
             raise ProtocolError("conflict", "already in room %s" % name)
         if len(subs) >= self.max_rooms:
             raise ProtocolError("too_large", "at most %d rooms per connection" % self.max_rooms)
-        sub = RoomSubscription(member, name)
+        if name.startswith(DM_PREFIX) and name not in self._relays:
+            # Direct-message rooms exist only once made (join with 'with'): never created as public.
+            try:
+                found = await self.log.find_room(name, 0)
+            except StorageError:
+                raise ProtocolError("unavailable", "the room could not be read; retry shortly") from None
+            if found is None:
+                raise ProtocolError("not_found", "no direct-message room %s: join with {\"with\": <user id>}"
+                                    % name)
+            if name in subs:
+                raise ProtocolError("conflict", "already in room %s" % name)
+        sub = RoomSubscription(member, name, subs)
         subs[name] = sub
         relay = self._relays.get(name)
         if relay is None:
@@ -645,6 +777,7 @@ class ChatService:
             if starting is not None:
                 await asyncio.shield(starting)
             room = await asyncio.shield(relay.ready)
+            await self.check_read(room, member.user)
             plan = resume_plan(epoch=room.epoch, last_seq=room.last_seq, oldest_seq=room.oldest_seq,
                                since=since, client_epoch=epoch, history_size=self.history_size,
                                resume_max=self.history_keep)
@@ -663,6 +796,8 @@ class ChatService:
             raise
         if messages:
             upto = max(upto, messages[-1]["seq"])
+        if sub.removed:
+            raise ProtocolError("forbidden", "you were removed from room %s" % name)
         if subs.get(name) is sub:  # still subscribed (the member may have left meanwhile)
             if self.presence.add(name, member.user):
                 if self.cluster is not None:  # stored before the reply, so the joiner is in its own list
@@ -673,7 +808,7 @@ class ChatService:
             members, count = await self.cluster.members(name, self.members_max)
         else:
             members, count = self.presence.members(name, self.members_max), self.presence.count(name)
-        return {"type": "joined", "room": name, "epoch": room.epoch, "seq": upto,
+        return {"type": "joined", "room": name, "kind": room.kind, "epoch": room.epoch, "seq": upto,
                 "recovered": plan.recovered, "messages": messages,
                 "members": members, "member_count": count}
 
@@ -746,6 +881,8 @@ class ChatService:
         try:
             seq, stored_ts, duplicate = await self.log.append(name, user.id, user.name, text,
                                                               int(time.time() * 1000), cid)
+        except NotAMember:
+            raise ProtocolError("forbidden", "you may not write to room %s (no longer a member)" % name) from None
         except StoreBusy:
             raise ProtocolError("unavailable", "the server is overloaded; retry shortly")
         except StorageError as e:
@@ -770,16 +907,158 @@ class ChatService:
         else:
             self.hub.publish(self.topic(name), msg, seq=seq)
 
+    def _publish_entry(self, name: str, entry: dict[str, Any]) -> None:
+        """A stored tombstone or membership change, to the room on every node."""
+        if self.log.broadcasts:
+            self.hub.dispatch(self.topic(name), Outgoing(entry, seq=entry["seq"]))
+        else:
+            self.hub.publish(self.topic(name), entry, seq=entry["seq"])
+
+    # -- private rooms and moderation --------------------------------------
+    # Who may do what is one table in docs/PROTOCOL.md ("Roles"); these
+    # methods are where it is enforced.
+
+    async def create_private(self, user: Identity, name: str, members: list[str]) -> dict[str, Any]:
+        """Create private room ``name`` owned by ``user``, with ``members``."""
+        if not valid_room(name):
+            raise ProtocolError("bad_message", "room names are 1-64 letters, digits, '_', '.' or '-'")
+        if name.startswith(DM_PREFIX):
+            raise ProtocolError("bad_message", "room names starting with %r are direct-message rooms" % DM_PREFIX)
+        if len(members) >= self.max_private_members:
+            raise ProtocolError("too_large", "a private room has at most %d members" % self.max_private_members)
+        for m in members:
+            if not valid_user_id(m):
+                raise ProtocolError("bad_message", "'members' must be user ids (1-64 of A-Z a-z 0-9 _ . : @ -)")
+        try:
+            record = await self.log.create_room(name, "private", user.id, members, 0, self.max_rooms_total)
+            rows = await self.log.members(name, self.max_private_members)
+        except RoomExists:
+            raise ProtocolError("conflict", "a room named %s exists already" % name) from None
+        except TooManyRooms as e:
+            raise ProtocolError("too_large", "%s; join an existing one" % e) from None
+        except StorageError:
+            raise ProtocolError("unavailable", "the room could not be created; retry shortly") from None
+        return {"type": "created", "room": name, "kind": record.kind, "owner": user.id,
+                "members": [{"id": uid, "role": role} for uid, role in rows]}
+
+    async def _managed(self, user: Identity, name: str, target: str) -> tuple[RoomState, str | None]:
+        """The room and the target's role, once ``user`` may change who is in it."""
+        if not valid_user_id(target):
+            raise ProtocolError("bad_message", "'user' must be a user id (1-64 of A-Z a-z 0-9 _ . : @ -)")
+        room = await self.room(name, create=False)
+        if room.kind == "dm":
+            raise ProtocolError("forbidden", "the members of a direct-message room cannot change")
+        if room.kind == "public":
+            if not is_moderator(user):
+                raise ProtocolError("forbidden", "only moderators and admins remove users from public rooms")
+        elif not user.can("admin"):
+            role = await self.check_read(room, user)
+            if role != "owner" and not is_moderator(user) and target != user.id:
+                raise ProtocolError("forbidden", "only the owner, moderators and admins manage the members of %s"
+                                    % name)
+        return room, await self._role(name, target)
+
+    async def add_member(self, user: Identity, name: str, target: str,
+                         reply: Callable[[dict[str, Any]], None]) -> None:
+        """Add ``target`` to a private room (or lift its ban from a public one);
+        the change is an entry in the room's seq order.  ``reply(ack)`` first,
+        then the entry goes to the room."""
+        room, role = await self._managed(user, name, target)
+        if room.kind == "public":
+            if role != "banned":
+                raise ProtocolError("conflict", "%s is not removed from %s" % (target, name))
+            new_role: str | None = None
+        else:
+            if role in ("owner", "member"):
+                raise ProtocolError("conflict", "%s is a member of %s already" % (target, name))
+            if len(await self.log.members(name, self.max_private_members)) >= self.max_private_members:
+                raise ProtocolError("too_large", "a private room has at most %d members" % self.max_private_members)
+            new_role = "member"
+        await self._set_member(user, name, target, new_role, "added", reply)
+
+    async def remove_member(self, user: Identity, name: str, target: str,
+                            reply: Callable[[dict[str, Any]], None]) -> None:
+        """Remove ``target`` from a private room (a member may remove itself), or
+        ban it from a public one; its connections leave the room, on every node."""
+        room, role = await self._managed(user, name, target)
+        if role == "owner":
+            raise ProtocolError("forbidden", "the owner of %s cannot be removed" % name)
+        if room.kind == "public":
+            if role == "banned":
+                raise ProtocolError("conflict", "%s is removed from %s already" % (target, name))
+            new_role: str | None = "banned"
+        else:
+            if role != "member":
+                raise ProtocolError("not_found", "%s is not a member of %s" % (target, name))
+            new_role = None
+        await self._set_member(user, name, target, new_role, "removed", reply)
+
+    async def _set_member(self, user: Identity, name: str, target: str, role: str | None,
+                          event: str, reply: Callable[[dict[str, Any]], None]) -> None:
+        ts = int(time.time() * 1000)
+        try:
+            done = await self.log.set_member(name, target, role, event, user.id, user.name, ts)
+        except StorageError as e:
+            log.error("changing the members of %s failed: %s", name, e)
+            raise ProtocolError("unavailable", "the change could not be stored; retry shortly") from None
+        reply({"type": "ack", "room": name, "seq": done.seq})
+        self._publish_entry(name, member_json(name, done.seq, event, target, user.id, user.name, done.ts))
+
+    async def delete_message(self, user: Identity, name: str, target: object,
+                             reply: Callable[[dict[str, Any]], None]) -> None:
+        """A moderator deletes message ``target``: its text is erased from the
+        store and a tombstone takes the next seq, so every member sees it live
+        and every later history or resume read sees the message deleted."""
+        if type(target) is not int or target < 1:
+            raise ProtocolError("bad_message", "'seq' must be the positive seq of a message")
+        if not is_moderator(user):
+            raise ProtocolError("forbidden", "only moderators and admins delete messages")
+        room = await self.room(name, create=False)
+        await self.check_read(room, user)
+        ts = int(time.time() * 1000)
+        try:
+            done = await self.log.delete(name, target, user.id, user.name, ts)
+        except NoSuchMessage:
+            raise ProtocolError("not_found", "room %s keeps no message with seq %d" % (name, target)) from None
+        except StorageError as e:
+            log.error("deleting a message in %s failed: %s", name, e)
+            raise ProtocolError("unavailable", "the deletion could not be stored; retry shortly") from None
+        ack: dict[str, Any] = {"type": "ack", "room": name, "seq": done.seq, "target": target}
+        if done.duplicate:
+            ack["duplicate"] = True
+        reply(ack)
+        if not done.duplicate:
+            self._publish_entry(name, tombstone_json(name, done.seq, target, user.id, user.name, done.ts))
+
+    async def member_list(self, user: Identity | None, name: str) -> dict[str, Any]:
+        """The stored member rows: of a private or dm room for whoever may read
+        it (and admins); of a public room (the removed users) for moderators."""
+        room = await self.room(name, create=False)
+        if room.kind == "public":
+            if user is None or not is_moderator(user):
+                raise ProtocolError("forbidden", "only moderators and admins list the users removed from a room")
+        elif user is None or not (user.can("admin") and room.kind == "private"):
+            await self.check_read(room, user)
+        try:
+            rows = await self.log.members(name, self.max_private_members)
+        except StorageError:
+            raise ProtocolError("unavailable", "the members could not be read; retry shortly") from None
+        return {"type": "member_list", "room": name, "kind": room.kind, "owner": room.owner,
+                "members": [{"id": uid, "role": role} for uid, role in rows]}
+
     def typing(self, user: Identity, name: str) -> None:
         self.hub.publish(self.topic(name), {"type": "typing", "room": name, "user": user.to_json()})
 
     # -- HTTP ------------------------------------------------------------
 
-    async def messages_since(self, name: str, since: int | None, limit: int) -> dict[str, Any]:
+    async def messages_since(self, name: str, since: int | None, limit: int,
+                             user: Identity | None = None) -> dict[str, Any]:
         """History over HTTP: without ``since`` the newest ``limit`` messages,
         with it the oldest ``limit`` after it (page forward with the last seq).
-        ``complete`` is false when messages after ``since`` were already trimmed."""
+        ``complete`` is false when messages after ``since`` were already trimmed.
+        ``forbidden`` where ``user`` may not read (see :meth:`check_read`)."""
         room = await self.room(name, create=False)
+        await self.check_read(room, user)
         limit = max(1, min(limit, self.history_keep))
         if since is None:
             msgs = await self.history(room, max(0, room.last_seq - limit), limit)
@@ -789,9 +1068,11 @@ class ChatService:
                 "oldest": room.oldest_seq, "messages": msgs,
                 "complete": since is None or since >= room.oldest_seq - 1}
 
-    async def room_list(self) -> list[dict[str, Any]]:
+    async def room_list(self, user: Identity | None = None) -> list[dict[str, Any]]:
+        """The rooms ``user`` may read: every public one, and the private and
+        direct-message rooms it is a member of."""
         try:
-            rows = await self.log.rooms(1000)
+            rows = await self.log.rooms(1000, user.id if user is not None else None)
         except StorageError:
             raise ProtocolError("unavailable", "rooms could not be read; retry shortly")
         views = self.cluster.views if self.cluster is not None else {}

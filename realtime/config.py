@@ -72,8 +72,12 @@ class Config:
     allowed_hosts: list[str] = option(UNAUTHENTICATED, [], "Host names this server answers to, comma separated ('.example.com' = it and its subdomains, '*' = any); always: localhost, this machine's addresses and name, the hosts of allowed_origins")
 
     # -- identity
-    auth: str = option(IDENTITY, "open", "'open' (guests with names) or 'token' (JWT HS256 from ?token= or Authorization: Bearer)")
-    jwt_secret: str = option(IDENTITY, "", "HS256 secret for token mode (at least 32 random bytes; shorter is warned about at start)")
+    auth: str = option(IDENTITY, "open", "'open' (guests with names) or 'token' (a JWT from ?token= or Authorization: Bearer, HS256 or RS256/ES256)")
+    jwt_secret: str = option(IDENTITY, "", "HS256 secret(s) for token mode, comma separated: tokens under any are accepted (rotation; at least 32 random bytes each, shorter is warned about at start)")
+    jwt_public_key: str = option(IDENTITY, "", "PEM file(s), comma separated, with the public keys or certificates of an identity provider: RS256 (RSA) or ES256 (EC P-256) tokens they sign are accepted")
+    jwt_audience: str = option(IDENTITY, "", "if set, a token's 'aud' must name it (tokens an identity provider issued for other services are refused)")
+    jwt_issuer: str = option(IDENTITY, "", "if set, a token's 'iss' must be exactly this")
+    token_refresh_window: float = option(IDENTITY, 60.0, "seconds before a connection's token expires that it is sent token_expiring; one that does not send a refresh is closed with 4001 at exp")
     max_token_lifetime: float = option(IDENTITY, 86400.0, "seconds a token may still be valid when presented (exp - now); a token valid for longer is refused (0 = no limit)")
 
     # -- every socket
@@ -100,6 +104,7 @@ class Config:
     max_text: int = option(CHAT, 2000, "longest chat message, in characters")
     max_rooms: int = option(CHAT, 20, "rooms one connection may be in at once")
     max_rooms_total: int = option(CHAT, 10000, "rooms the server stores; joining a new one past this is refused (too_large); rooms nothing was said in are removed when their last member leaves (0 = no limit)")
+    max_private_members: int = option(CHAT, 1000, "members a private room may have (its member list is stored)")
     members_max: int = option(CHAT, 100, "members listed in 'joined' and presence 'sync' (member_count is exact)")
     presence_window: float = option(CHAT, 0.1, "seconds over which presence changes are coalesced")
     presence_ttl: float = option(CHAT, 15.0, "cluster mode: seconds after which the members of a node that stopped answering leave everyone's presence")

@@ -58,6 +58,7 @@ ERROR_CODES = frozenset(
         "too_large",
         "rate_limited",
         "forbidden",
+        "unauthorized",
         "not_found",
         "conflict",
         "unavailable",
@@ -369,6 +370,18 @@ def get_number(
     if maximum is not None and value > maximum:
         raise ProtocolError("bad_message", "'%s' must be <= %s" % (key, maximum))
     return float(value)
+
+
+def get_str_list(msg: dict[str, Any], key: str, *, max_items: int, max_len: int = 200) -> list[str]:
+    value = msg.get(key)
+    if not isinstance(value, list):
+        raise ProtocolError("bad_message", "'%s' must be a list of strings" % key)
+    if len(value) > max_items:
+        raise ProtocolError("too_large", "'%s' has more than %d items" % (key, max_items))
+    for item in value:
+        if not isinstance(item, str) or not item or len(item) > max_len:
+            raise ProtocolError("bad_message", "'%s' must be a list of non-empty strings" % key)
+    return list(value)
 
 
 # Control characters other than tab and newline are refused in user text.

@@ -253,6 +253,16 @@ class FrameReader:
                 hl = 10
             try:
                 self._check(b0, b1, n)
+            except WireError as e:
+                error = e
+                self.fail()
+                # Step over the faulty frame itself (its header is all here): the search for the
+                # client's close starts after it (an oversized close frame is a fault, not a close).
+                after = pos + hl + (4 if b1 & 0x80 else 0)
+                self.skip = n + max(0, after - end)
+                pos = min(after, end)
+                continue
+            try:
                 start = pos + hl + 4
                 if end - start < n:
                     break  # wait for the rest of the payload
@@ -281,6 +291,8 @@ class FrameReader:
 
     def _check(self, b0: int, b1: int, n: int) -> None:
         """Everything the header alone can tell, before any payload is buffered."""
+        if n >> 63:
+            raise WireError(PROTOCOL_ERROR, "the most significant bit of a 64-bit length must be 0")
         if not b1 & 0x80:
             raise WireError(PROTOCOL_ERROR, "client frames must be masked (RFC 6455 section 5.1)")
         opcode = b0 & 0x0F

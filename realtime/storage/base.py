@@ -33,15 +33,26 @@ class StoreClosed(StorageError):
 # -- chat ---------------------------------------------------------------------------
 
 
+#: A room's kind: anyone may join a ``public`` one; only its stored members
+#: may read or write a ``private`` one or a ``dm`` (a direct-message room of two).
+ROOM_KINDS = ("public", "private", "dm")
+#: A stored member row's role: ``owner`` and ``member`` may read a private
+#: room; ``banned`` keeps a user out of a public one.
+MEMBER_ROLES = ("owner", "member", "banned")
+
+
 @dataclass
 class RoomRecord:
     """A room as stored: its epoch, the last seq, the oldest seq still kept
-    (``last_seq + 1`` when nothing is kept) and its newest messages."""
+    (``last_seq + 1`` when nothing is kept), its newest entries, its kind and
+    (private rooms) its owner."""
 
     epoch: str
     last_seq: int
     oldest_seq: int
     recent: list[dict[str, Any]] = field(default_factory=list)
+    kind: str = "public"
+    owner: str | None = None
 
 
 class Appended(NamedTuple):
@@ -52,6 +63,27 @@ class Appended(NamedTuple):
 
 class TooManyRooms(StorageError):
     pass
+
+
+class RoomExists(StorageError):
+    """A room of that name exists already (creating a private room)."""
+
+
+class NotAMember(StorageError):
+    """The user may not write to this room: not a member of a private room or
+    a direct-message room, or banned from a public one.  Nothing was stored."""
+
+
+class NoSuchMessage(StorageError):
+    """Deleting a seq that is not a message the room still keeps."""
+
+
+def may_read(kind: str, role: str | None) -> bool:
+    """Whether a user whose stored role in a room of ``kind`` is ``role`` may
+    read it and write to it (the one rule every store applies)."""
+    if kind == "public":
+        return role != "banned"
+    return role in ("owner", "member")
 
 
 class ChatLog(Protocol):
@@ -76,15 +108,46 @@ class ChatLog(Protocol):
     async def append(self, room: str, user_id: str, name: str, text: str, ts: int,
                      cid: str | None) -> Appended:
         """Store one message with the next seq, unless ``(room, user_id, cid)``
-        was stored before (then its first seq and ts, ``duplicate``)."""
+        was stored before (then its first seq and ts, ``duplicate``).
+        :class:`NotAMember` (nothing stored) when :func:`may_read` says the
+        user may not write there, checked in the same transaction."""
 
     async def read(self, room: str, after: int, limit: int, newest: bool) -> list[dict[str, Any]]:
-        """Up to ``limit`` messages with seq > ``after`` in seq order: the newest
-        of them (``newest``) or the oldest."""
+        """Up to ``limit`` entries with seq > ``after`` in seq order: the newest
+        of them (``newest``) or the oldest.  Entries are messages (a deleted
+        one as :func:`redacted`), tombstones and membership changes."""
 
-    async def rooms(self, limit: int) -> list[tuple[str, int]]:
-        """``(name, last_seq)`` of stored rooms, the most recently active
-        (created or said in) first."""
+    async def rooms(self, limit: int, user_id: str | None = None) -> list[tuple[str, int]]:
+        """``(name, last_seq)`` of the stored rooms ``user_id`` may read (every
+        public room; private and dm rooms only where it is a member; None: public
+        only), the most recently active (created or said in) first."""
+
+    # -- private rooms, membership, moderation --------------------------------
+
+    async def create_room(self, room: str, kind: str, owner: str | None, members: list[str], recent: int,
+                          max_rooms: int = 0) -> RoomRecord:
+        """Create a ``private`` or ``dm`` room with its member rows (``owner``
+        as ``owner``, the others as ``member``).  :class:`RoomExists` if the
+        name is taken -- except a ``dm`` asked for again, which is returned."""
+
+    async def role(self, room: str, user_id: str) -> str | None:
+        """The user's stored role in the room (see :data:`MEMBER_ROLES`), or None."""
+
+    async def members(self, room: str, limit: int) -> list[tuple[str, str]]:
+        """``(user_id, role)`` rows of the room, the owner first, then by user id."""
+
+    async def set_member(self, room: str, user_id: str, role: str | None, event: str, by_id: str,
+                         by_name: str, ts: int) -> Appended:
+        """Store the user's role (None: remove the row) and append a membership
+        entry (:func:`member_json`, ``event`` "added" or "removed") with the
+        next seq, in one transaction."""
+
+    async def delete(self, room: str, target: int, by_id: str, by_name: str, ts: int) -> Appended:
+        """Erase message ``target``'s text (later reads return it
+        :func:`redacted`) and append a tombstone (:func:`tombstone_json`) with
+        the next seq, in one transaction.  A message deleted before: its
+        tombstone's seq, ``duplicate``.  :class:`NoSuchMessage` if ``target``
+        is not a message the room keeps."""
 
 
 def message_json(room: str, seq: int, user_id: str, name: str, text: str, ts: int,
@@ -94,6 +157,26 @@ def message_json(room: str, seq: int, user_id: str, name: str, text: str, ts: in
     if cid is not None:
         msg["cid"] = cid
     return msg
+
+
+def redacted(msg: dict[str, Any]) -> dict[str, Any]:
+    """A deleted message as every later read returns it: no text, ``deleted``."""
+    out = {**msg, "text": ""}
+    out["deleted"] = True
+    return out
+
+
+def tombstone_json(room: str, seq: int, target: int, by_id: str, by_name: str, ts: int) -> dict[str, Any]:
+    """The entry that deletes message ``target``, in seq order with the messages."""
+    return {"type": "deleted", "room": room, "seq": seq, "target": target,
+            "by": {"id": by_id, "name": by_name}, "ts": ts}
+
+
+def member_json(room: str, seq: int, event: str, user_id: str, by_id: str, by_name: str,
+                ts: int) -> dict[str, Any]:
+    """A membership change (``added`` / ``removed``), in seq order with the messages."""
+    return {"type": "member", "room": room, "seq": seq, "event": event, "user": user_id,
+            "by": {"id": by_id, "name": by_name}, "ts": ts}
 
 
 class PresenceStore(Protocol):

@@ -29,12 +29,19 @@ from realtime.storage.base import (
     Appended,
     Loaded,
     LogGap,
+    NoSuchMessage,
+    NotAMember,
+    RoomExists,
     RoomRecord,
     StorageError,
     StoredOp,
     TooManyDocuments,
     TooManyRooms,
+    may_read,
+    member_json,
     message_json,
+    redacted,
+    tombstone_json,
 )
 
 ROOMS_KEY = "rt:rooms"
@@ -43,10 +50,35 @@ _OPEN_ROOM = """
 if redis.call('HSETNX', KEYS[1], 'epoch', ARGV[1]) == 1 then
   redis.call('HSET', KEYS[1], 'seq', 0, 'created', ARGV[2])
 end
-return redis.call('HMGET', KEYS[1], 'epoch', 'seq')
+return redis.call('HMGET', KEYS[1], 'epoch', 'seq', 'kind', 'owner')
 """
 
-_SAY = """
+_CREATE_ROOM = """
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  return {0, redis.call('HGET', KEYS[1], 'kind') or 'public'}
+end
+redis.call('HSET', KEYS[1], 'epoch', ARGV[1], 'seq', 0, 'created', ARGV[2], 'kind', ARGV[3])
+if ARGV[4] ~= '' then
+  redis.call('HSET', KEYS[1], 'owner', ARGV[4])
+  redis.call('HSET', KEYS[2], ARGV[4], 'owner')
+end
+for i = 5, #ARGV do
+  redis.call('HSETNX', KEYS[2], ARGV[i], 'member')
+end
+return {1, ARGV[3]}
+"""
+
+# Who may write: the rule of realtime.storage.base.may_read.
+_MAY_WRITE = """
+local function may_write(meta, members, user)
+  local kind = redis.call('HGET', meta, 'kind') or 'public'
+  local role = redis.call('HGET', members, user)
+  if kind == 'public' then return role ~= 'banned' end
+  return role == 'owner' or role == 'member'
+end
+"""
+
+_SAY = _MAY_WRITE + """
 local user, cid, ts = ARGV[1], ARGV[5], ARGV[4]
 if cid ~= '' then
   local prev = redis.call('HGET', KEYS[3], user .. '\\31' .. cid)
@@ -57,6 +89,9 @@ if cid ~= '' then
 end
 if redis.call('EXISTS', KEYS[1]) == 0 then
   return redis.error_reply('NOROOM no such room')
+end
+if not may_write(KEYS[1], KEYS[4], user) then
+  return redis.error_reply('NOTMEMBER not a member of this room')
 end
 local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
 if cid ~= '' then
@@ -76,9 +111,61 @@ if seq % 100 == 0 and seq > keep then
     if c then redis.call('HDEL', KEYS[3], u .. '\\31' .. c) end
   end
   redis.call('XTRIM', KEYS[2], 'MINID', (seq - keep + 1) .. '-0')
+  local dels = redis.call('HGETALL', KEYS[5])
+  for i = 1, #dels, 2 do
+    if tonumber(dels[i]) <= seq - keep then
+      local p = cjson.decode(dels[i + 1])
+      if p.c then redis.call('HDEL', KEYS[3], p.u .. '\\31' .. p.c) end
+      redis.call('HDEL', KEYS[5], dels[i])
+    end
+  end
 end
 if ARGV[7] ~= '' then
   redis.call('PUBLISH', ARGV[7], ARGV[8] .. seq .. ARGV[9] .. seq .. ARGV[10])
+end
+return {seq, tonumber(ts), 0}
+"""
+
+# A tombstone (ARGV[1] 'delete', ARGV[2] the target seq) or a membership change
+# (ARGV[1] 'member', ARGV[2] the user, ARGV[10] the role or '' to remove, ARGV[11]
+# the event), appended with the next seq and published like a message.  A deleted
+# message leaves the stream; its fields, without the text, stay in the 'deleted'
+# hash (seq -> placeholder) until trimmed, and reads put it back in its place.
+_EVENT = """
+local op, by, byname, ts = ARGV[1], ARGV[3], ARGV[4], ARGV[5]
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  return redis.error_reply('NOROOM no such room')
+end
+local seq
+if op == 'delete' then
+  local target = ARGV[2]
+  local prev = redis.call('HGET', KEYS[5], target)
+  if prev then
+    local p = cjson.decode(prev)
+    return {p.d, p.dts, 1}
+  end
+  local found = redis.call('XRANGE', KEYS[2], target .. '-1', target .. '-1')
+  if #found == 0 then return redis.error_reply('NOMSG no such message') end
+  local f, t = found[1][2], {}
+  for i = 1, #f, 2 do t[f[i]] = f[i + 1] end
+  if t.k then return redis.error_reply('NOMSG not a message') end
+  seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
+  redis.call('XADD', KEYS[2], seq .. '-1', 'k', 'd', 'x', target, 'u', by, 'n', byname, 'ts', ts)
+  redis.call('HSET', KEYS[5], target, cjson.encode({u = t.u, n = t.n, ts = t.ts, c = t.c, d = seq,
+                                                    dts = tonumber(ts)}))
+  redis.call('XDEL', KEYS[2], target .. '-1')
+else
+  local user = ARGV[2]
+  if ARGV[10] == '' then
+    redis.call('HDEL', KEYS[4], user)
+  else
+    redis.call('HSET', KEYS[4], user, ARGV[10])
+  end
+  seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
+  redis.call('XADD', KEYS[2], seq .. '-1', 'k', 'm', 'e', ARGV[11], 's', user, 'u', by, 'n', byname, 'ts', ts)
+end
+if ARGV[6] ~= '' then
+  redis.call('PUBLISH', ARGV[6], ARGV[7] .. seq .. ARGV[8] .. seq .. ARGV[9])
 end
 return {seq, tonumber(ts), 0}
 """
@@ -92,8 +179,19 @@ def _seq_of(entry_id: Any) -> int:
     return int(_text(entry_id).split("-", 1)[0])
 
 
+def _refused(e: Exception) -> StorageError:
+    text = str(e)
+    if text.startswith("NOTMEMBER"):
+        return NotAMember(text)
+    if text.startswith("NOMSG"):
+        return NoSuchMessage(text)
+    return StorageError("Redis refused: %s" % text)
+
+
 class RedisChatLog:
-    """Each room: ``meta`` (epoch, seq), ``log`` (a stream), ``cids`` (a hash)."""
+    """Each room: ``meta`` (epoch, seq, kind, owner), ``log`` (a stream of
+    messages, tombstones and membership changes), ``cids`` (a hash),
+    ``members`` (user -> role) and ``deleted`` (placeholders of deleted messages)."""
 
     def __init__(self, redis: Any, keep: int, *, node_id: str = "", channel: Callable[[str], str] | None = None,
                  topic: Callable[[str], str] | None = None) -> None:
@@ -103,7 +201,9 @@ class RedisChatLog:
         self._channel = channel
         self._topic = topic
         self._open = redis.register_script(_OPEN_ROOM)
+        self._create = redis.register_script(_CREATE_ROOM)
         self._say = redis.register_script(_SAY)
+        self._event = redis.register_script(_EVENT)
         self._queue: list[tuple[str, list[str], list[Any], asyncio.Future[Any]]] = []
         self._flusher: asyncio.Future[None] | None = None
         # The service need not publish what this log's append already sent to the other nodes.
@@ -112,72 +212,113 @@ class RedisChatLog:
     @staticmethod
     def keys(room: str) -> list[str]:
         tag = "rt:room:{%s}:" % room
-        return [tag + "meta", tag + "log", tag + "cids"]
+        return [tag + "meta", tag + "log", tag + "cids", tag + "members", tag + "deleted"]
 
     async def _call(self, coro: Any) -> Any:
         try:
             return await coro
         except ResponseError as e:
-            raise StorageError("Redis refused: %s" % e) from None
+            raise _refused(e) from None
         except (RedisError, OSError) as e:
             raise StorageError("Redis is unreachable: %s" % e) from None
 
-    def _messages(self, room: str, entries: list[Any]) -> list[dict[str, Any]]:
+    def _entries(self, room: str, entries: list[Any], deleted: dict[Any, Any], after: int) -> list[dict[str, Any]]:
+        """Stream entries as JSON, with the placeholders of deleted messages
+        after ``after`` put back in their places (seq order)."""
         out = []
         for entry_id, fields in entries:
             f = {_text(k): _text(v) for k, v in fields.items()}
-            out.append(message_json(room, _seq_of(entry_id), f["u"], f["n"], f["t"], int(f["ts"]), f.get("c")))
+            seq = _seq_of(entry_id)
+            kind = f.get("k")
+            if kind == "d":
+                out.append(tombstone_json(room, seq, int(f["x"]), f["u"], f["n"], int(f["ts"])))
+            elif kind == "m":
+                out.append(member_json(room, seq, f["e"], f["s"], f["u"], f["n"], int(f["ts"])))
+            else:
+                out.append(message_json(room, seq, f["u"], f["n"], f["t"], int(f["ts"]), f.get("c")))
+        for seq_text, raw in deleted.items():
+            seq = int(_text(seq_text))
+            if seq > after:
+                p = ujson.loads(_text(raw))
+                out.append(redacted(message_json(room, seq, p["u"], p["n"], "", int(p["ts"]), p.get("c"))))
+        if deleted:
+            out.sort(key=lambda m: m["seq"])
         return out
 
-    async def _record(self, room: str, epoch: str, last_seq: int, recent: int) -> RoomRecord:
-        meta, log, _ = self.keys(room)
+    async def _record(self, room: str, epoch: str, last_seq: int, recent: int, kind: Any = None,
+                      owner: Any = None) -> RoomRecord:
+        meta, log, *_, deleted = self.keys(room)
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.xrange(log, "-", "+", count=1)
-            pipe.xrevrange(log, "+", "-", count=recent)
-            first, newest = await self._call(pipe.execute())
-        oldest = _seq_of(first[0][0]) if first else last_seq + 1
-        return RoomRecord(epoch, last_seq, max(oldest, last_seq - self.keep + 1),
-                          self._messages(room, newest[::-1]))
+            pipe.xrevrange(log, "+", "-", count=max(recent, 1))
+            pipe.hgetall(deleted)
+            first, newest, dels = await self._call(pipe.execute())
+        kept = [_seq_of(first[0][0])] if first else []
+        kept += [int(_text(k)) for k in dels]
+        oldest = min(kept) if kept else last_seq + 1
+        entries = self._entries(room, newest[::-1], dels, 0)[-recent:] if recent > 0 else []
+        return RoomRecord(epoch, last_seq, max(oldest, last_seq - self.keep + 1), entries,
+                          _text(kind) if kind else "public", _text(owner) if owner else None)
 
-    async def open_room(self, room: str, recent: int, max_rooms: int = 0) -> RoomRecord:
-        now = time.time()
+    async def _check_capacity(self, room: str, max_rooms: int) -> None:
         if max_rooms > 0 and await self._call(self.redis.zscore(ROOMS_KEY, room)) is None:
             if await self._call(self.redis.zcard(ROOMS_KEY)) >= max_rooms:
                 raise TooManyRooms("this server holds at most %d rooms" % max_rooms)
-        epoch, seq = await self._call(self._open(keys=self.keys(room)[:1], args=[secrets.token_hex(8), now]))
+
+    async def open_room(self, room: str, recent: int, max_rooms: int = 0) -> RoomRecord:
+        now = time.time()
+        await self._check_capacity(room, max_rooms)
+        epoch, seq, kind, owner = await self._call(self._open(keys=self.keys(room)[:1],
+                                                              args=[secrets.token_hex(8), now]))
         # Scored by activity (creation, then each message): rooms() lists the liveliest first.
         await self._call(self.redis.zadd(ROOMS_KEY, {room: now}, nx=True))
-        return await self._record(room, _text(epoch), int(seq), recent)
+        return await self._record(room, _text(epoch), int(seq), recent, kind, owner)
+
+    async def create_room(self, room: str, kind: str, owner: str | None, members: list[str], recent: int,
+                          max_rooms: int = 0) -> RoomRecord:
+        await self._check_capacity(room, max_rooms)
+        meta, _, _, members_key, _ = self.keys(room)
+        now = time.time()
+        created, existing = await self._call(self._create(
+            keys=[meta, members_key], args=[secrets.token_hex(8), now, kind, owner or "", *members]))
+        if not created and not (kind == "dm" and _text(existing) == "dm"):
+            raise RoomExists("a room named %s exists already" % room)
+        await self._call(self.redis.zadd(ROOMS_KEY, {room: now}, nx=True))
+        found = await self.find_room(room, recent)
+        assert found is not None
+        return found
 
     async def find_room(self, room: str, recent: int) -> RoomRecord | None:
-        epoch, seq = await self._call(self.redis.hmget(self.keys(room)[0], "epoch", "seq"))
+        epoch, seq, kind, owner = await self._call(self.redis.hmget(self.keys(room)[0], "epoch", "seq", "kind",
+                                                                    "owner"))
         if epoch is None:
             return None
-        return await self._record(room, _text(epoch), int(seq), recent)
+        return await self._record(room, _text(epoch), int(seq), recent, kind, owner)
 
     async def drop_if_empty(self, room: str) -> bool:
         """Kept: members on other nodes may still be in it (the cap counts it)."""
         return False
 
+    def _envelope(self, room: str, mtype: str, rest: dict[str, Any]) -> list[str]:
+        """``[channel, head, body, tail]``: the envelope the script publishes
+        is ``head .. seq .. body .. seq .. tail``, exactly what Envelope.pack
+        makes of ``{"type": mtype, "room": room, "seq": seq, **rest}``."""
+        if not self.broadcasts:
+            return ["", "", "", ""]
+        assert self._channel is not None and self._topic is not None
+        topic = self._topic(room)
+        head = ujson.dumps([self.node_id, topic, mtype])[:-1] + ","
+        body = ",null]\n" + encode({"type": mtype, "room": room})[:-1] + ',"seq":'
+        return [self._channel(topic), head, body, "," + encode(rest)[1:]]
+
     async def append(self, room: str, user_id: str, name: str, text: str, ts: int,
                      cid: str | None) -> Appended:
-        channel = ""
-        head = body = tail = ""
-        if self.broadcasts:
-            assert self._channel is not None and self._topic is not None
-            topic = self._topic(room)
-            channel = self._channel(topic)
-            # The envelope, written around the seq the script assigns: the
-            # header, then the message itself, exactly as Envelope.pack does.
-            head = ujson.dumps([self.node_id, topic, "message"])[:-1] + ","
-            body = ",null]\n" + encode({"type": "message", "room": room})[:-1] + ',"seq":'
-            rest: dict[str, Any] = {"user": user_id, "name": name, "text": text, "ts": ts}
-            if cid is not None:
-                rest["cid"] = cid
-            tail = "," + encode(rest)[1:]
+        rest: dict[str, Any] = {"user": user_id, "name": name, "text": text, "ts": ts}
+        if cid is not None:
+            rest["cid"] = cid
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._queue.append((room, self.keys(room), [user_id, name, text, ts, cid or "", self.keep, channel, head,
-                                                    body, tail], fut))
+        self._queue.append((room, self.keys(room), [user_id, name, text, ts, cid or "", self.keep,
+                                                    *self._envelope(room, "message", rest)], fut))
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.ensure_future(self._flush())
         seq, stored_ts, dup = await fut
@@ -205,7 +346,7 @@ class RedisChatLog:
                 if fut.done():
                     continue
                 if isinstance(result, Exception):
-                    fut.set_exception(StorageError("Redis refused: %s" % result))
+                    fut.set_exception(_refused(result))
                 else:
                     fut.set_result(result)
             for *_, fut in batch:
@@ -222,24 +363,64 @@ class RedisChatLog:
             return list((await pipe.execute(raise_on_error=False))[::2])
 
     async def read(self, room: str, after: int, limit: int, newest: bool) -> list[dict[str, Any]]:
-        log = self.keys(room)[1]
+        _, log, *_, deleted = self.keys(room)
         start = "%d-0" % (after + 1)
-        if newest:
-            entries = await self._call(self.redis.xrevrange(log, "+", start, count=limit))
-            entries = entries[::-1]
-        else:
-            entries = await self._call(self.redis.xrange(log, start, "+", count=limit))
-        return self._messages(room, entries)
-
-    async def rooms(self, limit: int) -> list[tuple[str, int]]:
-        names = [_text(n) for n in await self._call(self.redis.zrevrange(ROOMS_KEY, 0, limit - 1))]
-        if not names:
-            return []
         async with self.redis.pipeline(transaction=False) as pipe:
-            for n in names:
-                pipe.hget(self.keys(n)[0], "seq")
-            seqs = await self._call(pipe.execute())
-        return [(n, int(s or 0)) for n, s in zip(names, seqs)]
+            if newest:
+                pipe.xrevrange(log, "+", start, count=limit)
+            else:
+                pipe.xrange(log, start, "+", count=limit)
+            pipe.hgetall(deleted)
+            entries, dels = await self._call(pipe.execute())
+        out = self._entries(room, entries[::-1] if newest else entries, dels, after)
+        return out[-limit:] if newest else out[:limit]
+
+    async def rooms(self, limit: int, user_id: str | None = None) -> list[tuple[str, int]]:
+        out: list[tuple[str, int]] = []
+        start = 0
+        chunk = max(limit, 100)
+        while len(out) < limit and start < 10 * chunk:  # bounded: private rooms others are in are skipped
+            names = [_text(n) for n in await self._call(self.redis.zrevrange(ROOMS_KEY, start, start + chunk - 1))]
+            if not names:
+                break
+            start += chunk
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for n in names:
+                    meta, *_, members, _ = self.keys(n)
+                    pipe.hmget(meta, "seq", "kind")
+                    pipe.hget(members, user_id or "")
+                rows = await self._call(pipe.execute())
+            for i, n in enumerate(names):
+                (seq, kind), role = rows[2 * i], rows[2 * i + 1]
+                kind_text = _text(kind) if kind else "public"
+                role_text = _text(role) if role else None
+                if kind_text == "public" or (user_id is not None and may_read(kind_text, role_text)):
+                    out.append((n, int(seq or 0)))
+        return out[:limit]
+
+    async def role(self, room: str, user_id: str) -> str | None:
+        role = await self._call(self.redis.hget(self.keys(room)[3], user_id))
+        return _text(role) if role is not None else None
+
+    async def members(self, room: str, limit: int) -> list[tuple[str, str]]:
+        rows = await self._call(self.redis.hgetall(self.keys(room)[3]))
+        out = sorted(((_text(k), _text(v)) for k, v in rows.items()), key=lambda r: (r[1] != "owner", r[0]))
+        return out[:limit]
+
+    async def _append_event(self, room: str, args: list[Any]) -> Appended:
+        seq, ts, dup = await self._call(self._event(keys=self.keys(room), args=args))
+        return Appended(int(seq), int(ts), bool(dup))
+
+    async def set_member(self, room: str, user_id: str, role: str | None, event: str, by_id: str,
+                         by_name: str, ts: int) -> Appended:
+        rest = {"event": event, "user": user_id, "by": {"id": by_id, "name": by_name}, "ts": ts}
+        return await self._append_event(room, ["member", user_id, by_id, by_name, ts,
+                                               *self._envelope(room, "member", rest), role or "", event])
+
+    async def delete(self, room: str, target: int, by_id: str, by_name: str, ts: int) -> Appended:
+        rest = {"target": target, "by": {"id": by_id, "name": by_name}, "ts": ts}
+        return await self._append_event(room, ["delete", target, by_id, by_name, ts,
+                                               *self._envelope(room, "deleted", rest)])
 
 
 # -- presence --------------------------------------------------------------------------

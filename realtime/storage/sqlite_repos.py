@@ -9,6 +9,7 @@ after COMMIT), reads on the reader connection.  SQLite errors become
 from __future__ import annotations
 
 import asyncio
+import json
 import secrets
 import sqlite3
 import time
@@ -20,13 +21,20 @@ from realtime.storage.base import (
     Appended,
     Loaded,
     LogGap,
+    NoSuchMessage,
+    NotAMember,
+    RoomExists,
     RoomRecord,
     SensorRow,
     StorageError,
     StoredOp,
     TooManyDocuments,
     TooManyRooms,
+    may_read,
+    member_json,
     message_json,
+    redacted,
+    tombstone_json,
 )
 from realtime.storage.sqlite import Schema, SQLiteStore
 
@@ -73,20 +81,71 @@ CHAT_SCHEMA = Schema(
                                             created);
         CREATE INDEX rooms_active ON rooms(active)
         """,
+        # 3: private and direct-message rooms with their members (and bans from
+        # public rooms); tombstones and membership changes as entries in the
+        # room's seq order (kind 'deleted' / 'member', their fields in data);
+        # a deleted message keeps its row, without its text, and the seq of its tombstone
+        """
+        ALTER TABLE rooms ADD COLUMN kind TEXT NOT NULL DEFAULT 'public';
+        ALTER TABLE rooms ADD COLUMN owner TEXT;
+        CREATE TABLE room_members(
+            room TEXT NOT NULL,
+            user_id TEXT NOT NULL,
+            role TEXT NOT NULL,
+            added REAL NOT NULL,
+            PRIMARY KEY(room, user_id)
+        ) WITHOUT ROWID;
+        CREATE INDEX room_members_by_user ON room_members(user_id, role);
+        ALTER TABLE messages ADD COLUMN kind TEXT;
+        ALTER TABLE messages ADD COLUMN data TEXT;
+        ALTER TABLE messages ADD COLUMN deleted INTEGER
+        """,
     ],
 )
 
-_MESSAGE_COLUMNS = "seq, user_id, name, text, ts, cid"
+_ENTRY_COLUMNS = "seq, user_id, name, text, ts, cid, kind, data, deleted"
 
 
-def _messages(room: str, rows: list[Any]) -> list[dict[str, Any]]:
-    return [message_json(room, *tuple(r)) for r in rows]
+def _entry(room: str, row: Any) -> dict[str, Any]:
+    seq, user_id, name, text, ts, cid, kind, data, deleted = tuple(row)
+    if kind is None:
+        msg = message_json(room, seq, user_id, name, text, ts, cid)
+        return redacted(msg) if deleted is not None else msg
+    fields = json.loads(data)
+    if kind == "deleted":
+        return tombstone_json(room, seq, fields["target"], user_id, name, ts)
+    return member_json(room, seq, fields["event"], fields["user"], user_id, name, ts)
+
+
+def _entries(room: str, rows: list[Any]) -> list[dict[str, Any]]:
+    return [_entry(room, r) for r in rows]
+
+
+def _next_seq(conn: sqlite3.Connection, room: str, ts: int) -> int:
+    found = conn.execute(
+        "UPDATE rooms SET last_seq=last_seq+1, active=? WHERE name=? RETURNING last_seq", (ts / 1000.0, room)
+    ).fetchone()
+    if found is None:
+        raise StorageError("room %s does not exist" % room)
+    return int(found[0])
+
+
+def _role(conn: sqlite3.Connection, room: str, user_id: str) -> str | None:
+    row = conn.execute("SELECT role FROM room_members WHERE room=? AND user_id=?", (room, user_id)).fetchone()
+    return None if row is None else str(row[0])
+
+
+def _check_capacity(conn: sqlite3.Connection, room: str, max_rooms: int) -> None:
+    if max_rooms > 0 and conn.execute("SELECT 1 FROM rooms WHERE name=?", (room,)).fetchone() is None:
+        if conn.execute("SELECT COUNT(*) FROM rooms").fetchone()[0] >= max_rooms:
+            raise TooManyRooms("this server holds at most %d rooms" % max_rooms)
 
 
 class SQLiteChatLog:
-    """Rooms and messages in two tables; the seq is assigned (and the cid
-    checked) inside the committing transaction, so seqs have no gaps and a
-    retry that races the first attempt is still caught."""
+    """Rooms, their members and their entries in three tables; the seq is
+    assigned (and the cid and the writer's membership checked) inside the
+    committing transaction, so seqs have no gaps, a retry that races the first
+    attempt is still caught, and a removed member cannot slip a message in."""
 
     schema = CHAT_SCHEMA
     broadcasts = False  # the service publishes what it stored
@@ -96,22 +155,21 @@ class SQLiteChatLog:
         self.keep = keep
 
     def _record(self, conn: sqlite3.Connection, room: str, recent: int) -> RoomRecord | None:
-        row = conn.execute("SELECT epoch, last_seq FROM rooms WHERE name=?", (room,)).fetchone()
+        row = conn.execute("SELECT epoch, last_seq, kind, owner FROM rooms WHERE name=?", (room,)).fetchone()
         if row is None:
             return None
-        epoch, last_seq = row
+        epoch, last_seq, kind, owner = row
         oldest = conn.execute("SELECT MIN(seq) FROM messages WHERE room=?", (room,)).fetchone()[0]
         oldest = last_seq + 1 if oldest is None else oldest
         rows = conn.execute(
-            "SELECT %s FROM messages WHERE room=? ORDER BY seq DESC LIMIT ?" % _MESSAGE_COLUMNS, (room, recent)
+            "SELECT %s FROM messages WHERE room=? ORDER BY seq DESC LIMIT ?" % _ENTRY_COLUMNS, (room, recent)
         ).fetchall()
-        return RoomRecord(epoch, last_seq, max(oldest, last_seq - self.keep + 1), _messages(room, rows[::-1]))
+        return RoomRecord(epoch, last_seq, max(oldest, last_seq - self.keep + 1), _entries(room, rows[::-1]),
+                          kind, owner)
 
     async def open_room(self, room: str, recent: int, max_rooms: int = 0) -> RoomRecord:
         def load(conn: sqlite3.Connection) -> RoomRecord:
-            if max_rooms > 0 and conn.execute("SELECT 1 FROM rooms WHERE name=?", (room,)).fetchone() is None:
-                if conn.execute("SELECT COUNT(*) FROM rooms").fetchone()[0] >= max_rooms:
-                    raise TooManyRooms("this server holds at most %d rooms" % max_rooms)
+            _check_capacity(conn, room, max_rooms)
             now = time.time()
             conn.execute(
                 "INSERT OR IGNORE INTO rooms(name, epoch, last_seq, created, active) VALUES (?, ?, 0, ?, ?)",
@@ -123,12 +181,42 @@ class SQLiteChatLog:
 
         return await _durable(self.store.write(load))
 
+    async def create_room(self, room: str, kind: str, owner: str | None, members: list[str], recent: int,
+                          max_rooms: int = 0) -> RoomRecord:
+        def create(conn: sqlite3.Connection) -> RoomRecord:
+            existing = conn.execute("SELECT kind FROM rooms WHERE name=?", (room,)).fetchone()
+            if existing is not None:
+                if kind == "dm" and existing[0] == "dm":
+                    record = self._record(conn, room, recent)
+                    assert record is not None
+                    return record
+                raise RoomExists("a room named %s exists already" % room)
+            _check_capacity(conn, room, max_rooms)
+            now = time.time()
+            conn.execute(
+                "INSERT INTO rooms(name, epoch, last_seq, created, active, kind, owner) VALUES (?, ?, 0, ?, ?, ?, ?)",
+                (room, secrets.token_hex(8), now, now, kind, owner),
+            )
+            rows = [(room, owner, "owner", now)] if owner is not None else []
+            rows += [(room, m, "member", now) for m in members if m != owner]
+            conn.executemany("INSERT OR IGNORE INTO room_members(room, user_id, role, added) VALUES (?, ?, ?, ?)",
+                             rows)
+            record = self._record(conn, room, recent)
+            assert record is not None
+            return record
+
+        return await _durable(self.store.write(create))
+
     async def find_room(self, room: str, recent: int) -> RoomRecord | None:
         return await _durable(self.store.read(partial(self._record, room=room, recent=recent)))
 
     async def drop_if_empty(self, room: str) -> bool:
         def drop(conn: sqlite3.Connection) -> bool:
-            return conn.execute("DELETE FROM rooms WHERE name=? AND last_seq=0", (room,)).rowcount > 0
+            if conn.execute("DELETE FROM rooms WHERE name=? AND last_seq=0 AND kind='public'",
+                            (room,)).rowcount == 0:
+                return False
+            conn.execute("DELETE FROM room_members WHERE room=?", (room,))
+            return True
 
         return await _durable(self.store.write(drop))
 
@@ -143,12 +231,10 @@ class SQLiteChatLog:
                 ).fetchone()
                 if row is not None:
                     return Appended(row[0], row[1], True)
-            found = conn.execute(
-                "UPDATE rooms SET last_seq=last_seq+1, active=? WHERE name=? RETURNING last_seq", (ts / 1000.0, room)
-            ).fetchone()
-            if found is None:
-                raise StorageError("room %s does not exist" % room)
-            seq = found[0]
+            kind = conn.execute("SELECT kind FROM rooms WHERE name=?", (room,)).fetchone()
+            if kind is not None and not may_read(kind[0], _role(conn, room, user_id)):
+                raise NotAMember("%s may not write to room %s" % (user_id, room))
+            seq = _next_seq(conn, room, ts)
             conn.execute(
                 "INSERT INTO messages(room, seq, user_id, name, text, ts, cid) VALUES (?,?,?,?,?,?,?)",
                 (room, seq, user_id, name, text, ts, cid),
@@ -164,19 +250,68 @@ class SQLiteChatLog:
 
         def read(conn: sqlite3.Connection) -> list[dict[str, Any]]:
             rows = conn.execute(
-                "SELECT %s FROM messages WHERE room=? AND seq>? ORDER BY seq %s LIMIT ?" % (_MESSAGE_COLUMNS, order),
+                "SELECT %s FROM messages WHERE room=? AND seq>? ORDER BY seq %s LIMIT ?" % (_ENTRY_COLUMNS, order),
                 (room, after, limit),
             ).fetchall()
-            return _messages(room, rows[::-1] if newest else rows)
+            return _entries(room, rows[::-1] if newest else rows)
 
         return await _durable(self.store.read(read))
 
-    async def rooms(self, limit: int) -> list[tuple[str, int]]:
+    async def rooms(self, limit: int, user_id: str | None = None) -> list[tuple[str, int]]:
         def read(conn: sqlite3.Connection) -> list[tuple[str, int]]:
             return [(r[0], r[1]) for r in conn.execute(
-                "SELECT name, last_seq FROM rooms ORDER BY active DESC, name LIMIT ?", (limit,)).fetchall()]
+                "SELECT name, last_seq FROM rooms WHERE kind='public' OR name IN"
+                " (SELECT room FROM room_members WHERE user_id=? AND role IN ('owner', 'member'))"
+                " ORDER BY active DESC, name LIMIT ?", (user_id, limit)).fetchall()]
 
         return await _durable(self.store.read(read))
+
+    async def role(self, room: str, user_id: str) -> str | None:
+        return await _durable(self.store.read(partial(_role, room=room, user_id=user_id)))
+
+    async def members(self, room: str, limit: int) -> list[tuple[str, str]]:
+        def read(conn: sqlite3.Connection) -> list[tuple[str, str]]:
+            return [(r[0], r[1]) for r in conn.execute(
+                "SELECT user_id, role FROM room_members WHERE room=? ORDER BY role != 'owner', user_id LIMIT ?",
+                (room, limit)).fetchall()]
+
+        return await _durable(self.store.read(read))
+
+    async def set_member(self, room: str, user_id: str, role: str | None, event: str, by_id: str,
+                         by_name: str, ts: int) -> Appended:
+        def write(conn: sqlite3.Connection) -> Appended:
+            if role is None:
+                conn.execute("DELETE FROM room_members WHERE room=? AND user_id=?", (room, user_id))
+            else:
+                conn.execute("INSERT INTO room_members(room, user_id, role, added) VALUES (?, ?, ?, ?)"
+                             " ON CONFLICT(room, user_id) DO UPDATE SET role=excluded.role",
+                             (room, user_id, role, time.time()))
+            seq = _next_seq(conn, room, ts)
+            conn.execute(
+                "INSERT INTO messages(room, seq, user_id, name, text, ts, kind, data) VALUES (?,?,?,?,'',?,'member',?)",
+                (room, seq, by_id, by_name, ts, json.dumps({"event": event, "user": user_id})),
+            )
+            return Appended(seq, ts, False)
+
+        return await _durable(self.store.write(write))
+
+    async def delete(self, room: str, target: int, by_id: str, by_name: str, ts: int) -> Appended:
+        def write(conn: sqlite3.Connection) -> Appended:
+            row = conn.execute("SELECT kind, deleted FROM messages WHERE room=? AND seq=?", (room, target)).fetchone()
+            if row is None or row[0] is not None:
+                raise NoSuchMessage("room %s keeps no message %d" % (room, target))
+            if row[1] is not None:
+                first = conn.execute("SELECT ts FROM messages WHERE room=? AND seq=?", (room, row[1])).fetchone()
+                return Appended(int(row[1]), int(first[0]) if first else ts, True)
+            seq = _next_seq(conn, room, ts)
+            conn.execute("UPDATE messages SET text='', deleted=? WHERE room=? AND seq=?", (seq, room, target))
+            conn.execute(
+                "INSERT INTO messages(room, seq, user_id, name, text, ts, kind, data)"
+                " VALUES (?,?,?,?,'',?,'deleted',?)", (room, seq, by_id, by_name, ts, json.dumps({"target": target})),
+            )
+            return Appended(seq, ts, False)
+
+        return await _durable(self.store.write(write))
 
 
 # -- documents ------------------------------------------------------------------------

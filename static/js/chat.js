@@ -207,6 +207,9 @@ function onServerMessage(msg) {
       return onJoined(msg);
     case "message":
       return onChatMessage(msg, { live: true });
+    case "deleted":
+    case "member":
+      return onEntry(msg, { live: true });
     case "ack":
       return onAck(msg);
     case "presence":
@@ -214,7 +217,7 @@ function onServerMessage(msg) {
     case "typing":
       return onTyping(msg);
     case "left":
-      return;
+      return onLeft(msg);
     case "error":
       return onError(msg);
     default:
@@ -349,7 +352,8 @@ function makeMessage(m, own) {
   const body = h("div", "msg-body");
   const meta = h("div", "msg-meta");
   meta.append(h("span", "msg-name", m.name), h("time", "msg-time"));
-  const text = h("div", "msg-text", m.text); // textContent: user text is never HTML
+  const text = h("div", "msg-text", m.deleted ? "Message deleted" : m.text); // textContent: never HTML
+  if (m.deleted) li.classList.add("deleted");
   const status = h("div", "msg-status");
   body.append(meta, text, status);
   row.append(avatar(m.user, m.name, "msg-avatar"), body);
@@ -438,6 +442,36 @@ function trim(room) {
   }
 }
 
+/** Any entry of a room's history or live stream: messages, tombstones, membership changes. */
+function onEntry(m, opts) {
+  if (m.type === "message") return onChatMessage(m, opts);
+  const room = rooms.get(m.room);
+  if (!room || typeof m.seq !== "number") return false;
+  room.seq = Math.max(room.seq, m.seq);
+  if (m.type === "deleted") {
+    const li = room.bySeq.get(m.target);
+    if (li && !li._m.deleted) {
+      li._m = { ...li._m, text: "", deleted: true };
+      li.classList.add("deleted");
+      li.querySelector(".msg-text").textContent = "Message deleted";
+    }
+  } else if (m.type === "member" && opts && opts.live && me && m.user !== me.id) {
+    const what = m.event === "removed" ? "removed" : "added";
+    notice(`${m.by.name} ${what} ${m.user} ${what === "removed" ? "from" : "to"} #${room.name}`, "info",
+      { timeout: 5000, subtle: true });
+  }
+  return false;
+}
+
+/** Left a room: asked for, or removed from it by its owner or a moderator. */
+function onLeft(msg) {
+  const room = rooms.get(msg.room);
+  if (!room || msg.reason !== "removed") return;
+  room.joined = false;
+  notice(`You were removed from #${room.name}`, "warn");
+  leaveRoom(room);
+}
+
 /** A committed message, live or from history.  Returns true if it was new. */
 function onChatMessage(m, { live = false, quiet = false } = {}) {
   const room = rooms.get(m.room);
@@ -518,13 +552,13 @@ function onJoined(j) {
   const resumed = room.resuming;
   const stick = room === active && atBottom();
   if (j.recovered) {
-    for (const m of j.messages) onChatMessage(m, { quiet: false });
+    for (const m of j.messages) onEntry(m, { quiet: false });
   } else {
     const had = room.bySeq.size > 0;
     for (const li of room.bySeq.values()) li.remove();
     room.bySeq.clear();
     room.seq = 0;
-    for (const m of j.messages) onChatMessage(m, { quiet: true });
+    for (const m of j.messages) onEntry(m, { quiet: true });
     for (const li of room.list.children) decorate(li, li.previousElementSibling);
     if (resumed && had) notice(`History of #${room.name} reloaded`, "info", { timeout: 5000, subtle: true });
   }

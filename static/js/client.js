@@ -8,7 +8,7 @@
  *     onOpen: (welcome) => {},       // the server's `welcome` message; (re)subscribe here
  *     onMessage: (msg) => {},        // every other message, already JSON-decoded
  *     onState: (state, detail) => {},
- *     refreshToken: async () => {},  // optional: called on close 4001, before reconnecting
+ *     refreshToken: async () => "…", // optional: a fresh token (see "Tokens" below)
  *   });
  *   bindStatus(client, document.getElementById("conn-state"));
  *   client.connect();
@@ -30,9 +30,18 @@
  *
  * Close codes (the server's table, docs/PROTOCOL.md):
  *   1001 going away, 1006 dropped, 1011 server fault, 1013 try again later  -> reconnect
- *   4001 token expired  -> await options.refreshToken(), then reconnect
+ *   4001 token expired or invalid -> get a fresh token and reconnect; with no way to get one, stop
  *   4003 forbidden      -> stop (state "closed", detail.fatal), say why
  *   1008 policy (e.g. flooding) -> pause for `policyDelay` (60 s), then try again
+ * Every socket asks for `close_codes=1`: a refused handshake (bad token, wrong key) then
+ * arrives as a close with 4001/4003 instead of an HTTP status the browser hides (as 1006).
+ *
+ * Tokens: the token is `options.token`, else the page's own `?token=`, and goes in the
+ * socket URL.  A way to get a fresh one is `options.refreshToken`, else a page-wide
+ * `window.realtimeRefreshToken`: an (async) function returning the new token.  When the
+ * server says `token_expiring`, the client asks it for a token and sends
+ * {"type":"refresh","token":...} on the open socket; on close 4001 it asks again and
+ * reconnects with the new one.  With neither, a 4001 stops the client ("Your session expired").
  *
  * Other options: `welcome` (default true: wait for a {"type":"welcome"} message before "open";
  * false: "open" as soon as the socket is), `heartbeat` (ms; 0 = off: send {"type":"ping"} when
@@ -46,6 +55,7 @@
 
 const DEFAULTS = {
   params: null,
+  token: null,
   onOpen: null,
   onMessage: null,
   onState: null,
@@ -87,6 +97,15 @@ function describeClose(code, reason) {
   }
 }
 
+/** The `?token=` this page was opened with, if any. */
+function pageToken() {
+  try {
+    return new URLSearchParams(window.location.search).get("token");
+  } catch (e) {
+    return null;
+  }
+}
+
 /** The ws:// or wss:// URL of `path` on this page's host, with `params` as the query. */
 export function socketURL(path, params) {
   const url = new URL(path, window.location.href);
@@ -109,6 +128,7 @@ export class RealtimeClient {
     this.ws = null;
     this.attempt = 0; // consecutive failed attempts (drives the backoff)
     this.everOpen = false;
+    this.token = this.options.token || pageToken();
     this._stopped = true;
     this._timers = {};
     this._listeners = { open: new Set(), message: new Set(), state: new Set() };
@@ -239,7 +259,9 @@ export class RealtimeClient {
     this._clearTimer("retry");
     let url;
     try {
-      url = socketURL(this.path, this.options.params ? this.options.params() : null);
+      const params = { close_codes: 1, ...(this.options.params ? this.options.params() : {}) };
+      if (this.token && params.token === undefined) params.token = this.token;
+      url = socketURL(this.path, params);
     } catch (e) {
       console.error("RealtimeClient: params() failed", e);
       this._scheduleRetry({ message: "Could not build the connection address" });
@@ -279,6 +301,7 @@ export class RealtimeClient {
         return;
       }
       if (msg && msg.type === "pong" && msg.ref === "hb") return; // our own heartbeat
+      if (msg && msg.type === "token_expiring") this._refreshInPlace(ws);
       this._emit("message", msg);
     };
     ws.onclose = (ev) => {
@@ -363,10 +386,16 @@ export class RealtimeClient {
       this._scheduleRetry({ code, reason, message, delay: this.options.policyDelay });
       return;
     }
-    if (code === 4001 && this.options.refreshToken) {
+    if (code === 4001) {
+      if (!this._refresher()) {
+        // No way to get another token: retrying with this one would be refused forever.
+        this._stopped = true;
+        this._setState("closed", { code, reason, fatal: true, message });
+        return;
+      }
       this._setState("reconnecting", { code, reason, retryAt: null, message: "Refreshing your session…" });
       try {
-        await this.options.refreshToken();
+        await this._freshToken();
       } catch (e) {
         console.warn("RealtimeClient: refreshToken failed", e);
         this._scheduleRetry({ code, reason, message });
@@ -377,6 +406,34 @@ export class RealtimeClient {
     }
     if (code === 1001 && wasOpen) this.attempt = 0; // a clean restart: come back quickly
     this._scheduleRetry({ code, reason, message });
+  }
+
+  /** The page's way to get a fresh token, or null. */
+  _refresher() {
+    const own = this.options.refreshToken;
+    if (own) return own;
+    return typeof window.realtimeRefreshToken === "function" ? window.realtimeRefreshToken : null;
+  }
+
+  /** Ask for a fresh token and keep it for the next connection; resolves to it (or null). */
+  async _freshToken() {
+    const fn = this._refresher();
+    if (!fn) return null;
+    const token = await fn();
+    if (typeof token === "string" && token) this.token = token;
+    return typeof token === "string" && token ? token : null;
+  }
+
+  /** token_expiring: send a fresh token on this socket before the server closes it at exp. */
+  async _refreshInPlace(ws) {
+    let token;
+    try {
+      token = await this._freshToken();
+    } catch (e) {
+      console.warn("RealtimeClient: refreshToken failed", e);
+      return;
+    }
+    if (token && ws === this.ws) this.send({ type: "refresh", token, ref: "token" });
   }
 
   _scheduleRetry(detail) {

@@ -393,7 +393,7 @@ def test_client_close_codes_and_backoff(server: str, make_page: Callable[..., Pa
     page.goto(server + "/")
     r = page.evaluate(CLIENT_SCRIPT)
     host = server.split("//", 1)[1]
-    assert r["url"] == "ws://%s/ws/test?name=a+b&token=t1" % host
+    assert r["url"] == "ws://%s/ws/test?close_codes=1&name=a+b&token=t1" % host
     assert r["sendBeforeOpen"] is False and r["sendWhenOpen"] is True and r["sendWhenClosed"] is False
     assert (r["firstState"], r["afterWelcome"], r["welcomeUser"]) == ("connecting", "open", "u1")
     assert r["afterDrop"] == "reconnecting" and r["retryScheduled"]

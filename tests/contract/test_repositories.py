@@ -8,7 +8,16 @@ from typing import Any
 
 import pytest
 
-from realtime.storage.base import LogGap, SensorRow, StoredOp, TooManyDocuments, TooManyRooms
+from realtime.storage.base import (
+    LogGap,
+    NoSuchMessage,
+    NotAMember,
+    RoomExists,
+    SensorRow,
+    StoredOp,
+    TooManyDocuments,
+    TooManyRooms,
+)
 from tests.contract.conftest import run
 from tests.waiting import until
 
@@ -105,6 +114,133 @@ def test_old_messages_are_trimmed_to_keep(storage: Any) -> None:
             assert record is not None and record.last_seq == 200 and record.oldest_seq == 196
             assert [m["seq"] for m in record.recent] == list(range(196, 201))
             assert [m["seq"] for m in await log.read("r", 0, 100, False)] == list(range(196, 201))
+
+    run(main())
+
+
+def test_private_and_dm_rooms_are_created_with_their_members(storage: Any) -> None:
+    async def main() -> None:
+        async with storage() as s:
+            log = s.chat_log(keep=50)
+            await log.open_room("lobby", 10)
+            ops = await log.create_room("ops", "private", "ann", ["bob", "ann"], 10)
+            assert (ops.kind, ops.owner, ops.last_seq, ops.recent) == ("private", "ann", 0, [])
+            assert ops.epoch
+            assert await log.members("ops", 10) == [("ann", "owner"), ("bob", "member")]
+            assert (await log.role("ops", "bob"), await log.role("ops", "carl")) == ("member", None)
+            # A name is taken once, by a public room or a private one.
+            with pytest.raises(RoomExists):
+                await log.create_room("ops", "private", "carl", [], 10)
+            with pytest.raises(RoomExists):
+                await log.create_room("lobby", "private", "carl", [], 10)
+            assert (await log.open_room("ops", 10)).kind == "private"  # joining does not make it public
+            # A direct-message room asked for twice is the same room.
+            dm = await log.create_room("dm-x", "dm", None, ["ann", "bob"], 10)
+            again = await log.create_room("dm-x", "dm", None, ["ann", "bob"], 10)
+            assert (dm.kind, dm.owner, again.epoch) == ("dm", None, dm.epoch)
+            assert await log.members("dm-x", 10) == [("ann", "member"), ("bob", "member")]
+            found = await log.find_room("dm-x", 0)
+            assert found is not None and found.kind == "dm" and found.recent == []
+            with pytest.raises(RoomExists):
+                await log.create_room("ops", "dm", None, ["ann", "bob"], 10)
+            # Each user lists the public rooms and the rooms it is a member of, nothing else.
+            assert sorted(r for r, _ in await log.rooms(10, "bob")) == ["dm-x", "lobby", "ops"]
+            assert sorted(r for r, _ in await log.rooms(10, "carl")) == ["lobby"]
+            assert sorted(r for r, _ in await log.rooms(10)) == ["lobby"]
+            # Private rooms are never dropped as empty.
+            assert await log.drop_if_empty("ops") is False and await log.drop_if_empty("dm-x") is False
+            assert (await log.find_room("ops", 1)) is not None
+
+    run(main())
+
+
+def test_only_members_write_to_private_rooms_and_a_ban_keeps_a_user_out_of_a_public_one(storage: Any) -> None:
+    async def main() -> None:
+        async with storage() as s:
+            log = s.chat_log(keep=50)
+            await log.create_room("ops", "private", "ann", ["bob"], 10)
+            assert (await log.append("ops", "bob", "bob", "hi", 1, "b1")).seq == 1
+            with pytest.raises(NotAMember):
+                await log.append("ops", "carl", "carl", "let me in", 2, "c1")
+            added = await log.set_member("ops", "carl", "member", "added", "ann", "Ann", 3)
+            assert (added.seq, added.duplicate) == (2, False)
+            assert (await log.append("ops", "carl", "carl", "thanks", 4, "c1")).seq == 3
+            removed = await log.set_member("ops", "bob", None, "removed", "ann", "Ann", 5)
+            assert removed.seq == 4 and await log.role("ops", "bob") is None
+            with pytest.raises(NotAMember):
+                await log.append("ops", "bob", "bob", "still here?", 6, "b2")
+            # A retry of a message stored before the removal is still acknowledged, not refused.
+            assert (await log.append("ops", "bob", "bob", "hi", 7, "b1")).duplicate
+            entries = await log.read("ops", 0, 10, False)
+            assert [(e["seq"], e["type"]) for e in entries] == [(1, "message"), (2, "member"), (3, "message"),
+                                                                (4, "member")]
+            assert entries[1] == {"type": "member", "room": "ops", "seq": 2, "event": "added", "user": "carl",
+                                  "by": {"id": "ann", "name": "Ann"}, "ts": 3}
+            assert entries[3]["event"] == "removed" and entries[3]["user"] == "bob"
+            await log.open_room("lobby", 10)
+            await log.set_member("lobby", "eve", "banned", "removed", "mod", "Mod", 8)
+            assert await log.role("lobby", "eve") == "banned"
+            with pytest.raises(NotAMember):
+                await log.append("lobby", "eve", "eve", "spam", 9, None)
+            await log.set_member("lobby", "eve", None, "added", "mod", "Mod", 10)
+            assert (await log.append("lobby", "eve", "eve", "sorry", 11, None)).seq == 3
+
+    run(main())
+
+
+def test_a_deleted_message_is_a_tombstone_in_seq_order_and_its_text_is_gone(storage: Any) -> None:
+    async def main() -> None:
+        async with storage() as s:
+            log = s.chat_log(keep=50)
+            await log.open_room("r", 10)
+            for i in range(1, 6):
+                await log.append("r", "u1", "ann", "m%d" % i, 100 + i, "c%d" % i)
+            first = await log.delete("r", 2, "mod", "Mod", 200)
+            assert (first.seq, first.ts, first.duplicate) == (6, 200, False)
+            again = await log.delete("r", 2, "mod2", "Other", 300)
+            assert (again.seq, again.duplicate) == (6, True)  # retried: the same tombstone
+            for bad in (6, 99, 0):  # a tombstone, a seq never used, nothing
+                with pytest.raises(NoSuchMessage):
+                    await log.delete("r", bad, "mod", "Mod", 301)
+            entries = await log.read("r", 0, 10, False)
+            assert [e["seq"] for e in entries] == [1, 2, 3, 4, 5, 6]
+            assert entries[1] == {"type": "message", "room": "r", "seq": 2, "user": "u1", "name": "ann", "text": "",
+                                  "ts": 102, "cid": "c2", "deleted": True}
+            assert entries[5] == {"type": "deleted", "room": "r", "seq": 6, "target": 2,
+                                  "by": {"id": "mod", "name": "Mod"}, "ts": 200}
+            # Every read sees the same: newest first, from a seq, the room's recent entries.
+            assert await log.read("r", 0, 3, True) == entries[3:]
+            assert await log.read("r", 1, 2, False) == entries[1:3]
+            assert await log.read("r", 2, 2, False) == entries[2:4]
+            record = await log.find_room("r", 5)
+            assert record is not None and record.recent == entries[1:] and record.oldest_seq == 1
+            # Deleting the oldest message keeps the room's oldest seq where it was.
+            await log.delete("r", 1, "mod", "Mod", 201)
+            record = await log.find_room("r", 10)
+            assert record is not None and record.oldest_seq == 1 and record.recent[0]["deleted"]
+            # A retry of the deleted message's cid is a duplicate, not a new message.
+            retry = await log.append("r", "u1", "ann", "m2", 400, "c2")
+            assert (retry.seq, retry.duplicate) == (2, True)
+            assert (await log.append("r", "u1", "ann", "m8", 401, None)).seq == 8
+
+    run(main())
+
+
+def test_deleted_messages_are_trimmed_like_the_others(storage: Any) -> None:
+    async def main() -> None:
+        async with storage() as s:
+            log = s.chat_log(keep=5)
+            await log.open_room("r", 10)
+            for i in range(1, 96):
+                await log.append("r", "u", "n", "m", i, "c%d" % i)
+            await log.delete("r", 95, "mod", "Mod", 96)  # seq 96
+            for i in range(97, 201):
+                await log.append("r", "u", "n", "m", i, "c%d" % i)
+            record = await log.find_room("r", 10)
+            assert record is not None and record.oldest_seq == 196
+            assert [e["seq"] for e in await log.read("r", 0, 100, False)] == list(range(196, 201))
+            # The trimmed message's cid went with it: the same cid is a new message now.
+            assert not (await log.append("r", "u", "n", "m", 300, "c95")).duplicate
 
     run(main())
 

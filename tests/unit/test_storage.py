@@ -92,3 +92,40 @@ def test_migrations_apply_once_and_refuse_newer_data(tmp_path):
     conn.close()
     with pytest.raises(RuntimeError, match="newer version"):
         run(open_with(SCHEMA))
+
+
+def test_a_chat_database_of_schema_2_is_migrated_with_its_rooms_public(tmp_path):
+    """Rooms and messages written before private rooms existed stay readable and public."""
+    from realtime.storage.sqlite_repos import CHAT_SCHEMA, SQLiteChatLog
+
+    path = str(tmp_path / "db")
+    old = Schema("chat", CHAT_SCHEMA.migrations[:2])
+
+    async def write_old():
+        store = SQLiteStore(path)
+        await store.open([old])
+
+        def fill(conn):
+            conn.execute("INSERT INTO rooms(name, epoch, last_seq, created, active) VALUES ('lobby', 'e1', 1, 1, 1)")
+            conn.execute("INSERT INTO messages(room, seq, user_id, name, text, ts, cid)"
+                         " VALUES ('lobby', 1, 'u', 'ann', 'old', 5, 'c1')")
+
+        await store.write(fill)
+        await store.close()
+
+    async def read_new():
+        store = SQLiteStore(path)
+        await store.open([CHAT_SCHEMA])
+        log = SQLiteChatLog(store, keep=10)
+        try:
+            record = await log.find_room("lobby", 10)
+            assert record is not None and (record.kind, record.epoch, record.last_seq) == ("public", "e1", 1)
+            assert record.recent[0]["text"] == "old" and record.recent[0]["cid"] == "c1"
+            assert await log.rooms(10, "anyone") == [("lobby", 1)]
+            assert (await log.append("lobby", "u2", "bob", "new", 6, None)).seq == 2
+            assert (await log.delete("lobby", 1, "m", "Mod", 7)).seq == 3
+        finally:
+            await store.close()
+
+    run(write_old())
+    run(read_new())
