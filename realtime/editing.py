@@ -888,6 +888,11 @@ class EditingService:
         exc = asyncio.CancelledError() if fut.cancelled() else fut.exception()
         if exc is not None:
             if self.shared and isinstance(exc, LogGap):
+                if "turn" in str(exc):
+                    # A node that lost the race has the next append: try again once it had it.
+                    doc.conflict = True
+                    doc.flush_handle = asyncio.get_running_loop().call_later(0.005, self._start_rebase, doc)
+                    return
                 self._start_rebase(doc)  # another node appended first: transform ours over its ops
                 return
             self._fail(doc, exc)
@@ -1005,12 +1010,17 @@ class EditingService:
                 pending = list(doc.inflight) + doc.batch
             committed_text = state.text
             rebased: list[Pending] = []
+            refused: list[tuple[Pending, ProtocolError]] = []
             for p in pending:
                 if p.client is not None and p.seq is not None and state.seen(p.client, p.seq):
                     continue  # it did reach the log (an answer lost on the way)
                 # Submitted again as the client sent it: transformed over every op
                 # after its base, ours and the other nodes', in the log's order.
-                result = state.submit(p.base_rev, p.sent, p.client, p.seq, units=p.units)
+                try:
+                    result = state.submit(p.base_rev, p.sent, p.client, p.seq, units=p.units)
+                except ProtocolError as exc:  # e.g. its base left the log window: that edit alone
+                    refused.append((p, exc))
+                    continue
                 assert result.op is not None and result.op16 is not None and not result.duplicate
                 rebased.append(p._replace(rev=result.rev, op=result.op, op16=result.op16, length=len(state.text)))
         except Exception as exc:  # a broken log, an unreachable store: the single-node path
@@ -1041,6 +1051,15 @@ class EditingService:
         self.remote_ops += len(remote)
         doc.rebasing = False
         doc.run_waiters(doc.committed_rev)
+        for p, why in refused:
+            # Never acknowledged, and no longer mergeable: only its sender reconnects
+            # (and reloads), not every peer of the document.
+            log.warning("document %s: an edit of %s could not be merged after a rebase (%s)", doc.id, p.client,
+                        why.message)
+            if p.peer is not None and not p.peer.gone:
+                peer = p.peer
+                self.leave(peer)
+                peer.member.close(Close.TRY_AGAIN, "your last edit could not be merged; reload")
         deferred, doc.deferred = doc.deferred, []
         for peer, base_rev, op, seq in deferred:
             try:
@@ -1048,10 +1067,13 @@ class EditingService:
             except ProtocolError as exc:
                 if not peer.gone:
                     peer.member.send({"type": "error", "code": exc.code, "message": exc.message})
-        if doc.conflict:
-            self._start_rebase(doc)
-        elif doc.batch:
+        if doc.batch:
+            # Append now, even if more arrived meanwhile: a losing append claims
+            # the next turn in the log, while rebasing again first could go on
+            # for as long as the other node keeps appending.
             self._schedule_flush(doc)
+        elif doc.conflict:
+            self._start_rebase(doc)
 
     def _drop_feed(self, doc_id: str) -> None:
         feed = self._feeds.pop(doc_id, None)

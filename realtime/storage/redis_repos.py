@@ -677,11 +677,20 @@ def _point(member: Any) -> tuple[float, float]:
 DOCS_KEY = "rt:docs"
 
 _DOC_APPEND = """
+local node = ARGV[#ARGV]
+local turn = redis.call('GET', KEYS[4])
+if turn and turn ~= node then
+  return redis.error_reply('LOGGAP turn: another node is catching up')
+end
 local rev = tonumber(redis.call('HGET', KEYS[1], 'rev') or '-1')
 local first = tonumber(ARGV[1])
 if rev ~= first - 1 then
+  -- Lost the race: the next append is ours (for a moment), so a node that
+  -- keeps losing to a busier one is not starved.
+  redis.call('SET', KEYS[4], node, 'NX', 'PX', 200)
   return redis.error_reply('LOGGAP stored rev ' .. rev .. ', writing ' .. first)
 end
+if turn then redis.call('DEL', KEYS[4]) end
 local n = tonumber(ARGV[2])
 for i = 0, n - 1 do
   redis.call('HSET', KEYS[2], first + i, ARGV[6 + i])
@@ -730,8 +739,9 @@ class RedisDocumentLog:
 
     overloaded = False
 
-    def __init__(self, redis: Any) -> None:
+    def __init__(self, redis: Any, node_id: str = "") -> None:
         self.redis = redis
+        self.node_id = node_id or "n-" + secrets.token_hex(6)
         self._append = redis.register_script(_DOC_APPEND)
         self._snapshot = redis.register_script(_DOC_SNAPSHOT)
         self._create = redis.register_script(_DOC_CREATE)
@@ -786,7 +796,9 @@ class RedisDocumentLog:
         args.append(keep)
         for rev, data in snapshots:
             args += [rev, data]
-        await self._call(self._append(keys=self.keys(doc_id), args=args))
+        keys = self.keys(doc_id)
+        args.append(self.node_id)  # last: whose turn it is, after a lost race
+        await self._call(self._append(keys=[*keys, keys[0][:-4] + "turn"], args=args))
         await self._call(self.redis.zadd(DOCS_KEY, {doc_id: ts}))
 
     async def ops_since(self, doc_id: str, rev: int) -> list[StoredOp] | None:
@@ -910,7 +922,7 @@ class RedisStorage:
         return RedisReadingStore(self.redis)
 
     def document_log(self) -> RedisDocumentLog:
-        return RedisDocumentLog(self.redis)
+        return RedisDocumentLog(self.redis, self.backplane.node_id)
 
     def presence_store(self) -> RedisPresenceStore:
         return RedisPresenceStore(self.redis)
