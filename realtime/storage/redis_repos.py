@@ -181,11 +181,24 @@ def _seq_of(entry_id: Any) -> int:
 
 def _refused(e: Exception) -> StorageError:
     text = str(e)
+    if text.startswith("LOGGAP"):
+        return LogGap(text)
     if text.startswith("NOTMEMBER"):
         return NotAMember(text)
     if text.startswith("NOMSG"):
         return NoSuchMessage(text)
     return StorageError("Redis refused: %s" % text)
+
+
+async def _redis(coro: Any) -> Any:
+    """Await one Redis call: what a script refused becomes its own
+    :class:`StorageError`, and an unreachable Redis a plain one."""
+    try:
+        return await coro
+    except ResponseError as e:
+        raise _refused(e) from None
+    except (RedisError, OSError) as e:
+        raise StorageError("Redis is unreachable: %s" % e) from None
 
 
 class RedisChatLog:
@@ -214,13 +227,7 @@ class RedisChatLog:
         tag = "rt:room:{%s}:" % room
         return [tag + "meta", tag + "log", tag + "cids", tag + "members", tag + "deleted"]
 
-    async def _call(self, coro: Any) -> Any:
-        try:
-            return await coro
-        except ResponseError as e:
-            raise _refused(e) from None
-        except (RedisError, OSError) as e:
-            raise StorageError("Redis is unreachable: %s" % e) from None
+    _call = staticmethod(_redis)
 
     def _entries(self, room: str, entries: list[Any], deleted: dict[Any, Any], after: int) -> list[dict[str, Any]]:
         """Stream entries as JSON, with the placeholders of deleted messages
@@ -491,11 +498,7 @@ class RedisPresenceStore:
         tag = "rt:room:{%s}:" % room
         return tag + "pres", tag + "who"
 
-    async def _call(self, coro: Any) -> Any:
-        try:
-            return await coro
-        except (RedisError, OSError) as e:
-            raise StorageError("Redis is unreachable: %s" % e) from None
+    _call = staticmethod(_redis)
 
     async def refresh(self, entries: list[tuple[str, str, str, str]], ttl: float, names: bool = False) -> None:
         """Push the expiry of these entries to ``ttl`` from now: one script call per
@@ -604,11 +607,7 @@ class RedisReadingStore:
         tag = "rt:sensor:{%s}:" % sensor_id
         return tag + "meta", tag + "pts"
 
-    async def _call(self, coro: Any) -> Any:
-        try:
-            return await coro
-        except (RedisError, OSError) as e:
-            raise StorageError("Redis is unreachable: %s" % e) from None
+    _call = staticmethod(_redis)
 
     async def load(self, since: float, max_points: int) -> list[tuple[Any, list[tuple[float, float]]]]:
         from realtime.storage.base import SensorRow
@@ -751,15 +750,7 @@ class RedisDocumentLog:
         tag = "rt:doc:{%s}:" % doc_id
         return [tag + "meta", tag + "ops", tag + "snap"]
 
-    async def _call(self, coro: Any) -> Any:
-        try:
-            return await coro
-        except ResponseError as e:
-            if str(e).startswith("LOGGAP"):
-                raise LogGap(str(e)) from None
-            raise StorageError("Redis refused: %s" % e) from None
-        except (RedisError, OSError) as e:
-            raise StorageError("Redis is unreachable: %s" % e) from None
+    _call = staticmethod(_redis)
 
     async def load(self, doc_id: str, *, create: bool, max_docs: int, keep: int) -> Loaded | None:
         meta_key, ops_key, snap_key = self.keys(doc_id)
