@@ -99,15 +99,6 @@ class ScenarioError(RuntimeError):
     pass
 
 
-def cores() -> tuple[set[int] | None, set[int] | None]:
-    """(server cores, load generator cores): core 0 for the servers and Redis when there are two or more."""
-    try:
-        mine = os.sched_getaffinity(0)
-    except AttributeError:  # not Linux
-        return None, None
-    if len(mine) < 2 or 0 not in mine:
-        return None, None
-    return {0}, mine - {0}
 
 
 def node_of(index: int, room_size: int, nodes: int) -> int:
@@ -476,7 +467,7 @@ def editing_through_two_nodes(p: ClusterProfile) -> dict[str, Any]:
 def run(quick: bool = False, *, editing: bool = True) -> dict[str, Any]:
     """Every configuration and load once; the measurements (see the module docstring)."""
     profile = PROFILES["quick" if quick else "full"]
-    server_cores, gen_cores = cores()
+    server_cores, gen_cores = procs.cores()
     pinned = os.sched_getaffinity(0) if gen_cores else None
     try:
         if gen_cores:

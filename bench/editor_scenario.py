@@ -50,6 +50,7 @@ if ROOT not in sys.path:
 import psutil  # noqa: E402
 import ujson  # noqa: E402
 
+from bench.procs import cores  # noqa: E402
 from realtime import ot  # noqa: E402
 from realtime.ot import OTClient  # noqa: E402
 
@@ -78,15 +79,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def cores() -> tuple[set[int] | None, set[int] | None]:
-    """(server cores, load generator cores): core 0 for the server when there are two or more."""
-    try:
-        mine = os.sched_getaffinity(0)
-    except AttributeError:  # not Linux
-        return None, None
-    if len(mine) < 2 or 0 not in mine:
-        return None, None
-    return {0}, mine - {0}
 
 
 def start_server(port: int, data_dir: str, server_cores: set[int] | None, log_path: str,
@@ -436,21 +428,9 @@ def run(quick: bool = False, *, editors: int = 50, rate: float = 1000.0, duratio
     data_dir = tempfile.mkdtemp(prefix="editor-bench-")
     port = free_port()
     proc = start_server(port, os.path.join(data_dir, "data"), server_cores, os.path.join(data_dir, "server.log"))
-    old_affinity = None
     try:
-        if gen_cores:
-            old_affinity = os.sched_getaffinity(0)
-            os.sched_setaffinity(0, gen_cores)
-        coro = drive(port, editors, rate, duration, warmup, psutil.Process(proc.pid))
-        try:
-            import uvloop
-
-            result = uvloop.run(coro)
-        except ImportError:
-            result = asyncio.run(coro)
+        result = run_pinned(drive(port, editors, rate, duration, warmup, psutil.Process(proc.pid)), gen_cores)
     finally:
-        if old_affinity:
-            os.sched_setaffinity(0, old_affinity)
         stop_server(proc)
         log = tail(os.path.join(data_dir, "server.log"))
         shutil.rmtree(data_dir, ignore_errors=True)
@@ -661,6 +641,24 @@ async def drive_cluster(ports: list[int], editors: int, rate: float, duration: f
     }
 
 
+def run_pinned(coro: Any, gen_cores: set[int] | None) -> Any:
+    """Run the editors' event loop (uvloop when installed) on the load generator's cores."""
+    old_affinity = None
+    try:
+        if gen_cores:
+            old_affinity = os.sched_getaffinity(0)
+            os.sched_setaffinity(0, gen_cores)
+        try:
+            import uvloop
+
+            return uvloop.run(coro)
+        except ImportError:
+            return asyncio.run(coro)
+    finally:
+        if old_affinity:
+            os.sched_setaffinity(0, old_affinity)
+
+
 def run_cluster(*, editors: int = 50, rate: float = 1000.0, duration: float = 2.0, warmup: float = 0.5,
                 nodes: int = 2) -> dict[str, Any]:
     """The editors split over ``nodes`` server.py processes on one redis-server (AOF,
@@ -686,7 +684,6 @@ def run_cluster(*, editors: int = 50, rate: float = 1000.0, duration: float = 2.
          os.path.join(rdir, "redis.log")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         start_new_session=True, preexec_fn=pin)  # noqa: PLW1509
     procs: list[subprocess.Popen] = []
-    old_affinity = None
     try:
         deadline = time.monotonic() + 10
         while True:
@@ -703,20 +700,10 @@ def run_cluster(*, editors: int = 50, rate: float = 1000.0, duration: float = 2.
                                       os.path.join(work, "node%d.log" % i),
                                       ("--backplane=redis://127.0.0.1:%d/0" % rport, "--simulated_sensors=",
                                        "--host_metrics=false")))
-        if gen_cores:
-            old_affinity = os.sched_getaffinity(0)
-            os.sched_setaffinity(0, gen_cores)
-        coro = drive_cluster(ports, editors, rate, duration, warmup,
-                             [psutil.Process(p.pid) for p in procs] + [psutil.Process(redis_proc.pid)])
-        try:
-            import uvloop
-
-            result = uvloop.run(coro)
-        except ImportError:
-            result = asyncio.run(coro)
+        result = run_pinned(drive_cluster(ports, editors, rate, duration, warmup,
+                                          [psutil.Process(p.pid) for p in procs] + [psutil.Process(redis_proc.pid)]),
+                            gen_cores)
     finally:
-        if old_affinity:
-            os.sched_setaffinity(0, old_affinity)
         for proc in procs:
             stop_server(proc)
         stop_server(redis_proc)

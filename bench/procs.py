@@ -159,6 +159,18 @@ def own_cpu_seconds() -> float:
     return times.user + times.system
 
 
+def cores() -> tuple[set[int] | None, set[int] | None]:
+    """(server cores, load generator cores): core 0 for the servers (and Redis)
+    when this process may use two or more cores, else no pinning."""
+    try:
+        mine = os.sched_getaffinity(0)
+    except AttributeError:  # not Linux
+        return None, None
+    if len(mine) < 2 or 0 not in mine:
+        return None, None
+    return {0}, mine - {0}
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
