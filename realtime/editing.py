@@ -1109,7 +1109,7 @@ class EditingService:
     def _publish(self, doc: LiveDoc, obj: dict[str, Any], client: str | None = None) -> None:
         """Send a message without positions to the document's peers of every unit (encoded once)."""
         out: Outgoing | None = None
-        every_unit = self.hub.backplane.name != "memory"
+        every_unit = self.shared  # the other nodes' peers may count either unit
         for topic in (doc.topic, doc.topic16):
             if every_unit or self.hub.subscribers(topic):
                 out = self.hub.publish(topic, obj if out is None else out, client=client)
@@ -1164,7 +1164,7 @@ class EditingService:
         peer.cursor_sent = self.clock()
         msg = {"type": "cursor", "client": peer.client_id, "user": peer.user_json,
                "color": peer.color, "rev": doc.committed_rev, "anchor": anchor, "head": head}
-        every_unit = self.hub.backplane.name != "memory"
+        every_unit = self.shared
         if every_unit or self.hub.subscribers(doc.topic):
             self.hub.publish(doc.topic, msg, seq=doc.committed_rev, client=peer.client_id)
         if every_unit or self.hub.subscribers(doc.topic16):
