@@ -816,6 +816,15 @@ class EditingService:
             if doc.rebasing:  # catching up with another node: taken in order right after
                 doc.deferred.append((peer, base_rev, op, seq))
                 return
+        except ProtocolError as exc:
+            self.ops_refused[exc.code] = self.ops_refused.get(exc.code, 0) + 1
+            raise
+        self._apply(peer, base_rev, op, seq)
+
+    def _apply(self, peer: Peer, base_rev: Any, op: Any, seq: Any) -> None:
+        """The part of :meth:`submit` after the admission checks (rights, rate, load)."""
+        doc = peer.doc
+        try:
             result = doc.state.submit(base_rev, op, peer.client_id, seq, units=peer.units)
         except ProtocolError as exc:
             self.ops_refused[exc.code] = self.ops_refused.get(exc.code, 0) + 1
@@ -1062,11 +1071,15 @@ class EditingService:
                 peer.member.close(Close.TRY_AGAIN, "your last edit could not be merged; reload")
         deferred, doc.deferred = doc.deferred, []
         for peer, base_rev, op, seq in deferred:
-            try:
-                self.submit(peer, base_rev, op, seq)
+            if peer.gone:
+                continue
+            try:  # admitted when it arrived (its edit_rate token is spent): not checked twice
+                self._apply(peer, base_rev, op, seq)
             except ProtocolError as exc:
-                if not peer.gone:
-                    peer.member.send({"type": "error", "code": exc.code, "message": exc.message})
+                err: dict[str, Any] = {"type": "error", "code": exc.code, "message": exc.message}
+                if type(seq) is int:
+                    err["seq"] = seq  # as for an op refused on arrival: the client knows which one
+                peer.member.send(err)
         if doc.batch:
             # Append now, even if more arrived meanwhile: a losing append claims
             # the next turn in the log, while rebasing again first could go on
