@@ -1,394 +1,46 @@
-"""Collaborative editing: live documents, a durable op log, peers and cursors.
+"""The editing service: documents, their durable op logs, peers and cursors.
 
-:class:`EditingService` keeps each open document as a :class:`LiveDoc` around a
-:class:`~realtime.documents.DocumentState` (the pure OT authority) and speaks to
-connections through a small :class:`Member` protocol, so it imports nothing from
-``tornado.web`` and tests can drive it with fakes.
-
-Contracts
----------
-* **Order, then durability.**  An incoming op is transformed and given its
-  revision synchronously, in memory, the moment it arrives
-  (:meth:`DocumentState.submit`), so the order is the arrival order and needs
-  no lock.  Its log row is then written through the store's group commit
-  (one write per document with the store at a time, at least
-  ``commit_delay`` apart: the ops that arrive meanwhile share the next one).  The sender's ``ack`` and the
-  ``op`` broadcast to everyone else go out **only after that transaction has
-  committed**, in revision order.  A ``kill -9`` after an ack loses nothing.
-* **Clients only ever see committed revisions.**  A joining client's
-  snapshot (or catch-up) is taken in memory, then sent once its revision has
-  committed; live ops broadcast meanwhile are held and released after it,
-  minus those it already covers.  Cursors are relayed at the last committed
-  revision.  So every revision a client knows is in the store.
-* **A failed commit never lets copies diverge.**  Each write checks that the
-  document's stored revision is the one it follows, so once a write fails,
-  every later write of that document fails too (the store keeps a gap-free
-  prefix).  On the first failure the document is dropped from memory and its
-  peers are closed with 1011; they reconnect with ``?rev=`` (never newer than
-  the store, by the rule above), the document is reloaded from the store, and
-  each client resends its unacknowledged op -- same client id and seq, so it
-  is applied at most once.
-* **Dedupe.**  A resent op (same client id and seq) is acknowledged again with
-  its original revision (after that revision has committed) and not applied
-  twice; the dedupe table is in every snapshot and rebuilt from the log, so it
-  survives restarts.  A client keeps its client id across reconnects with
-  ``?client=``; an id is only handed to a connection of the user who had it.
-* **Units.**  Each connection counts positions in code points (the core's
-  unit) or UTF-16 code units (``?units=utf16``, :mod:`realtime.units`); its
-  ops, cursors and catch-up are converted at this edge, against the text they
-  refer to.  A document's peers of each unit share one topic, so a broadcast
-  is encoded once per unit in use, never once per peer.
-* **Snapshots** (``format`` 1, :meth:`DocumentState.to_snapshot` without the
-  log) are written every ``snapshot_every`` ops and when an idle document is
-  unloaded; the op log in the store keeps ``log_keep`` ops before the latest
-  revision (for catch-up) and at least every op after the latest snapshot (for
-  replay).  Loading = latest snapshot + the ops after it.
+The contracts it keeps (order, then durability; clients only see committed
+revisions; dedupe; units; snapshots) are in :mod:`realtime.editing`.  What it
+holds in memory is in :mod:`realtime.editing.live`; what it does when several
+nodes share one log, in :mod:`realtime.editing.cluster`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import re
-import secrets
 import time
-from collections import OrderedDict, deque
 from functools import partial
-from typing import Any, Callable, Iterator, NamedTuple, Protocol
+from typing import Any, Callable, Iterator
 
 import ujson
 
 from realtime import ot
-from realtime.auth import Identity
-from realtime.documents import (
-    SNAPSHOT_FORMAT,
-    DocumentState,
-    LogEntry,
-    SnapshotError,
-    valid_doc_id,
+from realtime.documents import LogEntry, valid_doc_id
+from realtime.editing.cluster import ClusterSync
+from realtime.editing.live import (
+    DOC_ID_RULE,
+    LiveDoc,
+    Member,
+    Peer,
+    Pending,
+    Unavailable,
+    entry_json,
+    move_positions,
+    new_client_id,
+    now_ms,
+    pick_color,
+    valid_client_id,
 )
+from realtime.editing.replay import build_state
 from realtime.hub import Hub
 from realtime.limits import TokenBucket
 from realtime.protocol import Close, Outgoing, ProtocolError
-from realtime.storage.base import DocumentLog, Loaded, LogGap, StorageError, StoreBusy, StoredOp, TooManyDocuments
-from realtime.units import CODEPOINT, UTF16, TextUnits, utf16_length
+from realtime.storage.base import DocumentLog, LogGap, StorageError, StoreBusy, StoredOp, TooManyDocuments
+from realtime.units import CODEPOINT, UTF16
 
 log = logging.getLogger("realtime.editing")
-
-COLORS = 8  # peers get colour indexes 0..7 (the page maps them to its palette)
-OWNERS_MAX = 10_000  # client id -> user id, per document, for ?client= reuse
-_CLIENT_ID = re.compile(r"c-[A-Za-z0-9_-]{4,40}")
-DOC_ID_RULE = "document ids are 1-64 characters: ASCII letters, digits, '_' or '-'"
-
-
-def valid_client_id(s: object) -> bool:
-    """A client id: ``c-`` then 4-40 of ``A-Z a-z 0-9 _ -`` (what the server hands out)."""
-    return type(s) is str and _CLIENT_ID.fullmatch(s) is not None
-
-
-def new_client_id() -> str:
-    return "c-" + secrets.token_urlsafe(8)
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
-
-
-def move_positions(
-    state: DocumentState, rev: int, positions: tuple[int, ...], upto: int, units: str = CODEPOINT
-) -> tuple[int, ...] | None:
-    """Move ``positions`` in the text at ``rev`` to the text at ``upto``, counted in ``units``.
-
-    ``None`` when the log no longer reaches back to ``rev`` (in those units).
-    Raises ``ProtocolError("bad_message")`` for a position outside the text at
-    ``rev``.  Text inserted exactly at a position goes after it.
-    """
-    entries = state.ops_since(rev, units)
-    if entries is None:
-        return None
-    utf16 = units == UTF16
-    if entries:
-        length = ot.lengths(entries[0].op)[0]
-    else:
-        length = state.length16 if utf16 else len(state.text)
-    for p in positions:
-        if type(p) is not int or not 0 <= p <= length:
-            what = "UTF-16 code units" if utf16 else "characters"
-            raise ProtocolError(
-                "bad_message", f"cursor position {p!r} is outside the text at rev {rev} ({length} {what})"
-            )
-    size = utf16_length if utf16 else len
-    for entry in entries:
-        if entry.rev > upto:
-            break
-        positions = tuple(ot.transform_index(p, entry.op, size=size) for p in positions)
-    return positions
-
-
-def pick_color(used: Iterator[int]) -> int:
-    """The least used colour index (lowest first on a tie)."""
-    counts = [0] * COLORS
-    for c in used:
-        counts[c % COLORS] += 1
-    return counts.index(min(counts))
-
-
-def build_state(doc_id: str, loaded: Loaded, **limits: int) -> tuple[DocumentState, int, dict[str, str]]:
-    """The state a :class:`Loaded` describes: snapshot + the ops after it.
-
-    Returns ``(state, snapshot_rev, owners)`` where ``owners`` maps the client
-    ids seen in the loaded log to their user ids.  Raises
-    :class:`~realtime.documents.SnapshotError` when the stored data is
-    inconsistent (unknown format, a gap, an op that does not fit).
-    """
-    ops = [(rev, ujson.loads(op), client, seq, user) for rev, op, client, seq, user in loaded.ops]
-    snap_rev = 0
-    if loaded.snapshot is not None:
-        snap_rev, fmt, raw = loaded.snapshot
-        if fmt != SNAPSHOT_FORMAT:
-            raise SnapshotError(f"document {doc_id}: unsupported snapshot format {fmt!r}")
-        data = ujson.loads(raw)
-        if not isinstance(data, dict) or data.get("rev") != snap_rev:
-            raise SnapshotError(f"document {doc_id}: snapshot row does not match its revision")
-        data["log"] = [[rev, op, client, seq] for rev, op, client, seq, _ in ops if rev <= snap_rev]
-        state = DocumentState.from_snapshot(data, **limits)
-    else:
-        state = DocumentState(doc_id, "", 0, **limits)
-    try:
-        for rev, op, client, seq, _ in ops:
-            if rev > state.rev:
-                state.apply_entry(rev, op, client, seq)
-    except ProtocolError as exc:
-        raise SnapshotError(f"document {doc_id}: stored log does not replay: {exc.message}") from None
-    if state.rev != loaded.rev:
-        raise SnapshotError(f"document {doc_id}: stored log ends at rev {state.rev}, the document is at {loaded.rev}")
-    owners = {client: user for _, _, client, _, user in ops if client and user}
-    return state, snap_rev, owners
-
-
-# -- live documents -----------------------------------------------------------------
-
-
-class Member(Protocol):
-    """A connection as the editing core sees it (handlers.editor's socket)."""
-
-    user: Identity
-
-    def deliver(self, out: Outgoing) -> None: ...
-
-    def send(self, obj: dict[str, Any]) -> None: ...
-
-    def close(self, code: int | None = None, reason: str | None = None) -> None: ...
-
-
-class Peer:
-    """One connection in one document: its client id, colour, limits, cursor.
-
-    It is the hub subscriber for the document's topic.  Until :meth:`release`
-    it holds what arrives (the snapshot is on its way); after that it drops
-    its own messages (its op comes back as an ``ack``) and ops its snapshot
-    already covered.
-    """
-
-    __slots__ = (
-        "member", "doc", "client_id", "user", "user_json", "color", "can_edit", "bucket",
-        "joined", "gone", "after_rev", "buffer", "cursor", "cursor_sent", "cursor_timer", "units",
-    )
-
-    def __init__(self, member: Member, doc: LiveDoc, client_id: str, color: int, bucket: TokenBucket,
-                 units: str = CODEPOINT) -> None:
-        self.member = member
-        self.units = units  # what this connection's positions count (realtime.units)
-        self.doc = doc
-        self.client_id = client_id
-        self.user = member.user
-        self.user_json = member.user.to_json()
-        self.color = color
-        self.can_edit = member.user.can("edit")
-        self.bucket = bucket
-        self.joined = False  # announced to the others
-        self.gone = False
-        self.after_rev = -1
-        self.buffer: list[Outgoing] | None = []
-        self.cursor: tuple[int, int, int] | None = None  # (committed rev, anchor, head)
-        self.cursor_sent = -1e18
-        self.cursor_timer: asyncio.TimerHandle | None = None
-
-    def deliver(self, out: Outgoing) -> None:
-        """What the hub brings: peers, cursors.  Never an op: another node's
-        ops reach peers only once this node has applied them, in rev order
-        (:meth:`deliver_op`)."""
-        if out.kind not in _NOT_FOR_PEERS:
-            self._take(out)
-
-    def deliver_op(self, out: Outgoing) -> None:
-        self._take(out)
-
-    def _take(self, out: Outgoing) -> None:
-        if self.buffer is not None:
-            self.buffer.append(out)
-            return
-        # Only what a backplane envelope carries: kind, rev (as seq), client.
-        if out.client == self.client_id:
-            return
-        kind = out.kind
-        if kind == "op":
-            if out.seq is not None and out.seq <= self.after_rev:
-                return
-        elif kind == "cursor" and out.seq is not None and out.seq < self.after_rev:
-            return
-        self.member.deliver(out)
-
-
-
-    def release(self) -> None:
-        held, self.buffer = self.buffer or [], None
-        for out in held:
-            self._take(out)
-
-    def info(self) -> dict[str, Any]:
-        return {"client": self.client_id, "user": self.user_json, "color": self.color}
-
-    def __repr__(self) -> str:
-        return f"Peer({self.client_id!r}, doc={self.doc.id!r}, user={self.user.id!r})"
-
-
-class Pending(NamedTuple):
-    """An op applied in memory, not yet acknowledged."""
-
-    rev: int
-    op: list[Any]
-    peer: Peer | None
-    client: str | None
-    seq: int | None
-    user_id: str | None
-    length: int  # of the text after it
-    op16: list[Any]  # op counted in UTF-16 units, for the peers using them
-    # As the client sent it, for a rebase (cluster mode): the op is transformed
-    # again from its own base over the log in its final order, exactly as the
-    # client transforms it, since the two transform paths need not agree.
-    base_rev: int = 0
-    sent: Any = None
-    units: str = CODEPOINT
-
-
-class LiveDoc:
-    """An open document: its state, commit pipeline, peers and waiters."""
-
-    def __init__(self, state: DocumentState, snapshot_rev: int, owners: dict[str, str], updated: int) -> None:
-        self.state = state
-        self.id = state.doc_id
-        self.topic = "doc:" + state.doc_id  # peers counting code points
-        self.topic16 = self.topic + "@utf16"  # peers counting UTF-16 code units
-        self.committed_rev = state.rev
-        self.delivered_rev = state.rev  # the last op handed to this node's peers
-        self.committed_text = state.text
-        self._committed_units: TextUnits | None = None
-        self.snapshot_rev = snapshot_rev
-        self.updated = updated
-        self.peers: dict[str, Peer] = {}
-        self.owners: OrderedDict[str, str] = OrderedDict(owners)
-        self.batch: list[Pending] = []  # applied, not yet handed to the store
-        self.snapshots: list[tuple[int, str]] = []  # due with the batch
-        self.inflight: deque[Pending] = deque()  # handed to the store, not yet committed
-        self.waiters: dict[int, list[Callable[[BaseException | None], None]]] = {}
-        self.broken = False
-        self.rebasing = False  # re-reading the log after another node appended to it (cluster mode)
-        self.conflict = False  # another node appended: rebase once the write in flight is back
-        self.rebases = 0
-        self.remote_peers: dict[str, tuple[dict[str, Any], float]] = {}  # other nodes' peers, last heard
-        self.deferred: list[tuple[Peer, Any, Any, Any]] = []  # ops that arrived during a rebase
-        self.writing = False  # a write of this document is with the store
-        self.last_write = -1e18  # loop time the last write was handed over
-        self.flush_handle: asyncio.Handle | asyncio.TimerHandle | None = None
-        self.evict_handle: asyncio.TimerHandle | None = None
-
-    @property
-    def busy(self) -> bool:
-        return bool(self.peers or self.batch or self.inflight or self.waiters)
-
-    def announced(self) -> list[Peer]:
-        return [p for p in self.peers.values() if p.joined]
-
-    def committed_units(self) -> TextUnits:
-        """Position conversions for the text at ``committed_rev``."""
-        if self.committed_text is self.state.text:
-            return self.state.text_units()
-        units = self._committed_units
-        if units is None or units.text is not self.committed_text:
-            units = self._committed_units = TextUnits(self.committed_text)
-        return units
-
-    def when_committed(self, rev: int, fn: Callable[[BaseException | None], None]) -> None:
-        """Call ``fn(None)`` once ``rev`` has committed (now, if it has), ``fn(exc)`` if it never will."""
-        if rev <= self.committed_rev:
-            fn(None)
-        else:
-            self.waiters.setdefault(rev, []).append(fn)
-
-    async def until_committed(self, rev: int) -> None:
-        if rev <= self.committed_rev:
-            return
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-
-        def done(exc: BaseException | None) -> None:
-            if not fut.done():
-                if exc is None:
-                    fut.set_result(None)
-                else:
-                    fut.set_exception(exc)
-
-        self.when_committed(rev, done)
-        await fut
-
-    def run_waiters(self, upto: int, exc: BaseException | None = None) -> None:
-        if not self.waiters:
-            return
-        due = [r for r in self.waiters if exc is not None or r <= upto]
-        for rev in sorted(due):
-            for fn in self.waiters.pop(rev):
-                try:
-                    fn(exc)
-                except Exception:
-                    log.exception("document %s: commit waiter failed", self.id)
-
-    def remember_owner(self, client_id: str, user_id: str) -> None:
-        self.owners[client_id] = user_id
-        self.owners.move_to_end(client_id)
-        while len(self.owners) > OWNERS_MAX:
-            self.owners.popitem(last=False)
-
-
-class Unavailable(Exception):
-    """The document failed to save: its peers reconnect and it is reloaded."""
-
-
-# Between nodes only (cluster mode): ops reach peers through the document, and
-# the peer list is kept up to date with these two, which clients never see.
-PEER_QUERY, PEER_ANNOUNCE = "peer_query", "peer_announce"
-_NOT_FOR_PEERS = frozenset({"op", PEER_QUERY, PEER_ANNOUNCE})
-
-
-class DocFeed:
-    """A document's subscription to its topic on this node, for the ops other
-    nodes committed (cluster mode): they go through the service, which applies
-    them to this node's copy and hands them to its peers in rev order."""
-
-    __slots__ = ("service", "doc_id")
-
-    def __init__(self, service: "EditingService", doc_id: str) -> None:
-        self.service = service
-        self.doc_id = doc_id
-
-    def deliver(self, out: Outgoing) -> None:
-        doc = self.service.docs.get(self.doc_id)
-        if doc is None:
-            return
-        kind = out.kind
-        if kind == "op" and out.seq is not None:
-            self.service._remote_op(doc, out)
-        elif kind in ("peer_joined", PEER_ANNOUNCE, "peer_left", PEER_QUERY):
-            self.service._remote_peer(doc, kind, out)
 
 
 class EditingService:
@@ -437,12 +89,10 @@ class EditingService:
         self.docs: dict[str, LiveDoc] = {}
         # Cluster mode: several nodes append to one log per document.
         self.shared = hub.backplane.name != "memory"
-        self.peer_ttl = 15.0  # a node's peers are forgotten this long after it last announced them
-        self._beat: asyncio.Future[None] | None = None
+        self.cluster = ClusterSync(self)
         on_resync = getattr(hub.backplane, "on_resync", None)
         if on_resync is not None:
-            on_resync(self.resync)
-        self._feeds: dict[str, DocFeed] = {}
+            on_resync(self.cluster.resync)
         self._loading: dict[str, tuple[asyncio.Future[LiveDoc | None], bool]] = {}
         self._background: set[asyncio.Future[Any]] = set()
         self._stopping = False
@@ -476,61 +126,12 @@ class EditingService:
     async def start(self) -> None:
         self._stopping = False
         if self.shared:
-            self._beat = asyncio.ensure_future(self._announce_peers())
-
-    async def _announce_peers(self) -> None:
-        """Every ``peer_ttl / 3``: tell the other nodes who edits here, and
-        forget (with a ``peer_left``) the peers of a node that went quiet."""
-        while True:
-            await asyncio.sleep(self.peer_ttl / 3)
-            now = self.clock()
-            for doc in list(self.docs.values()):
-                for peer in doc.announced():
-                    self.hub.send_others(doc.topic, Outgoing({"type": PEER_ANNOUNCE, **peer.info()}))
-                for client, (info, heard) in list(doc.remote_peers.items()):
-                    if now - heard > self.peer_ttl:
-                        del doc.remote_peers[client]
-                        self._publish_local(doc, {"type": "peer_left", "client": client, "user": info["user"]})
-
-    def resync(self) -> None:
-        """The backplane was cut off and is back: what other nodes committed
-        meanwhile may not have arrived; every open document reads the log."""
-        for doc in list(self.docs.values()):
-            if not doc.broken:
-                if doc.writing:
-                    doc.conflict = True
-                else:
-                    self._start_rebase(doc)
-
-    def _remote_peer(self, doc: LiveDoc, kind: str | None, out: Outgoing) -> None:
-        obj = out.obj
-        client = obj.get("client")
-        if kind == PEER_QUERY:
-            for peer in doc.announced():
-                self.hub.send_others(doc.topic, Outgoing({"type": PEER_ANNOUNCE, **peer.info()}))
-            return
-        if not isinstance(client, str) or client in doc.peers:
-            return  # our own peer (a local publish comes back here too)
-        if kind == "peer_left":
-            doc.remote_peers.pop(client, None)
-            return
-        info = {k: obj[k] for k in ("client", "user", "color") if k in obj}
-        new = client not in doc.remote_peers
-        doc.remote_peers[client] = (info, self.clock())
-        if kind == PEER_ANNOUNCE and new:
-            # A peer we had not heard of (we loaded the document after it joined): tell ours.
-            self._publish_local(doc, {"type": "peer_joined", **info})
-
-    def _publish_local(self, doc: LiveDoc, obj: dict[str, Any]) -> None:
-        out = Outgoing(obj, client=obj.get("client"))
-        for topic in (doc.topic, doc.topic16):
-            self.hub.dispatch(topic, out)
+            self.cluster.start()
 
     async def stop(self) -> None:
         """Write what is queued, snapshot every open document, forget them."""
         self._stopping = True
-        if self._beat is not None:
-            self._beat.cancel()
+        self.cluster.stop()
         docs = list(self.docs.values())
         for doc in docs:
             if doc.evict_handle is not None:
@@ -584,16 +185,8 @@ class EditingService:
             fut.exception()  # retrieved: the awaiting callers (if any) get it through shield()
 
     async def _load(self, doc_id: str, create: bool) -> LiveDoc | None:
-        if self.shared and doc_id not in self._feeds:
-            # Subscribed before reading the log: an op another node appends
-            # meanwhile arrives here (or shows as a gap, filled from the log).
-            feed = self._feeds[doc_id] = DocFeed(self, doc_id)
-            try:
-                await self.hub.subscribe(_doc_topic(doc_id), feed)
-            except BaseException:
-                self._drop_feed(doc_id)
-                raise ProtocolError("unavailable", "the document could not be opened; retry shortly",
-                                    close=Close.TRY_AGAIN) from None
+        if self.shared:
+            await self.cluster.follow(doc_id)
         try:
             loaded = await self.log.load(doc_id, create=create, max_docs=self.max_docs, keep=self.log_keep)
         except TooManyDocuments:
@@ -606,7 +199,7 @@ class EditingService:
             raise ProtocolError("unavailable", "the document could not be read; retry shortly",
                                 close=Close.TRY_AGAIN) from None
         if loaded is None:
-            self._drop_feed(doc_id)
+            self.cluster.drop_feed(doc_id)
             return None
         existing = self.docs.get(doc_id)
         if existing is not None:
@@ -615,7 +208,7 @@ class EditingService:
         doc = LiveDoc(state, snap_rev, owners, loaded.updated)
         self.docs[doc_id] = doc
         if self.shared:
-            self.hub.send_others(doc.topic, Outgoing({"type": PEER_QUERY}))
+            self.cluster.query_peers(doc)
         self.docs_loaded += 1
         if not doc.peers:
             self._schedule_evict(doc)
@@ -635,7 +228,7 @@ class EditingService:
                 self._schedule_evict(doc)
             return
         del self.docs[doc.id]
-        self._drop_feed(doc.id)
+        self.cluster.drop_feed(doc.id)
         if not doc.broken and doc.state.rev == 0:
             # Opened and never edited: not kept, so empty documents cannot
             # fill max_docs (the next open creates it afresh).
@@ -900,9 +493,9 @@ class EditingService:
                 if "turn" in str(exc):
                     # A node that lost the race has the next append: try again once it had it.
                     doc.conflict = True
-                    doc.flush_handle = asyncio.get_running_loop().call_later(0.005, self._start_rebase, doc)
+                    doc.flush_handle = asyncio.get_running_loop().call_later(0.005, self.cluster.start_rebase, doc)
                     return
-                self._start_rebase(doc)  # another node appended first: transform ours over its ops
+                self.cluster.start_rebase(doc)  # another node appended first: transform ours over its ops
                 return
             self._fail(doc, exc)
             return
@@ -921,7 +514,7 @@ class EditingService:
             self.ops_applied += 1
         doc.run_waiters(doc.committed_rev)
         if doc.conflict and not doc.writing:
-            self._start_rebase(doc)
+            self.cluster.start_rebase(doc)
         elif doc.batch and doc.flush_handle is None:
             self._schedule_flush(doc)
 
@@ -939,160 +532,6 @@ class EditingService:
                 peer.deliver_op(out)
         doc.delivered_rev = out.seq or doc.delivered_rev
 
-    # -- several nodes, one log (cluster mode) ---------------------------------------
-
-    def _remote_op(self, doc: LiveDoc, out: Outgoing) -> None:
-        """An op another node committed.  Applied at once when it is the next
-        revision and this node has nothing of its own in flight; otherwise (a
-        gap, or our own ops now lose the race) the document rebases."""
-        rev = out.seq
-        assert rev is not None
-        if doc.broken or rev <= doc.committed_rev:
-            return
-        if doc.rebasing:
-            doc.conflict = True  # the rebase reads the log; it re-checks when done
-            return
-        idle = not doc.batch and not doc.inflight and not doc.writing
-        if idle and rev == doc.committed_rev + 1:
-            obj = out.obj
-            state = doc.state
-            try:
-                op16 = state.text_units().op_to_utf16(obj["op"])
-                state.apply_entry(rev, obj["op"], obj.get("client"), obj.get("seq"))
-            except (ProtocolError, ot.OTError, KeyError, TypeError):
-                self._start_rebase(doc)  # not what our copy expects: read the log
-                return
-            doc.committed_rev = rev
-            doc.committed_text = state.text
-            doc.updated = now_ms()
-            self.remote_ops += 1
-            self._deliver_op(doc, out, op16)
-            doc.run_waiters(rev)
-            return
-        doc.conflict = True
-        if not doc.writing:
-            self._start_rebase(doc)
-
-    def _start_rebase(self, doc: LiveDoc) -> None:
-        if doc.rebasing or doc.broken:
-            doc.conflict = True
-            return
-        if doc.flush_handle is not None:
-            doc.flush_handle.cancel()
-            doc.flush_handle = None
-        doc.rebasing = True
-        doc.conflict = False
-        self._background_task(self._rebase(doc))
-
-    async def _rebase(self, doc: LiveDoc) -> None:
-        """Catch up with the log other nodes appended to, the way a client
-        catches up with the server: read the ops after our last committed
-        revision, hand them to our peers, transform our own not yet committed
-        ops over them (ours arrived later, so ours go first on a tie, as on one
-        node), and append those again.  Usually only the tail of the log is
-        read; a full reload when the log no longer reaches back that far."""
-        base = doc.committed_rev
-        try:
-            tail = await self.log.ops_since(doc.id, base)
-            if doc.broken:
-                return
-            pending = list(doc.inflight) + doc.batch
-            if tail is not None:
-                state = doc.state
-                state.rollback(base, doc.committed_text)
-                remote: list[tuple[int, list[Any], list[Any], str | None, int | None]] = []
-                for o in tail:
-                    op = ujson.loads(o.op)
-                    op16 = state.text_units().op_to_utf16(op)
-                    state.apply_entry(o.rev, op, o.client, o.seq)
-                    remote.append((o.rev, op, op16, o.client, o.seq))
-                owners = {o.client: o.user_id for o in tail if o.client and o.user_id}
-            else:
-                loaded = await self.log.load(doc.id, create=False, max_docs=0, keep=self.log_keep)
-                if loaded is None:
-                    raise SnapshotError(f"document {doc.id} is gone from the store")
-                state, _snap_rev, owners = build_state(doc.id, loaded, **self._state_limits())
-                entries, entries16 = state.ops_since(base), state.ops_since(base, UTF16)
-                if entries is None or entries16 is None:
-                    raise SnapshotError(f"document {doc.id}: the log no longer reaches rev {base}")
-                remote = [(e.rev, e.op, e16.op, e.client_id, e.seq) for e, e16 in zip(entries, entries16)]
-                pending = list(doc.inflight) + doc.batch
-            committed_text = state.text
-            rebased: list[Pending] = []
-            refused: list[tuple[Pending, ProtocolError]] = []
-            for p in pending:
-                if p.client is not None and p.seq is not None and state.seen(p.client, p.seq):
-                    continue  # it did reach the log (an answer lost on the way)
-                # Submitted again as the client sent it: transformed over every op
-                # after its base, ours and the other nodes', in the log's order.
-                try:
-                    result = state.submit(p.base_rev, p.sent, p.client, p.seq, units=p.units)
-                except ProtocolError as exc:  # e.g. its base left the log window: that edit alone
-                    refused.append((p, exc))
-                    continue
-                assert result.op is not None and result.op16 is not None and not result.duplicate
-                rebased.append(p._replace(rev=result.rev, op=result.op, op16=result.op16, length=len(state.text)))
-        except Exception as exc:  # a broken log, an unreachable store: the single-node path
-            doc.rebasing = False
-            self._fail(doc, exc)
-            return
-        ours: dict[tuple[str | None, int | None], Pending] = {(p.client, p.seq): p for p in pending if p.client}
-        for rev, op, op16, client, seq in remote:
-            mine = ours.get((client, seq))
-            if mine is not None and mine.peer is not None and not mine.peer.gone:
-                # Our own write did reach the log (its answer was lost): acknowledge it now.
-                mine.peer.member.send({"type": "ack", "rev": rev, "seq": seq})
-            if rev > doc.delivered_rev:
-                out = Outgoing({"type": "op", "rev": rev, "op": op, "client": client, "seq": seq},
-                               seq=rev, client=client)
-                self._deliver_op(doc, out, op16)
-        for client, user in owners.items():
-            doc.remember_owner(client, user)
-        doc.state = state
-        doc.committed_rev = state.rev - len(rebased)
-        doc.committed_text = committed_text
-        doc.inflight.clear()
-        doc.batch = rebased
-        doc.snapshots = []
-        doc.writing = False
-        doc.rebases += 1
-        self.rebases += 1
-        self.remote_ops += len(remote)
-        doc.rebasing = False
-        doc.run_waiters(doc.committed_rev)
-        for p, why in refused:
-            # Never acknowledged, and no longer mergeable: only its sender reconnects
-            # (and reloads), not every peer of the document.
-            log.warning("document %s: an edit of %s could not be merged after a rebase (%s)", doc.id, p.client,
-                        why.message)
-            if p.peer is not None and not p.peer.gone:
-                peer = p.peer
-                self.leave(peer)
-                peer.member.close(Close.TRY_AGAIN, "your last edit could not be merged; reload")
-        deferred, doc.deferred = doc.deferred, []
-        for peer, base_rev, op, seq in deferred:
-            if peer.gone:
-                continue
-            try:  # admitted when it arrived (its edit_rate token is spent): not checked twice
-                self._apply(peer, base_rev, op, seq)
-            except ProtocolError as exc:
-                err: dict[str, Any] = {"type": "error", "code": exc.code, "message": exc.message}
-                if type(seq) is int:
-                    err["seq"] = seq  # as for an op refused on arrival: the client knows which one
-                peer.member.send(err)
-        if doc.batch:
-            # Append now, even if more arrived meanwhile: a losing append claims
-            # the next turn in the log, while rebasing again first could go on
-            # for as long as the other node keeps appending.
-            self._schedule_flush(doc)
-        elif doc.conflict:
-            self._start_rebase(doc)
-
-    def _drop_feed(self, doc_id: str) -> None:
-        feed = self._feeds.pop(doc_id, None)
-        if feed is not None:
-            self.hub.unsubscribe(_doc_topic(doc_id), feed)
-
     def _fail(self, doc: LiveDoc, exc: BaseException) -> None:
         """A write failed: drop the document from memory and close its peers (they resume)."""
         self.commit_failures += 1
@@ -1101,7 +540,7 @@ class EditingService:
         doc.broken = True
         if self.docs.get(doc.id) is doc:
             del self.docs[doc.id]
-            self._drop_feed(doc.id)
+            self.cluster.drop_feed(doc.id)
         for handle in (doc.flush_handle, doc.evict_handle):
             if handle is not None:
                 handle.cancel()
@@ -1244,13 +683,6 @@ class EditingService:
                                   "other nodes' and appended again", self.rebases)
 
 
-def _doc_topic(doc_id: str) -> str:
-    return "doc:" + doc_id
-
-
 def _topic(peer: Peer) -> str:
     return peer.doc.topic16 if peer.units == UTF16 else peer.doc.topic
 
-
-def entry_json(entry: LogEntry) -> dict[str, Any]:
-    return {"rev": entry.rev, "op": entry.op, "client": entry.client_id, "seq": entry.seq}
