@@ -114,6 +114,14 @@ class _Collector:
         for status, n in sorted(st.requests_refused.items()):
             gate.add_metric([str(status)], n)
         yield gate
+        refused_creations = CounterMetricFamily(
+            "realtime_creations_refused", "Rooms and documents not created: the client address was over its"
+            " budget (--room_creates_per_minute, --doc_creates_per_minute)", labels=["what"])
+        refused_creations.add_metric(["room"], ctx.room_creations.refused)
+        refused_creations.add_metric(["document"], ctx.doc_creations.refused)
+        yield refused_creations
+        yield GaugeMetricFamily("realtime_creation_budgets", "Client addresses with a creation budget in use"
+                                " (rooms and documents)", len(ctx.room_creations) + len(ctx.doc_creations))
         yield CounterMetricFamily("realtime_store_commits", "SQLite transactions committed", ctx.store.commits)
         yield CounterMetricFamily("realtime_store_writes", "Writes committed", ctx.store.writes)
         yield GaugeMetricFamily("realtime_store_pending", "Writes waiting for commit", ctx.store.pending)

@@ -86,7 +86,8 @@ class EditorSocketHandler(BaseSocketHandler):
         super().prepare()
 
     async def opened(self, *args: str) -> None:
-        peer = await self.docs.attach(self, args[0], self.ed.want_client, self.ed.units)
+        peer = await self.docs.attach(self, args[0], self.ed.want_client, self.ed.units,
+                                      may_create=lambda: self.ctx.doc_creations.take(self.ip))
         self.ed.peer = peer
         if self._closing:  # gone while the document was loading
             self.docs.leave(peer)
