@@ -11,6 +11,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from handlers.base import JSONHandler
+from handlers.listener import TLS_HANDSHAKE_LOG
 from realtime.chat import valid_room
 from realtime.protocol import ProtocolError
 
@@ -122,6 +123,9 @@ class _Collector:
         yield refused_creations
         yield GaugeMetricFamily("realtime_creation_budgets", "Client addresses with a creation budget in use"
                                 " (rooms and documents)", len(ctx.room_creations) + len(ctx.doc_creations))
+        yield CounterMetricFamily("realtime_tls_handshake_errors", "TLS handshakes that failed with an SSL error"
+                                  " (plain HTTP on the TLS port, an old protocol version); logged once per 10 s"
+                                  " and kind", TLS_HANDSHAKE_LOG.failures)
         yield CounterMetricFamily("realtime_store_commits", "SQLite transactions committed", ctx.store.commits)
         yield CounterMetricFamily("realtime_store_writes", "Writes committed", ctx.store.writes)
         yield GaugeMetricFamily("realtime_store_pending", "Writes waiting for commit", ctx.store.pending)

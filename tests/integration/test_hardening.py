@@ -586,3 +586,76 @@ async def test_one_address_creating_documents_is_refused_after_its_budget_openin
     assert app.ctx.doc_creations.refused == 1
     text = (await AsyncHTTPClient().fetch("http://127.0.0.1:%d/metrics" % http_port)).body.decode()
     assert 'realtime_creations_refused_total{what="document"} 1.0' in text
+
+
+# -- 12. plain HTTP on the TLS port --------------------------------------------------------
+
+
+def ssl_error_record(reason: str) -> logging.LogRecord:
+    """The record Tornado's SSLIOStream logs for one failed handshake."""
+    import ssl
+
+    err = ssl.SSLError(1, "[SSL: %s] %s (_ssl.c:1000)" % (reason, reason.lower()))
+    err.reason = reason  # type: ignore[misc]
+    return logging.LogRecord("tornado.general", logging.WARNING, __file__, 1, "SSL Error on %s %s: %s",
+                             (12, ("127.0.0.1", 40000), err), None)
+
+
+def test_failed_tls_handshakes_log_once_per_interval_and_kind_with_a_count():
+    from handlers.listener import TLSHandshakeLog
+
+    now = [1000.0]
+    f = TLSHandshakeLog(interval=10, clock=lambda: now[0])
+    plain = [f.filter(ssl_error_record("HTTP_REQUEST")) for _ in range(50)]
+    assert plain == [True] + [False] * 49
+    assert f.filter(ssl_error_record("WRONG_VERSION_NUMBER"))  # another kind is not hidden by the flood
+    now[0] += 10
+    again = ssl_error_record("HTTP_REQUEST")
+    assert f.filter(again)
+    assert again.getMessage().endswith("(49 more like this since the last report)")
+    assert "plain http:// or ws:// client on the TLS port" in again.getMessage()
+    assert f.failures == 52
+    other = logging.LogRecord("tornado.general", logging.WARNING, __file__, 1, "Got events for closed stream %s",
+                              (3,), None)
+    assert all(f.filter(other) for _ in range(5))  # anything else passes untouched
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_plain_http_on_the_tls_port_logs_one_line_not_one_per_attempt(app, tmp_path, caplog, monkeypatch):
+    """Issue: every plain-HTTP attempt on the TLS port logged Tornado's 'SSL Error on ...' warning
+    (a client retrying in a loop floods the log), unlike accept() EMFILE, logged once per 10 s."""
+    import ssl
+
+    from tornado.testing import bind_unused_port
+
+    import handlers.listener as listener
+    import server
+    from tests.certs import self_signed
+
+    now = [1e6]
+    monkeypatch.setattr(listener.TLS_HANDSHAKE_LOG, "clock", lambda: now[0])
+    monkeypatch.setattr(listener.TLS_HANDSHAKE_LOG, "kinds", {})
+    cert, key = self_signed(tmp_path / "certs")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    sock, port = bind_unused_port()
+    srv = server.make_server(app, context)
+    srv.add_sockets([sock])
+
+    def ssl_lines() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.getMessage().startswith("SSL Error on")]
+
+    try:
+        for _ in range(30):  # each waits until the server has closed it (and logged, or not)
+            reply, _took = await in_thread(raw_request, port, "GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            assert not reply.startswith(b"HTTP/")
+        assert len(ssl_lines()) == 1 and "HTTP_REQUEST" in ssl_lines()[0]
+        now[0] += listener.LOG_INTERVAL
+        await in_thread(raw_request, port, "GET / HTTP/1.1\r\n\r\n")
+        assert len(ssl_lines()) == 2 and ssl_lines()[1].endswith("(29 more like this since the last report)")
+        client = ssl.create_default_context(cafile=cert)
+        reply = await AsyncHTTPClient().fetch("https://localhost:%d/healthz" % port, ssl_options=client)
+        assert json.loads(reply.body)["status"] == "ok"  # TLS clients are served meanwhile
+    finally:
+        srv.stop()
+        await srv.close_all_connections()
