@@ -312,8 +312,11 @@ class BaseSocketHandler(tornado.websocket.WebSocketHandler):
         self.close(Close.TOKEN_EXPIRED, "token expired: refresh it, then reconnect")
 
     def msg_refresh(self, msg: dict[str, Any]) -> None:
-        """``{"type": "refresh", "token": ...}``: a fresh token for this
-        connection's user; its expiry (and roles) replace the old ones."""
+        """``{"type": "refresh", "token": ...}``: a fresh token for the same
+        user (another user's is ``forbidden``); its expiry and roles replace
+        the old ones.  Every right that comes from roles is checked at each
+        message against the connection's current ones, so from now on the new
+        roles decide; ``refreshed`` says what they allow (:meth:`rights`)."""
         token = get_str(msg, "token", max_len=self.cfg.max_header_size)
         assert token is not None and self.user is not None
         try:
@@ -322,7 +325,13 @@ class BaseSocketHandler(tornado.websocket.WebSocketHandler):
             code = {400: "bad_message", 403: "forbidden"}.get(e.status, "unauthorized")
             raise ProtocolError(code, e.message) from None
         self._arm_expiry()
-        self.reply(msg, {"type": "refreshed", "exp": self.user.expires})
+        self.reply(msg, {"type": "refreshed", "exp": self.user.expires, **self.rights()})
+
+    def rights(self) -> dict[str, Any]:
+        """What this connection's identity allows, in the fields its first
+        message states them (the editor's ``readonly``, the sensor socket's
+        ``can_publish``); sent again in ``refreshed``."""
+        return {}
 
     def _setup_writer(self) -> None:
         """Finished frames through our protocol's writer; with Tornado's own

@@ -98,6 +98,10 @@ class EditorSocketHandler(BaseSocketHandler):
         if self.ed.peer is not None:
             self.docs.leave(self.ed.peer)
 
+    def rights(self) -> dict[str, Any]:
+        assert self.user is not None
+        return {"readonly": not self.user.can("edit")}
+
     def _joined_peer(self) -> Peer:
         peer = self.ed.peer
         if peer is None or not peer.joined:
