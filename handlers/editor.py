@@ -214,6 +214,8 @@ def register(ctx: Any) -> list[Any]:
         max_message_bytes=cfg.max_message_size,
         message_rate=cfg.rate_limit,
         message_burst=cfg.rate_burst,
+        lease=getattr(ctx.storage, "lease", None),
+        leader_ttl=cfg.doc_leader_ttl,
     )
     ctx.services["docs"] = svc
     kw = {"ctx": ctx}

@@ -145,6 +145,7 @@ class Config:
     max_peers_per_doc: int = option(EDITING, 100, "connections one document takes at once; more are closed with 1013")
     doc_idle_seconds: float = option(EDITING, 30.0, "a document leaves memory this long after its last editor left (a snapshot is written)")
     doc_commit_delay: float = option(EDITING, 0.002, "seconds between a document's writes: edits arriving meanwhile share one commit and one broadcast burst (0 = write at once)")
+    doc_leader_ttl: float = option(EDITING, 3.0, "cluster mode: one node (the holder of a lease in Redis) orders each document's edits and the others forward theirs to it; another node takes over this many seconds after the leader stopped renewing (0 = no leader: every node appends, racing for each revision)")
     cursor_interval: float = option(EDITING, 0.05, "minimum seconds between relayed cursor updates per connection; a newer one replaces the waiting one")
 
     @classmethod

@@ -38,6 +38,11 @@ Contracts
   ops, cursors and catch-up are converted at this edge, against the text they
   refer to.  A document's peers of each unit share one topic, so a broadcast
   is encoded once per unit in use, never once per peer.
+* **Several nodes** (cluster mode) keep one order per document: the node
+  holding the document's lease leads it (applies, appends, broadcasts); the
+  others forward their peers' ops to it and ack each when its broadcast comes
+  back.  Appends are compare-and-append, so two nodes that both lead for a
+  moment still leave one log: the loser rebases (see "a leader per document").
 * **Snapshots** (``format`` 1, :meth:`DocumentState.to_snapshot` without the
   log) are written every ``snapshot_every`` ops and when an idle document is
   unloaded; the op log in the store keeps ``log_keep`` ops before the latest
@@ -70,8 +75,17 @@ from realtime.documents import (
 from realtime.hub import Hub
 from realtime.limits import TokenBucket
 from realtime.protocol import Close, Outgoing, ProtocolError
-from realtime.storage.base import DocumentLog, Loaded, LogGap, StorageError, StoreBusy, StoredOp, TooManyDocuments
-from realtime.units import CODEPOINT, UTF16, TextUnits, utf16_length
+from realtime.storage.base import (
+    DocumentLog,
+    Lease,
+    Loaded,
+    LogGap,
+    StorageError,
+    StoreBusy,
+    StoredOp,
+    TooManyDocuments,
+)
+from realtime.units import CODEPOINT, UNITS, UTF16, TextUnits, utf16_length
 
 log = logging.getLogger("realtime.editing")
 
@@ -301,7 +315,13 @@ class LiveDoc:
         self.conflict = False  # another node appended: rebase once the write in flight is back
         self.rebases = 0
         self.remote_peers: dict[str, tuple[dict[str, Any], float]] = {}  # other nodes' peers, last heard
-        self.deferred: list[tuple[Peer, Any, Any, Any]] = []  # ops that arrived during a rebase
+        self.deferred: list[Callable[[], None]] = []  # ops that arrived during a rebase, applied after it
+        # Cluster mode with a leader per document: the node holding the lease
+        # applies and appends every op; the others forward theirs to it.
+        self.lease: Lease | None = None
+        self.leader = True  # this node orders the document's ops (always, on one node)
+        self.forwarded: dict[str, deque[Forwarded]] = {}  # client id -> sent to the leader, not yet answered
+        self.resend_handle: asyncio.TimerHandle | None = None
         self.writing = False  # a write of this document is with the store
         self.last_write = -1e18  # loop time the last write was handed over
         self.flush_handle: asyncio.Handle | asyncio.TimerHandle | None = None
@@ -309,7 +329,12 @@ class LiveDoc:
 
     @property
     def busy(self) -> bool:
-        return bool(self.peers or self.batch or self.inflight or self.waiters)
+        return bool(self.peers or self.batch or self.inflight or self.waiters or self.forwarded)
+
+    @property
+    def idle_writer(self) -> bool:
+        """Nothing of this node's own on its way to the log."""
+        return not (self.batch or self.inflight or self.writing or self.rebasing or self.deferred)
 
     def announced(self) -> list[Peer]:
         return [p for p in self.peers.values() if p.joined]
@@ -363,6 +388,16 @@ class LiveDoc:
             self.owners.popitem(last=False)
 
 
+class Forwarded(NamedTuple):
+    """An op of one of this node's peers, sent to the document's leader on another node."""
+
+    peer: Peer
+    base_rev: Any
+    op: Any
+    seq: Any
+    sent_at: float
+
+
 class Unavailable(Exception):
     """The document failed to save: its peers reconnect and it is reloaded."""
 
@@ -370,7 +405,11 @@ class Unavailable(Exception):
 # Between nodes only (cluster mode): ops reach peers through the document, and
 # the peer list is kept up to date with these two, which clients never see.
 PEER_QUERY, PEER_ANNOUNCE = "peer_query", "peer_announce"
-_NOT_FOR_PEERS = frozenset({"op", PEER_QUERY, PEER_ANNOUNCE})
+# With a leader per document: a follower's op for the leader, the leader's
+# answer to one (an error, or the ack of a resend), and a leader letting go.
+SUBMIT, REPLY, LEADER_GONE = "submit", "reply", "leader_gone"
+_NOT_FOR_PEERS = frozenset({"op", PEER_QUERY, PEER_ANNOUNCE, SUBMIT, REPLY, LEADER_GONE})
+FORWARD_RESEND = 1.0  # seconds: an op the leader has not answered is sent again (same seq)
 
 
 class DocFeed:
@@ -393,6 +432,12 @@ class DocFeed:
             self.service._remote_op(doc, out)
         elif kind in ("peer_joined", PEER_ANNOUNCE, "peer_left", PEER_QUERY):
             self.service._remote_peer(doc, kind, out)
+        elif kind == SUBMIT:
+            self.service._forwarded_op(doc, out.obj)
+        elif kind == REPLY:
+            self.service._leader_reply(doc, out.obj)
+        elif kind == LEADER_GONE:
+            self.service._leader_gone(doc)
 
 
 class EditingService:
@@ -417,6 +462,8 @@ class EditingService:
         max_message_bytes: int = 64 * 1024,
         message_rate: float = 0.0,
         message_burst: float = 0.0,
+        lease: Callable[[str, float], Lease] | None = None,
+        leader_ttl: float = 3.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if log_keep < 1 or snapshot_every < 1:
@@ -443,6 +490,11 @@ class EditingService:
         self.shared = hub.backplane.name != "memory"
         self.peer_ttl = 15.0  # a node's peers are forgotten this long after it last announced them
         self._beat: asyncio.Future[None] | None = None
+        # Cluster mode: a leader per document (the node holding its lease) orders
+        # its ops; without leases (or leader_ttl 0) every node appends itself.
+        self._lease = lease if self.shared and leader_ttl > 0 else None
+        self.leader_ttl = leader_ttl
+        self._leading: asyncio.Future[None] | None = None
         on_resync = getattr(hub.backplane, "on_resync", None)
         if on_resync is not None:
             on_resync(self.resync)
@@ -459,6 +511,9 @@ class EditingService:
         self.docs_loaded = 0
         self.remote_ops = 0  # applied from other nodes (cluster mode)
         self.rebases = 0  # times our own ops were transformed over other nodes' (cluster mode)
+        self.forwarded_ops = 0  # sent to a document's leader on another node
+        self.ops_for_others = 0  # forwarded to us as the leader, applied here
+        self.leader_changes = 0  # documents this node took the lead of
 
     @property
     def limits(self) -> dict[str, Any]:
@@ -481,6 +536,8 @@ class EditingService:
         self._stopping = False
         if self.shared:
             self._beat = asyncio.ensure_future(self._announce_peers())
+        if self._lease is not None:
+            self._leading = asyncio.ensure_future(self._renew_leases())
 
     async def _announce_peers(self) -> None:
         """Every ``peer_ttl / 3``: tell the other nodes who edits here, and
@@ -505,6 +562,7 @@ class EditingService:
                     doc.conflict = True
                 else:
                     self._start_rebase(doc)
+                self._resend_forwarded(doc, everything=True)  # the leader may not have had them
 
     def _remote_peer(self, doc: LiveDoc, kind: str | None, out: Outgoing) -> None:
         obj = out.obj
@@ -533,8 +591,9 @@ class EditingService:
     async def stop(self) -> None:
         """Write what is queued, snapshot every open document, forget them."""
         self._stopping = True
-        if self._beat is not None:
-            self._beat.cancel()
+        for task in (self._beat, self._leading):
+            if task is not None:
+                task.cancel()
         docs = list(self.docs.values())
         for doc in docs:
             if doc.evict_handle is not None:
@@ -551,6 +610,7 @@ class EditingService:
                 self._cancel_cursor(peer)
             if not doc.broken and doc.state.rev > doc.snapshot_rev:
                 self._save_snapshot(doc)
+            self._let_go(doc)  # another node takes the lead now, not a lease's lifetime later
         self.docs.clear()
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
@@ -617,6 +677,16 @@ class EditingService:
             return existing
         state, snap_rev, owners = build_state(doc_id, loaded, **self._state_limits())
         doc = LiveDoc(state, snap_rev, owners, loaded.updated)
+        if self._lease is not None:
+            doc.lease = self._lease("doc:" + doc_id, self.leader_ttl)
+            doc.leader = await doc.lease.renew()
+            existing = self.docs.get(doc_id)
+            if existing is not None:
+                if doc.leader:
+                    await doc.lease.stop()
+                return existing
+            if doc.leader:
+                self.leader_changes += 1
         self.docs[doc_id] = doc
         if self.shared:
             self.hub.send_others(doc.topic, Outgoing({"type": PEER_QUERY}))
@@ -640,6 +710,7 @@ class EditingService:
             return
         del self.docs[doc.id]
         self._drop_feed(doc.id)
+        self._let_go(doc)
         if not doc.broken and doc.state.rev == 0:
             # Opened and never edited: not kept, so empty documents cannot
             # fill max_docs (the next open creates it afresh).
@@ -795,6 +866,7 @@ class EditingService:
         self._cancel_cursor(peer)
         if doc.peers.get(peer.client_id) is peer:
             del doc.peers[peer.client_id]
+            doc.forwarded.pop(peer.client_id, None)  # the leader may still apply it; nobody to ack
         if peer.joined and not doc.broken:
             self._publish(doc, {"type": "peer_left", "client": peer.client_id, "user": peer.user_json},
                           client=peer.client_id)
@@ -823,13 +895,27 @@ class EditingService:
                     "rate_limited", f"more than {self.edit_rate:g} edits per second; resend this op shortly")
             if self.log.overloaded:
                 raise ProtocolError("unavailable", "the server is overloaded; resend this op shortly")
-            if doc.rebasing:  # catching up with another node: taken in order right after
-                doc.deferred.append((peer, base_rev, op, seq))
-                return
         except ProtocolError as exc:
             self.ops_refused[exc.code] = self.ops_refused.get(exc.code, 0) + 1
             raise
-        self._apply(peer, base_rev, op, seq)
+        if not doc.leader:  # another node orders this document's ops
+            self._forward(doc, Forwarded(peer, base_rev, op, seq, self.clock()))
+        elif doc.rebasing:  # catching up with another node: taken in order right after
+            doc.deferred.append(partial(self._apply_later, peer, base_rev, op, seq))
+        else:
+            self._apply(peer, base_rev, op, seq)
+
+    def _apply_later(self, peer: Peer, base_rev: Any, op: Any, seq: Any) -> None:
+        """An op admitted earlier (its edit_rate token is spent): applied now, errors to its sender."""
+        if peer.gone:
+            return
+        try:
+            self._apply(peer, base_rev, op, seq)
+        except ProtocolError as exc:
+            err: dict[str, Any] = {"type": "error", "code": exc.code, "message": exc.message}
+            if type(seq) is int:
+                err["seq"] = seq  # as for an op refused on arrival: the client knows which one
+            peer.member.send(err)
 
     def _apply(self, peer: Peer, base_rev: Any, op: Any, seq: Any) -> None:
         """The part of :meth:`submit` after the admission checks (rights, rate, load)."""
@@ -977,6 +1063,8 @@ class EditingService:
             doc.updated = now_ms()
             self.remote_ops += 1
             self._deliver_op(doc, out, op16)
+            if doc.forwarded:
+                self._ack_forwarded(doc, rev, obj.get("client"), obj.get("seq"))
             doc.run_waiters(rev)
             return
         doc.conflict = True
@@ -1056,6 +1144,8 @@ class EditingService:
                 out = Outgoing({"type": "op", "rev": rev, "op": op, "client": client, "seq": seq},
                                seq=rev, client=client)
                 self._deliver_op(doc, out, op16)
+            if doc.forwarded:
+                self._ack_forwarded(doc, rev, client, seq)
         for client, user in owners.items():
             doc.remember_owner(client, user)
         doc.state = state
@@ -1079,17 +1169,11 @@ class EditingService:
                 peer = p.peer
                 self.leave(peer)
                 peer.member.close(Close.TRY_AGAIN, "your last edit could not be merged; reload")
+            elif p.peer is None and p.client is not None:  # a follower's: it closes its peer
+                self._reply(doc, p.client, p.seq, "your last edit could not be merged; reload", close=True)
         deferred, doc.deferred = doc.deferred, []
-        for peer, base_rev, op, seq in deferred:
-            if peer.gone:
-                continue
-            try:  # admitted when it arrived (its edit_rate token is spent): not checked twice
-                self._apply(peer, base_rev, op, seq)
-            except ProtocolError as exc:
-                err: dict[str, Any] = {"type": "error", "code": exc.code, "message": exc.message}
-                if type(seq) is int:
-                    err["seq"] = seq  # as for an op refused on arrival: the client knows which one
-                peer.member.send(err)
+        for later in deferred:
+            later()
         if doc.batch:
             # Append now, even if more arrived meanwhile: a losing append claims
             # the next turn in the log, while rebasing again first could go on
@@ -1097,6 +1181,179 @@ class EditingService:
             self._schedule_flush(doc)
         elif doc.conflict:
             self._start_rebase(doc)
+
+    # -- a leader per document (cluster mode) ------------------------------------------
+    #
+    # Each document has a leader: the node holding its lease in the store.  The
+    # leader applies, appends and broadcasts every op, as a single node does;
+    # the other nodes (followers) send their peers' ops to it over the hub and
+    # acknowledge each one when its broadcast comes back, in rev order.  So two
+    # nodes do not race for the log's next revision.  The compare-and-append
+    # stays, so that while leadership changes hands (two nodes that both think
+    # they lead, for a moment) the log still has one order: the loser rebases.
+
+    def _forward(self, doc: LiveDoc, fwd: Forwarded) -> None:
+        doc.forwarded.setdefault(fwd.peer.client_id, deque()).append(fwd)
+        self.forwarded_ops += 1
+        self._send_submit(doc, fwd)
+        if doc.resend_handle is None:
+            doc.resend_handle = asyncio.get_running_loop().call_later(FORWARD_RESEND, self._resend_due, doc)
+
+    def _send_submit(self, doc: LiveDoc, fwd: Forwarded) -> None:
+        peer = fwd.peer
+        obj = {"type": SUBMIT, "rev": fwd.base_rev, "op": fwd.op, "seq": fwd.seq, "client": peer.client_id,
+               "user": peer.user.id, "units": peer.units}
+        self.hub.send_others(doc.topic, Outgoing(obj, client=peer.client_id))
+
+    def _resend_due(self, doc: LiveDoc) -> None:
+        doc.resend_handle = None
+        if not doc.broken and self.docs.get(doc.id) is doc:
+            self._resend_forwarded(doc)
+
+    def _resend_forwarded(self, doc: LiveDoc, everything: bool = False) -> None:
+        """Send again the forwarded ops the leader has not answered within
+        ``FORWARD_RESEND`` (or all of them): the leader may have changed, or a
+        message may have been lost.  The same ``(client, seq)`` is applied at
+        most once; an op without a seq is never sent twice."""
+        now = self.clock()
+        for queue in doc.forwarded.values():
+            for i, fwd in enumerate(queue):
+                if type(fwd.seq) is int and (everything or now - fwd.sent_at >= FORWARD_RESEND):
+                    queue[i] = fwd._replace(sent_at=now)
+                    self._send_submit(doc, fwd)
+        if doc.forwarded and doc.resend_handle is None and not doc.broken:
+            doc.resend_handle = asyncio.get_running_loop().call_later(FORWARD_RESEND, self._resend_due, doc)
+
+    def _settle(self, doc: LiveDoc, client: Any, seq: Any) -> Peer | None:
+        """Forget the forwarded op ``(client, seq)``; its peer if it was waiting for that answer."""
+        queue = doc.forwarded.get(client) if isinstance(client, str) else None
+        if not queue:
+            return None
+        for i, fwd in enumerate(queue):
+            if fwd.seq == seq:
+                del queue[i]
+                if not queue:
+                    del doc.forwarded[client]
+                return None if fwd.peer.gone else fwd.peer
+        return None
+
+    def _ack_forwarded(self, doc: LiveDoc, rev: int, client: Any, seq: Any) -> None:
+        """The leader committed one of our peers' ops (its broadcast came back): that is the ack."""
+        peer = self._settle(doc, client, seq)
+        if peer is not None:
+            peer.member.send({"type": "ack", "rev": rev, "seq": seq})
+
+    def _forwarded_op(self, doc: LiveDoc, obj: dict[str, Any]) -> None:
+        """A follower's op: applied here if this node leads the document (else
+        ignored: the follower sends it again to whichever node leads)."""
+        if not doc.leader or doc.broken or not valid_client_id(obj.get("client")):
+            return
+        if doc.rebasing:
+            doc.deferred.append(partial(self._apply_forwarded, doc, obj))
+        else:
+            self._apply_forwarded(doc, obj)
+
+    def _apply_forwarded(self, doc: LiveDoc, obj: dict[str, Any]) -> None:
+        if doc.broken:
+            return
+        client, seq, base_rev, op = obj["client"], obj.get("seq"), obj.get("rev"), obj.get("op")
+        units: str = obj["units"] if obj.get("units") in UNITS else CODEPOINT
+        user = obj.get("user") if isinstance(obj.get("user"), str) else None
+        try:
+            if type(base_rev) is not int:
+                raise ProtocolError("bad_message", "'rev' must be a revision number")
+            result = doc.state.submit(base_rev, op, client, seq, units=units)
+        except ProtocolError as exc:
+            self.ops_refused[exc.code] = self.ops_refused.get(exc.code, 0) + 1
+            err: dict[str, Any] = {"type": "error", "code": exc.code, "message": exc.message}
+            if type(seq) is int:
+                err["seq"] = seq
+            self._reply(doc, client, seq, err)
+            return
+        if result.duplicate:
+            self.ops_duplicate += 1
+
+            def ack_again(exc: BaseException | None, rev: int = result.rev) -> None:
+                if exc is None:
+                    self._reply(doc, client, seq, {"type": "ack", "rev": rev, "seq": seq, "duplicate": True})
+
+            doc.when_committed(result.rev, ack_again)
+            return
+        assert result.op is not None and result.op16 is not None
+        if user is not None:
+            doc.remember_owner(client, user)
+        self.ops_for_others += 1
+        self._append(doc, Pending(result.rev, result.op, None, client, seq, user, len(doc.state.text),
+                                  result.op16, base_rev, op, units))
+
+    def _reply(self, doc: LiveDoc, client: str, seq: Any, msg: Any, close: bool = False) -> None:
+        """The leader's answer to a follower's op that is not its broadcast:
+        an error, the ack of a resend, or (``close``) "reload"."""
+        self.hub.send_others(doc.topic, Outgoing(
+            {"type": REPLY, "client": client, "seq": seq, "msg": msg, "close": close}, client=client))
+
+    def _leader_reply(self, doc: LiveDoc, obj: dict[str, Any]) -> None:
+        peer = self._settle(doc, obj.get("client"), obj.get("seq"))
+        if peer is None:
+            return  # not ours, or answered already (by the op's broadcast)
+        msg = obj.get("msg")
+        if obj.get("close"):
+            self.leave(peer)
+            peer.member.close(Close.TRY_AGAIN, str(msg)[:120])
+        elif isinstance(msg, dict):
+            peer.member.send(msg)
+
+    async def _renew_leases(self) -> None:
+        """Every ``leader_ttl / 3``: keep the leases of the documents this node
+        leads, and try to take those whose leader stopped renewing."""
+        while True:
+            await asyncio.sleep(self.leader_ttl / 3)
+            docs = [d for d in self.docs.values() if d.lease is not None and not d.broken]
+            if docs:
+                held = await asyncio.gather(*(d.lease.renew() for d in docs if d.lease is not None))
+                for doc, h in zip(docs, held):
+                    self._lead(doc, h)
+
+    async def _renew_now(self, doc: LiveDoc) -> None:
+        lease = doc.lease
+        if lease is not None:
+            self._lead(doc, await lease.renew())
+
+    def _leader_gone(self, doc: LiveDoc) -> None:
+        """The leader let go (it unloaded the document, or is stopping): take over now."""
+        if doc.lease is not None and not doc.leader and not doc.broken:
+            self._background_task(self._renew_now(doc))
+
+    def _lead(self, doc: LiveDoc, held: bool) -> None:
+        if self.docs.get(doc.id) is not doc or doc.broken:
+            return
+        if held and not doc.leader:
+            doc.leader = True
+            self.leader_changes += 1
+            log.info("document %s: this node leads it now", doc.id)
+            # What our peers sent to the old leader and it did not answer is ours
+            # to apply, after catching up with the log (which may hold some of
+            # it: those are recognised by their seq and acknowledged again).
+            for queue in doc.forwarded.values():
+                for fwd in queue:
+                    doc.deferred.append(partial(self._apply_later, fwd.peer, fwd.base_rev, fwd.op, fwd.seq))
+            doc.forwarded.clear()
+            if doc.resend_handle is not None:
+                doc.resend_handle.cancel()
+                doc.resend_handle = None
+            self._start_rebase(doc)
+        elif not held and doc.leader and doc.idle_writer:
+            doc.leader = False  # another node holds the lease: forward from now on
+
+    def _let_go(self, doc: LiveDoc) -> None:
+        """Give up the document's lease (unloaded, broken, or this node stops) and say so."""
+        lease, doc.lease = doc.lease, None
+        if lease is not None and lease.held:
+            self._background_task(self._release(doc, lease))
+
+    async def _release(self, doc: LiveDoc, lease: Lease) -> None:
+        await lease.stop()
+        self.hub.send_others(doc.topic, Outgoing({"type": LEADER_GONE}))
 
     def _drop_feed(self, doc_id: str) -> None:
         feed = self._feeds.pop(doc_id, None)
@@ -1112,6 +1369,11 @@ class EditingService:
         if self.docs.get(doc.id) is doc:
             del self.docs[doc.id]
             self._drop_feed(doc.id)
+        self._let_go(doc)
+        if doc.resend_handle is not None:
+            doc.resend_handle.cancel()
+            doc.resend_handle = None
+        doc.forwarded.clear()
         for handle in (doc.flush_handle, doc.evict_handle):
             if handle is not None:
                 handle.cancel()
@@ -1252,6 +1514,14 @@ class EditingService:
                                   self.remote_ops)
         yield CounterMetricFamily("realtime_doc_rebases", "Times this node's edits were transformed over "
                                   "other nodes' and appended again", self.rebases)
+        yield CounterMetricFamily("realtime_doc_forwarded_ops", "Edits sent to the document's leader on "
+                                  "another node", self.forwarded_ops)
+        yield CounterMetricFamily("realtime_doc_ops_for_others", "Edits other nodes forwarded to this node "
+                                  "as the document's leader, applied here", self.ops_for_others)
+        yield CounterMetricFamily("realtime_doc_leader_changes", "Times this node took the lead of a document",
+                                  self.leader_changes)
+        yield GaugeMetricFamily("realtime_docs_led", "Open documents this node leads (orders their edits)",
+                                sum(1 for d in self.docs.values() if d.leader))
 
 
 def _doc_topic(doc_id: str) -> str:
