@@ -86,7 +86,8 @@ class EditorSocketHandler(BaseSocketHandler):
         super().prepare()
 
     async def opened(self, *args: str) -> None:
-        peer = await self.docs.attach(self, args[0], self.ed.want_client, self.ed.units)
+        peer = await self.docs.attach(self, args[0], self.ed.want_client, self.ed.units,
+                                      may_create=lambda: self.ctx.doc_creations.take(self.ip))
         self.ed.peer = peer
         if self._closing:  # gone while the document was loading
             self.docs.leave(peer)
@@ -96,6 +97,10 @@ class EditorSocketHandler(BaseSocketHandler):
     def closed(self) -> None:
         if self.ed.peer is not None:
             self.docs.leave(self.ed.peer)
+
+    def rights(self) -> dict[str, Any]:
+        assert self.user is not None
+        return {"readonly": not self.user.can("edit")}
 
     def _joined_peer(self) -> Peer:
         peer = self.ed.peer

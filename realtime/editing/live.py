@@ -113,7 +113,7 @@ class Peer:
     """
 
     __slots__ = (
-        "member", "doc", "client_id", "user", "user_json", "color", "can_edit", "bucket",
+        "member", "doc", "client_id", "user", "user_json", "color", "bucket",
         "joined", "gone", "after_rev", "buffer", "cursor", "cursor_sent", "cursor_timer", "units",
     )
 
@@ -126,7 +126,6 @@ class Peer:
         self.user = member.user
         self.user_json = member.user.to_json()
         self.color = color
-        self.can_edit = member.user.can("edit")
         self.bucket = bucket
         self.joined = False  # announced to the others
         self.gone = False
@@ -162,6 +161,11 @@ class Peer:
         self.member.deliver(out)
 
 
+
+    @property
+    def can_edit(self) -> bool:
+        """The member's roles now: a ``refresh`` may bring a token with or without ``edit``."""
+        return self.member.user.can("edit")
 
     def release(self) -> None:
         held, self.buffer = self.buffer or [], None

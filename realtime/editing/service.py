@@ -281,16 +281,22 @@ class EditingService:
     # -- peers ---------------------------------------------------------------------
 
     async def attach(self, member: Member, doc_id: str, want_client: str | None = None,
-                     units: str = CODEPOINT) -> Peer:
+                     units: str = CODEPOINT, may_create: Callable[[], bool] | None = None) -> Peer:
         """Open (or create) ``doc_id`` and add ``member`` as a peer, not yet announced.
 
         Then call :meth:`welcome`.  ``want_client`` (from ``?client=``) is the
         client id the member had before a reconnect: it is reused when no one
         else's connection holds it, so its resent op is recognised; otherwise
         the member gets a fresh id.  ``units``: what the member's positions
-        count (``"codepoint"`` or ``"utf16"``).
+        count (``"codepoint"`` or ``"utf16"``).  ``may_create`` is asked only
+        when the document does not exist yet: refused, ``rate_limited`` and close 1008.
         """
-        doc = await self.open_doc(doc_id, create=True)
+        doc = await self.open_doc(doc_id, create=may_create is None)
+        if doc is None:  # a new document: creating it is charged (an existing one never is)
+            if may_create is not None and not may_create():
+                raise ProtocolError("rate_limited", "creating documents is limited per address and this one is over"
+                                    " its budget; open an existing document, or retry in a minute", close=Close.POLICY)
+            doc = await self.open_doc(doc_id, create=True)
         assert doc is not None
         if len(doc.peers) >= self.max_peers:
             raise ProtocolError(
