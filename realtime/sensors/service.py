@@ -502,9 +502,14 @@ class SensorService:
             return 0
         info = sensor.info if sensor is not None else SensorInfo(sensor_id, sensor_id, "", 1.0, "device")
         meta = SensorRow(sensor_id, info.label, info.unit, info.rate_hz)
-        await self._write_for(sensor_id, sensor is None, lambda: self.readings_store.append(meta, points, now))
+        msg = {"type": "points", "sensor": info.to_json(), "points": points}
+        await self._write_for(sensor_id, sensor is None,
+                              lambda: self.readings_store.append(meta, points, now, (SENSOR_TOPIC, msg)))
         self.publishes += 1
-        self.hub.publish(SENSOR_TOPIC, {"type": "points", "sensor": info.to_json(), "points": points})
+        if getattr(self.readings_store, "broadcasts", False):  # the other nodes have it from the write
+            self.hub.dispatch(SENSOR_TOPIC, Outgoing(msg))
+        else:
+            self.hub.publish(SENSOR_TOPIC, msg)
         return len(points)
 
     async def _write_for(self, sensor_id: str, creating: bool, write: Callable[[], Awaitable[Any]]) -> None:

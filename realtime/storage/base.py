@@ -288,8 +288,16 @@ class ReadingStore(Protocol):
     async def load(self, since: float, max_points: int) -> list[tuple[SensorRow, list[tuple[float, float]]]]:
         """Every stored sensor with its newest readings (at most ``max_points``) after ``since``."""
 
-    async def append(self, meta: SensorRow, points: list[tuple[float, float]], now: float) -> None:
-        """Store readings; the sensor's metadata is created from ``meta`` if missing."""
+    broadcasts: bool  # append() with a notice also sends it to the other nodes, in the same write
+
+    async def append(self, meta: SensorRow, points: list[tuple[float, float]], now: float,
+                     notice: tuple[str, Any] | None = None) -> None:
+        """Store readings; the sensor's metadata is created from ``meta`` if missing.
+
+        ``notice``: ``(topic, message)`` for the other nodes; a store that
+        ``broadcasts`` publishes it atomically with the readings (so a node
+        that dies right after the write cannot leave them stored but unsent);
+        others ignore it and the service publishes."""
 
     async def set_meta(self, meta: SensorRow, now: float) -> None:
         """Create or update the sensor's metadata."""

@@ -598,9 +598,12 @@ class RedisReadingStore:
     """Each device sensor: ``meta`` (a hash) and ``pts`` (a sorted set scored by
     time, trimmed to the window); the ids in ``rt:sensors``."""
 
-    def __init__(self, redis: Any) -> None:
+    def __init__(self, redis: Any, node_id: str = "", channel: Callable[[str], str] | None = None) -> None:
         self.redis = redis
         self._n = 0
+        self.node_id = node_id
+        self._channel = channel
+        self.broadcasts = channel is not None
 
     @staticmethod
     def keys(sensor_id: str) -> tuple[str, str]:
@@ -633,7 +636,8 @@ class RedisReadingStore:
             out["%r|%r|%s" % (t, v, secrets.token_hex(4))] = t
         return out
 
-    async def append(self, meta: Any, points: list[tuple[float, float]], now: float) -> None:
+    async def append(self, meta: Any, points: list[tuple[float, float]], now: float,
+                     notice: tuple[str, Any] | None = None) -> None:
         meta_key, pts_key = self.keys(meta.id)
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.hsetnx(meta_key, "label", meta.label)
@@ -641,6 +645,13 @@ class RedisReadingStore:
             pipe.hsetnx(meta_key, "rate_hz", meta.rate_hz)
             pipe.hsetnx(meta_key, "created", now)
             pipe.zadd(pts_key, self._members(points))
+            if notice is not None and self._channel is not None:
+                # In the same MULTI: stored and sent to the other nodes, or neither.
+                from realtime.hub import Envelope
+                from realtime.protocol import Outgoing
+
+                topic, message = notice
+                pipe.publish(self._channel(topic), Envelope.of(self.node_id, topic, Outgoing(message)).pack())
             await self._call(pipe.execute())
         await self._call(self.redis.sadd(SENSORS_KEY, meta.id))
 
@@ -910,7 +921,9 @@ class RedisStorage:
         return RedisChatLog(self.redis, keep, node_id=self.backplane.node_id, channel=channel, topic=topic)
 
     def reading_store(self) -> RedisReadingStore:
-        return RedisReadingStore(self.redis)
+        from realtime.backplane.redis import channel
+
+        return RedisReadingStore(self.redis, self.backplane.node_id, channel)
 
     def document_log(self) -> RedisDocumentLog:
         return RedisDocumentLog(self.redis, self.backplane.node_id)

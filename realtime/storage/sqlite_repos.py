@@ -525,7 +525,10 @@ class SQLiteReadingStore:
 
         return await _durable(self.store.read(read))
 
-    async def append(self, meta: SensorRow, points: list[tuple[float, float]], now: float) -> None:
+    broadcasts = False  # the service publishes what it stored
+
+    async def append(self, meta: SensorRow, points: list[tuple[float, float]], now: float,
+                     notice: tuple[str, Any] | None = None) -> None:
         def write(conn: sqlite3.Connection) -> None:
             conn.execute(
                 "INSERT OR IGNORE INTO sensor_meta(id, label, unit, rate_hz, created, updated)"
