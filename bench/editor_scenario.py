@@ -33,7 +33,6 @@ import random
 import resource
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -50,7 +49,7 @@ if ROOT not in sys.path:
 import psutil  # noqa: E402
 import ujson  # noqa: E402
 
-from bench.procs import cores  # noqa: E402
+from bench.procs import cores, free_port  # noqa: E402
 from realtime import ot  # noqa: E402
 from realtime.ot import OTClient  # noqa: E402
 from tests.redis_server import redis_argv, wait_for_redis  # noqa: E402
@@ -72,14 +71,6 @@ monotonic_ns = time.monotonic_ns
 
 
 # -- processes -----------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 
 
 def start_server(port: int, data_dir: str, server_cores: set[int] | None, log_path: str,
