@@ -45,7 +45,7 @@ from realtime.chat import ChatService
 from realtime.config import Config, define_options
 from realtime.context import Context
 from realtime.hub import Hub
-from realtime.limits import ConnectionCounter
+from realtime.limits import ConnectionCounter, PerAddressBudget
 from realtime.protocol import Close
 from realtime.redact import redact_uri
 from realtime.storage.sqlite import SQLiteStore
@@ -164,7 +164,9 @@ def make_app(cfg: Config | None = None, **overrides: Any) -> RealtimeApplication
 
         storage = RedisStorage(backplane)
     ctx = Context(cfg=cfg, hub=hub, store=store, storage=storage, secret=secret, auth=auth,
-                  conn_limit=ConnectionCounter(cfg.max_connections_per_ip))
+                  conn_limit=ConnectionCounter(cfg.max_connections_per_ip),
+                  room_creations=PerAddressBudget(cfg.room_creates_per_minute, cfg.room_create_burst),
+                  doc_creations=PerAddressBudget(cfg.doc_creates_per_minute, cfg.doc_create_burst))
     ctx.flusher = Flusher()
     ctx.services["chat"] = ChatService(
         ctx.storage.chat_log(keep=max(cfg.history_keep, cfg.history_size), topic=ChatService.topic), hub, history_size=cfg.history_size, history_keep=cfg.history_keep,

@@ -2,6 +2,7 @@
 
     python3 bench/attacks.py                      # this checkout
     python3 bench/attacks.py --root=/tmp/old      # another checkout (e.g. before the fix)
+    python3 bench/attacks.py --only=10            # one attack (10: rooms and documents from one address)
 
 Everything runs on 127.0.0.1 with bounded counts and times (about a minute
 in all); each server gets its own data_dir.  Prints one line per attack:
@@ -334,10 +335,70 @@ def smaller(root: str) -> None:
            % (done.returncode, len(errors), "Traceback" in done.stderr))
 
 
+def creations(root: str, conns: int = 100, each: int = 20) -> None:
+    """100 connections from one address create 20 rooms each (2,000), then 100 editor
+    sockets open 100 new documents; meanwhile another address creates one of each."""
+    import asyncio
+    import json
+
+    import websockets
+
+    srv = Server(root)
+    base = "ws://127.0.0.1:%d" % srv.port
+
+    async def first(ws: "websockets.ClientConnection", types: tuple[str, ...]) -> dict:
+        while True:
+            msg = json.loads(await asyncio.wait_for(ws.recv(), 10))
+            if msg["type"] in types:
+                return msg
+
+    async def spam_rooms(i: int, ws: "websockets.ClientConnection") -> int:
+        for j in range(each):
+            await ws.send(json.dumps({"type": "join", "room": "spam-%d-%d" % (i, j)}))
+        return sum([(await first(ws, ("joined", "error")))["type"] == "joined" for _ in range(each)])
+
+    async def open_doc(doc: str, source: str = "127.0.0.1") -> str:
+        try:
+            async with websockets.connect(base + "/ws/edit/" + doc, local_addr=(source, 0)) as ws:
+                msg = await first(ws, ("snapshot", "error"))
+                return msg["type"] if msg["type"] == "snapshot" else msg["code"]
+        except websockets.ConnectionClosed as e:
+            return "closed %s" % e.rcvd.code if e.rcvd else "closed"
+
+    async def main() -> None:
+        sockets = []
+        for i in range(conns):  # one at a time: --max_half_open_per_ip is not what this is about
+            sockets.append(await websockets.connect(base + "/ws/chat?name=s%d" % i))
+            await first(sockets[-1], ("welcome",))
+        start = time.monotonic()
+        created = sum(await asyncio.gather(*(spam_rooms(i, ws) for i, ws in enumerate(sockets))))
+        took = time.monotonic() - start
+        async with websockets.connect(base + "/ws/chat?name=elsewhere", local_addr=("127.0.0.2", 0)) as ws:
+            await first(ws, ("welcome",))
+            await ws.send(json.dumps({"type": "join", "room": "spam-0-0"}))  # an existing room
+            existing = (await first(ws, ("joined", "error")))["type"]
+            await ws.send(json.dumps({"type": "join", "room": "a-new-one"}))
+            fresh = (await first(ws, ("joined", "error")))["type"]
+        report("10 %d rooms from one address" % (conns * each),
+               "%d created in %.1f s; from 127.0.0.2 an existing room: %s, a new one: %s"
+               % (created, took, existing, fresh))
+        for ws in sockets:
+            await ws.close()
+        outcomes = [await open_doc("spam-%d" % i) for i in range(conns)]
+        counts = {k: outcomes.count(k) for k in sorted(set(outcomes))}
+        report("10 %d documents from one address" % conns, "%s; from 127.0.0.2 a new one: %s, an existing one: %s"
+               % (counts, await open_doc("a-new-doc", "127.0.0.2"), await open_doc("spam-0", "127.0.0.2")))
+
+    try:
+        asyncio.run(main())
+    finally:
+        srv.stop()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--root", default=HERE, help="checkout whose server.py to attack")
-    ap.add_argument("--only", default="", help="comma-separated attack numbers (1,2,3,4,7,8,9)")
+    ap.add_argument("--only", default="", help="comma-separated attack numbers (1,2,3,4,7,8,9,10)")
     args = ap.parse_args()
     has_cap = "max_half_open_per_ip" in open(os.path.join(args.root, "server.py")).read()
     attacks = {
@@ -349,6 +410,7 @@ def main() -> None:
         "7": [lambda: close_codes(args.root)],
         "8": [lambda: hosts(args.root)],
         "9": [lambda: smaller(args.root)],
+        "10": [lambda: creations(args.root)],
     }
     for key, runs in attacks.items():
         if args.only and key not in args.only.split(","):

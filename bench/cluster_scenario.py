@@ -134,6 +134,7 @@ class Setup:
             argv = [sys.executable, os.path.join(ROOT, "server.py"), f"--port={port}", "--address=127.0.0.1",
                     f"--data_dir={os.path.join(self.dir, 'node%d' % i)}", f"--backplane={self.backplane}",
                     "--max_connections_per_ip=0", "--max_half_open_per_ip=0", "--rate_limit=0", "--logging=warning",
+                    "--room_creates_per_minute=0",
                     "--simulated_sensors=", "--host_metrics=false"]
             child = procs.Child(argv, cores=server_cores, cwd=ROOT, log_path=os.path.join(self.dir, f"node{i}.log"))
             self.nodes.append(child)

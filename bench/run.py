@@ -191,7 +191,7 @@ SERVERS: dict[str, ServerSpec] = {s.name: s for s in [
                lambda port, data: [sys.executable, os.path.join(ROOT, "server.py"), f"--port={port}",
                                    "--address=127.0.0.1", f"--data_dir={data}",
                                    "--max_connections_per_ip=0", "--max_half_open_per_ip=0", "--rate_limit=0",
-                                   "--logging=warning"],
+                                   "--room_creates_per_minute=0", "--logging=warning"],
                "durable: each chat message is committed to SQLite before fan-out",
                required_file="server.py"),
 ]}

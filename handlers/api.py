@@ -11,6 +11,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from handlers.base import JSONHandler
+from handlers.listener import TLS_HANDSHAKE_LOG
 from realtime.chat import valid_room
 from realtime.protocol import ProtocolError
 
@@ -114,6 +115,17 @@ class _Collector:
         for status, n in sorted(st.requests_refused.items()):
             gate.add_metric([str(status)], n)
         yield gate
+        refused_creations = CounterMetricFamily(
+            "realtime_creations_refused", "Rooms and documents not created: the client address was over its"
+            " budget (--room_creates_per_minute, --doc_creates_per_minute)", labels=["what"])
+        refused_creations.add_metric(["room"], ctx.room_creations.refused)
+        refused_creations.add_metric(["document"], ctx.doc_creations.refused)
+        yield refused_creations
+        yield GaugeMetricFamily("realtime_creation_budgets", "Client addresses with a creation budget in use"
+                                " (rooms and documents)", len(ctx.room_creations) + len(ctx.doc_creations))
+        yield CounterMetricFamily("realtime_tls_handshake_errors", "TLS handshakes that failed with an SSL error"
+                                  " (plain HTTP on the TLS port, an old protocol version); logged once per 10 s"
+                                  " and kind", TLS_HANDSHAKE_LOG.failures)
         yield CounterMetricFamily("realtime_store_commits", "SQLite transactions committed", ctx.store.commits)
         yield CounterMetricFamily("realtime_store_writes", "Writes committed", ctx.store.writes)
         yield GaugeMetricFamily("realtime_store_pending", "Writes waiting for commit", ctx.store.pending)

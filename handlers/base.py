@@ -99,7 +99,7 @@ class ConnState:
 
     __slots__ = ("ctx", "user", "ip", "conn_id", "flood", "ip_counted", "opened", "closing",
                  "inflight", "inflight_done", "tasks", "outq", "outq_bytes", "writer", "fmt", "cap",
-                 "refusal", "expiry")
+                 "refusal", "expiry", "close_sent")
 
     def __init__(self, ctx: Context, flood: FloodGuard) -> None:
         self.ctx = ctx
@@ -120,6 +120,7 @@ class ConnState:
         self.cap: int = ctx.cfg.max_write_buffer
         self.refusal: tuple[int, str] | None = None  # ?close_codes=1: refused, told by a close after the upgrade
         self.expiry: asyncio.TimerHandle | None = None  # token_expiring, then close 4001 at the token's exp
+        self.close_sent: int | None = None  # the code of the close frame we sent first (1005: none)
 
 
 def _state(name: str) -> Any:
@@ -311,8 +312,11 @@ class BaseSocketHandler(tornado.websocket.WebSocketHandler):
         self.close(Close.TOKEN_EXPIRED, "token expired: refresh it, then reconnect")
 
     def msg_refresh(self, msg: dict[str, Any]) -> None:
-        """``{"type": "refresh", "token": ...}``: a fresh token for this
-        connection's user; its expiry (and roles) replace the old ones."""
+        """``{"type": "refresh", "token": ...}``: a fresh token for the same
+        user (another user's is ``forbidden``); its expiry and roles replace
+        the old ones.  Every right that comes from roles is checked at each
+        message against the connection's current ones, so from now on the new
+        roles decide; ``refreshed`` says what they allow (:meth:`rights`)."""
         token = get_str(msg, "token", max_len=self.cfg.max_header_size)
         assert token is not None and self.user is not None
         try:
@@ -321,7 +325,13 @@ class BaseSocketHandler(tornado.websocket.WebSocketHandler):
             code = {400: "bad_message", 403: "forbidden"}.get(e.status, "unauthorized")
             raise ProtocolError(code, e.message) from None
         self._arm_expiry()
-        self.reply(msg, {"type": "refreshed", "exp": self.user.expires})
+        self.reply(msg, {"type": "refreshed", "exp": self.user.expires, **self.rights()})
+
+    def rights(self) -> dict[str, Any]:
+        """What this connection's identity allows, in the fields its first
+        message states them (the editor's ``readonly``, the sensor socket's
+        ``can_publish``); sent again in ``refreshed``."""
+        return {}
 
     def _setup_writer(self) -> None:
         """Finished frames through our protocol's writer; with Tornado's own
@@ -356,7 +366,7 @@ class BaseSocketHandler(tornado.websocket.WebSocketHandler):
         if self._ip_counted:
             self._ip_counted = False
             self.ctx.conn_limit.release(self.ip)
-        self.ctx.stats.closed(self.close_code or 1006)
+        self.ctx.stats.closed(self.closed_with())
         if self.rt.expiry is not None:
             self.rt.expiry.cancel()
             self.rt.expiry = None
@@ -371,6 +381,15 @@ class BaseSocketHandler(tornado.websocket.WebSocketHandler):
     def closed(self) -> None:
         """Called once when the connection is gone: leave rooms, release state."""
 
+    def closed_with(self) -> int:
+        """The connection's close code, as /metrics counts it: the code of our
+        close frame if we closed first (whether or not the client echoed it:
+        one that goes away may never), else the client's, else 1006 (no close
+        frame either way: the TCP connection dropped)."""
+        if self.rt.close_sent is not None:
+            return self.rt.close_sent
+        return self.close_code or 1006
+
     def close(self, code: int | None = None, reason: str | None = None) -> None:
         if self._closing:
             return
@@ -378,6 +397,7 @@ class BaseSocketHandler(tornado.websocket.WebSocketHandler):
             self._flush()  # an error queued just before the close still goes first
         self._closing = True
         self.rt.outq = None
+        self.rt.close_sent = code if code is not None else (1000 if reason else 1005)
         super().close(code, close_reason(reason) if reason else None)
 
     def session_token(self) -> str:

@@ -42,6 +42,10 @@ class ChatSocketHandler(BaseSocketHandler):
     def closed(self) -> None:
         self.chat.leave_all(self, self.rooms)
 
+    def _may_create(self) -> bool:
+        """Charge one room creation to this client's address (``--room_creates_per_minute``)."""
+        return self.ctx.room_creations.take(self.ip)
+
     def _room(self, msg: dict[str, Any], *, joined: bool = True) -> str:
         room = get_str(msg, "room", max_len=64)
         if not valid_room(room):
@@ -56,11 +60,11 @@ class ChatSocketHandler(BaseSocketHandler):
         epoch = get_str(msg, "epoch", max_len=64, required=False)
         other = get_str(msg, "with", max_len=64, required=False)
         if other is not None:  # the direct-message room with that user
-            reply = await self.chat.join_dm(self, self.rooms, other, since, epoch)
+            reply = await self.chat.join_dm(self, self.rooms, other, since, epoch, self._may_create)
             room = reply["room"]
         else:
             room = self._room(msg, joined=False)
-            reply = await self.chat.join(self, self.rooms, room, since, epoch)
+            reply = await self.chat.join(self, self.rooms, room, since, epoch, self._may_create)
         sub = self.rooms.get(room)
         if sub is None or self._closing:
             return  # left or disconnected while history was read
@@ -85,7 +89,7 @@ class ChatSocketHandler(BaseSocketHandler):
         room = self._room(msg, joined=False)
         members = get_str_list(msg, "members", max_items=self.chat.max_private_members, max_len=64) \
             if msg.get("members") is not None else []
-        self.reply(msg, await self.chat.create_private(self.user, room, members))
+        self.reply(msg, await self.chat.create_private(self.user, room, members, self._may_create))
 
     async def msg_add_member(self, msg: dict[str, Any]) -> None:
         assert self.user is not None

@@ -86,7 +86,8 @@ class EditingSocketHandler(BaseSocketHandler):
         super().prepare()
 
     async def opened(self, *args: str) -> None:
-        peer = await self.editing.attach(self, args[0], self.ed.want_client, self.ed.units)
+        peer = await self.editing.attach(self, args[0], self.ed.want_client, self.ed.units,
+                                         may_create=lambda: self.ctx.doc_creations.take(self.ip))
         self.ed.peer = peer
         if self._closing:  # gone while the document was loading
             self.editing.leave(peer)
@@ -96,6 +97,10 @@ class EditingSocketHandler(BaseSocketHandler):
     def closed(self) -> None:
         if self.ed.peer is not None:
             self.editing.leave(self.ed.peer)
+
+    def rights(self) -> dict[str, Any]:
+        assert self.user is not None
+        return {"readonly": not self.user.can("edit")}
 
     def _joined_peer(self) -> Peer:
         peer = self.ed.peer
@@ -209,6 +214,8 @@ def register(ctx: Any) -> list[Any]:
         max_message_bytes=cfg.max_message_size,
         message_rate=cfg.rate_limit,
         message_burst=cfg.rate_burst,
+        lease=getattr(ctx.storage, "lease", None),
+        leader_ttl=cfg.doc_leader_ttl,
     )
     ctx.services["editing"] = svc
     kw = {"ctx": ctx}

@@ -14,7 +14,10 @@
 * an accept loop that backs off when the process is out of file descriptors
   (EMFILE/ENFILE) instead of spinning on a listening socket that stays
   readable, and says so once per :data:`LOG_INTERVAL` rather than once per
-  attempt.
+  attempt;
+* on a TLS port, Tornado's warning about each failed TLS handshake (a plain
+  http:// client, a scanner) once per :data:`LOG_INTERVAL` and kind of failure,
+  with the count of those left out (:class:`TLSHandshakeLog`).
 
 :func:`raise_open_file_limit` lifts the soft ``RLIMIT_NOFILE`` to the hard
 limit at start: every connection is a file descriptor.
@@ -58,15 +61,77 @@ class RateLimitedWarning:
         self.suppressed = 0
 
     def __call__(self, fmt: str, *args: Any) -> bool:
+        extra = self.due()
+        if extra is None:
+            return False
+        log.warning(fmt + extra, *args)
+        return True
+
+    def due(self) -> str | None:
+        """None when a line was reported less than ``interval`` ago (this one is
+        counted as suppressed); else what to append to the line reported now:
+        how many were suppressed since the last one ("" for none)."""
         now = self.clock()
         if now - self._last < self.interval:
             self.suppressed += 1
-            return False
+            return None
         self._last = now
         extra = " (%d more like this since the last report)" % self.suppressed if self.suppressed else ""
         self.suppressed = 0
-        log.warning(fmt + extra, *args)
+        return extra
+
+
+class TLSHandshakeLog(logging.Filter):
+    """Throttles Tornado's ``SSL Error on <fd> <peer>: <error>`` warning.
+
+    Tornado logs it for every TLS handshake that fails with an SSL error: each
+    attempt of a plain-HTTP client on the TLS port, of a scanner, of a client
+    with an old protocol version.  One client retrying in a loop is a log flood.
+    This filter, on the ``tornado.general`` logger, lets one such line per kind
+    of failure (the OpenSSL reason: ``HTTP_REQUEST``, ``WRONG_VERSION_NUMBER``
+    ...) through per ``interval``, with the count of those it dropped since;
+    kinds are told apart so that a flood of one does not hide another.  Every
+    other record passes untouched.  ``failures`` counts them all (/metrics)."""
+
+    PREFIX = "SSL Error on "
+    MAX_KINDS = 32  # OpenSSL's reasons are a fixed set; past this, one throttle for the rest
+    HINTS = {"HTTP_REQUEST": " (a plain http:// or ws:// client on the TLS port: it should use https:// or wss://)"}
+
+    def __init__(self, interval: float = LOG_INTERVAL, clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__()
+        self.interval = interval
+        self.clock = clock
+        self.kinds: dict[str, RateLimitedWarning] = {}
+        self.failures = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not (isinstance(record.msg, str) and record.msg.startswith(self.PREFIX)):
+            return True
+        self.failures += 1
+        args = record.args
+        error = args[-1] if isinstance(args, tuple) and args else None
+        kind = str(getattr(error, "reason", None) or type(error).__name__)
+        if kind not in self.kinds and len(self.kinds) >= self.MAX_KINDS:
+            kind = "other"
+        throttle = self.kinds.get(kind)
+        if throttle is None:
+            throttle = self.kinds[kind] = RateLimitedWarning(self.interval, lambda: self.clock())
+        extra = throttle.due()
+        if extra is None:
+            return False
+        record.msg += self.HINTS.get(kind, "") + extra.replace("%", "%%")
         return True
+
+
+#: The one filter for this process (the logger is process-wide too); see :func:`throttle_tls_handshake_log`.
+TLS_HANDSHAKE_LOG = TLSHandshakeLog()
+
+
+def throttle_tls_handshake_log() -> None:
+    """Put :data:`TLS_HANDSHAKE_LOG` on Tornado's ``tornado.general`` logger (idempotent)."""
+    logger = logging.getLogger("tornado.general")
+    if TLS_HANDSHAKE_LOG not in logger.filters:
+        logger.addFilter(TLS_HANDSHAKE_LOG)
 
 
 def raise_open_file_limit() -> tuple[int, int]:
@@ -184,6 +249,8 @@ class RealtimeHTTPServer(tornado.httpserver.HTTPServer):
         self.refused_half_open = 0
         self._warn_half_open = RateLimitedWarning()
         self._warn_files = RateLimitedWarning()
+        if self.ssl_options is not None:
+            throttle_tls_handshake_log()
 
     @classmethod
     def for_app(cls, app: Any, cfg: Config, ssl_options: Any = None) -> "RealtimeHTTPServer":

@@ -127,15 +127,23 @@ class SensorSocketHandler(BaseSocketHandler):
             viewer.publisher = True
         elif self.ctx.auth.mode == "open" and svc.check_key(_bearer(self.request.headers)):
             viewer.publisher = True
-        if self.user is not None and self.user.can("publish"):
-            viewer.publisher = True
+
+    @property
+    def may_publish(self) -> bool:
+        """The ingest key was presented at the handshake, or the token's roles
+        (now: a ``refresh`` may change them) include ``publish``."""
+        viewer, user = self.viewer, self.user
+        return viewer is not None and (viewer.publisher or (user is not None and user.can("publish")))
+
+    def rights(self) -> dict[str, Any]:
+        return {"can_publish": self.may_publish}
 
     def opened(self, *args: str) -> None:
         viewer = self.viewer
         assert viewer is not None
         svc: SensorService = self.ctx.sensors
         svc.attach(viewer)
-        self.send(svc.welcome(can_publish=viewer.publisher))
+        self.send(svc.welcome(can_publish=self.may_publish))
 
     def closed(self) -> None:
         if self.viewer is not None:
@@ -166,7 +174,7 @@ class SensorSocketHandler(BaseSocketHandler):
         self.reply(msg, reply)
 
     async def msg_publish(self, msg: dict[str, Any]) -> None:
-        if self.viewer is None or not self.viewer.publisher:
+        if not self.may_publish:
             raise ProtocolError("forbidden", "publishing needs the ingest key (connect with ?key=<ingest key>)"
                                 " or a token with the publish role")
         sensor = get_str(msg, "sensor", max_len=200)

@@ -75,6 +75,20 @@ def dm_room(a: str, b: str) -> str:
     return DM_PREFIX + hashlib.sha256(("%d:%s%s" % (len(lo), lo, hi)).encode("utf-8")).hexdigest()[:32]
 
 
+#: Asked just before a room is actually created (never for one that exists):
+#: whether the creator's budget allows it (see realtime.limits.PerAddressBudget).
+MayCreate = Callable[[], bool]
+
+ROOM_CREATES_LIMITED = ("creating rooms is limited per address and this one is over its budget;"
+                        " join an existing room, or retry in a minute")
+
+
+def check_create(may_create: MayCreate | None) -> None:
+    """ProtocolError ``rate_limited`` if ``may_create`` refuses a creation."""
+    if may_create is not None and not may_create():
+        raise ProtocolError("rate_limited", ROOM_CREATES_LIMITED)
+
+
 def is_moderator(user: Identity) -> bool:
     """The ``moderator`` role, or ``admin`` (which includes it)."""
     return user.can("moderator")
@@ -459,9 +473,10 @@ class RoomRelay:
     out.  Messages without a seq (presence, typing) pass straight through.
     """
 
-    def __init__(self, service: "ChatService", name: str) -> None:
+    def __init__(self, service: "ChatService", name: str, may_create: MayCreate | None = None) -> None:
         self.service = service
         self.name = name
+        self.may_create = may_create  # the first joiner's: asked if the room must be created
         self.topic = ChatService.topic(name)
         self.state: RoomState | None = None
         self.members: dict[RoomSubscription, None] = {}
@@ -479,6 +494,8 @@ class RoomRelay:
             try:
                 # An existing room is read, not written: joining it works on a full disk too.
                 found = await svc.log.find_room(self.name, svc.history_size)
+                if found is None:
+                    check_create(self.may_create)
                 record = found if found is not None else await svc.log.open_room(
                     self.name, svc.history_size, svc.max_rooms_total)
             except BaseException:
@@ -716,9 +733,10 @@ class ChatService:
     # -- membership ------------------------------------------------------
 
     async def join_dm(self, member: Member, subs: dict[str, RoomSubscription], other: str,
-                      since: int | None, epoch: str | None) -> dict[str, Any]:
+                      since: int | None, epoch: str | None, may_create: MayCreate | None = None) -> dict[str, Any]:
         """Join the direct-message room of ``member`` and user ``other``; the
-        room is created the first time either of them asks."""
+        room is created the first time either of them asks (``may_create``
+        is asked then)."""
         if not valid_user_id(other):
             raise ProtocolError("bad_message", "'with' must be a user id (1-64 of A-Z a-z 0-9 _ . : @ -)")
         me = member.user.id
@@ -727,8 +745,10 @@ class ChatService:
         name = dm_room(me, other)
         if name not in subs and name not in self._relays:
             try:
-                await self.log.create_room(name, "dm", None, sorted((me, other)), self.history_size,
-                                           self.max_rooms_total)
+                if await self.log.find_room(name, 0) is None:
+                    check_create(may_create)
+                    await self.log.create_room(name, "dm", None, sorted((me, other)), self.history_size,
+                                               self.max_rooms_total)
             except TooManyRooms as e:
                 raise ProtocolError("too_large", "%s; join an existing one" % e) from None
             except RoomExists:
@@ -740,12 +760,15 @@ class ChatService:
         return reply
 
     async def join(self, member: Member, subs: dict[str, RoomSubscription], name: str,
-                   since: int | None, epoch: str | None) -> dict[str, Any]:
+                   since: int | None, epoch: str | None, may_create: MayCreate | None = None) -> dict[str, Any]:
         """Subscribe ``member`` to ``name`` and return the ``joined`` message.
 
         The caller sends it, then calls ``subs[name].release(reply["seq"])``.
         A private or direct-message room is ``forbidden`` to a non-member, a
-        public one to a user removed from it."""
+        public one to a user removed from it.  A public room that does not
+        exist yet is created, if ``may_create`` allows (``rate_limited``
+        otherwise); it is asked only then.  Joiners that arrive while the
+        room is being opened share the first one's outcome."""
         if not valid_room(name):
             raise ProtocolError("bad_message", "room names are 1-64 letters, digits, '_', '.' or '-'")
         if name in subs:
@@ -767,7 +790,7 @@ class ChatService:
         subs[name] = sub
         relay = self._relays.get(name)
         if relay is None:
-            relay = self._relays[name] = RoomRelay(self, name)
+            relay = self._relays[name] = RoomRelay(self, name, may_create)
             relay.members[sub] = None
             starting: asyncio.Future[None] | None = asyncio.ensure_future(relay.start())
         else:
@@ -918,8 +941,10 @@ class ChatService:
     # Who may do what is one table in docs/PROTOCOL.md ("Roles"); these
     # methods are where it is enforced.
 
-    async def create_private(self, user: Identity, name: str, members: list[str]) -> dict[str, Any]:
-        """Create private room ``name`` owned by ``user``, with ``members``."""
+    async def create_private(self, user: Identity, name: str, members: list[str],
+                             may_create: MayCreate | None = None) -> dict[str, Any]:
+        """Create private room ``name`` owned by ``user``, with ``members``
+        (``conflict`` if the name is taken; only then is ``may_create`` asked)."""
         if not valid_room(name):
             raise ProtocolError("bad_message", "room names are 1-64 letters, digits, '_', '.' or '-'")
         if name.startswith(DM_PREFIX):
@@ -930,6 +955,9 @@ class ChatService:
             if not valid_user_id(m):
                 raise ProtocolError("bad_message", "'members' must be user ids (1-64 of A-Z a-z 0-9 _ . : @ -)")
         try:
+            if await self.log.find_room(name, 0) is not None:
+                raise RoomExists(name)
+            check_create(may_create)
             record = await self.log.create_room(name, "private", user.id, members, 0, self.max_rooms_total)
             rows = await self.log.members(name, self.max_private_members)
         except RoomExists:

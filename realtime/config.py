@@ -104,6 +104,8 @@ class Config:
     max_text: int = option(CHAT, 2000, "longest chat message, in characters")
     max_rooms: int = option(CHAT, 20, "rooms one connection may be in at once")
     max_rooms_total: int = option(CHAT, 10000, "rooms the server stores; joining a new one past this is refused (too_large); rooms nothing was said in are removed when their last member leaves (0 = no limit)")
+    room_creates_per_minute: float = option(CHAT, 30.0, "rooms one client address (an IPv6 /64) may create per minute: joining a room that does not exist yet, create, a first direct message; joining an existing room is never counted; past it: rate_limited (0 = no limit; per node in cluster mode)")
+    room_create_burst: float = option(CHAT, 60.0, "rooms one client address may create at once before room_creates_per_minute applies")
     max_private_members: int = option(CHAT, 1000, "members a private room may have (its member list is stored)")
     members_max: int = option(CHAT, 100, "members listed in 'joined' and presence 'sync' (member_count is exact)")
     presence_window: float = option(CHAT, 0.1, "seconds over which presence changes are coalesced")
@@ -138,9 +140,12 @@ class Config:
     doc_log_keep: int = option(EDITING, 1000, "ops kept per document, in memory and in the store, to merge late edits and catch up reconnecting clients")
     snapshot_every: int = option(EDITING, 200, "ops between stored snapshots of a document (bounds the replay when it is loaded)")
     max_docs: int = option(EDITING, 10_000, "documents the server stores; opening a new one past this is refused (0 = no limit)")
+    doc_creates_per_minute: float = option(EDITING, 30.0, "documents one client address (an IPv6 /64) may create per minute; opening an existing one is never counted; past it: rate_limited, then close 1008 (0 = no limit; per node in cluster mode)")
+    doc_create_burst: float = option(EDITING, 60.0, "documents one client address may create at once before doc_creates_per_minute applies")
     max_peers_per_doc: int = option(EDITING, 100, "connections one document takes at once; more are closed with 1013")
     doc_idle_seconds: float = option(EDITING, 30.0, "a document leaves memory this long after its last editor left (a snapshot is written)")
     doc_commit_delay: float = option(EDITING, 0.002, "seconds between a document's writes: edits arriving meanwhile share one commit and one broadcast burst (0 = write at once)")
+    doc_leader_ttl: float = option(EDITING, 3.0, "cluster mode: one node (the holder of a lease in Redis) orders each document's edits and the others forward theirs to it; another node takes over this many seconds after the leader stopped renewing (0 = no leader: every node appends, racing for each revision)")
     cursor_interval: float = option(EDITING, 0.05, "minimum seconds between relayed cursor updates per connection; a newer one replaces the waiting one")
 
     @classmethod

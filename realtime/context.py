@@ -10,7 +10,7 @@ from typing import Any, Callable
 from realtime.auth import Authenticator
 from realtime.config import Config
 from realtime.hub import Hub
-from realtime.limits import ConnectionCounter
+from realtime.limits import ConnectionCounter, PerAddressBudget
 from realtime.protocol import Formats
 from realtime.storage.sqlite import SQLiteStore
 from realtime.storage.sqlite_repos import SQLiteStorage
@@ -59,6 +59,8 @@ class Context:
     secret: Callable[[str], str]  # generated secrets, shared by every node
     auth: Authenticator
     conn_limit: ConnectionCounter
+    room_creations: PerAddressBudget  # --room_creates_per_minute, charged by the chat socket
+    doc_creations: PerAddressBudget  # --doc_creates_per_minute, charged by the editor socket
     services: dict[str, Any] = field(default_factory=dict)
     connections: set[Any] = field(default_factory=set)
     stats: Stats = field(default_factory=Stats)

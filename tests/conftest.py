@@ -51,16 +51,19 @@ def http_server(request, io_loop, _unused_port, app):
 
 @pytest.fixture
 def connect(http_server, http_port):
-    """``await connect('/ws/chat', name='ann')`` -> Client (welcome not yet read)."""
+    """``await connect('/ws/chat', name='ann')`` -> Client (welcome not yet read).
+    ``source_ip='127.0.0.2'``: connect from that loopback address (the server
+    listens on 127.0.0.1; on Linux all of 127/8 is this machine)."""
     opened: list[Client] = []
 
-    async def _connect(path: str, headers: dict[str, str] | None = None, **params: Any) -> Client:
+    async def _connect(path: str, headers: dict[str, str] | None = None, source_ip: str | None = None,
+                       **params: Any) -> Client:
         from urllib.parse import urlencode
 
         url = "ws://127.0.0.1:%d%s" % (http_port, path)
         if params:
             url += "?" + urlencode(params)
-        conn = await websocket_connect(HTTPRequest(url, headers=headers or {}))
+        conn = await websocket_connect(HTTPRequest(url, headers=headers or {}, network_interface=source_ip))
         client = Client(conn)
         opened.append(client)
         return client

@@ -38,6 +38,12 @@ Contracts
   ops, cursors and catch-up are converted at this edge, against the text they
   refer to.  A document's peers of each unit share one topic, so a broadcast
   is encoded once per unit in use, never once per peer.
+* **Several nodes** (cluster mode) keep one order per document: the node
+  holding the document's lease leads it (applies, appends, broadcasts); the
+  others forward their peers' ops to it and ack each when its broadcast comes
+  back (:mod:`realtime.editing.leader`).  Appends are compare-and-append, so
+  two nodes that both lead for a moment still leave one log: the loser
+  rebases (:mod:`realtime.editing.cluster`).
 * **Snapshots** (``format`` 1, :meth:`DocumentState.to_snapshot` without the
   log) are written every ``snapshot_every`` ops and when an idle document is
   unloaded; the op log in the store keeps ``log_keep`` ops before the latest

@@ -23,7 +23,16 @@ from typing import TYPE_CHECKING, Any
 
 from realtime import ot
 from realtime.documents import SnapshotError
-from realtime.editing.live import PEER_ANNOUNCE, PEER_QUERY, LiveDoc, Pending, now_ms
+from realtime.editing.live import (
+    LEADER_GONE,
+    PEER_ANNOUNCE,
+    PEER_QUERY,
+    REPLY,
+    SUBMIT,
+    LiveDoc,
+    Pending,
+    now_ms,
+)
 from realtime.editing.replay import build_state, ops_after, replay_tail, resubmit
 from realtime.protocol import Close, Outgoing, ProtocolError
 
@@ -53,6 +62,12 @@ class DocFeed:
             self.cluster.remote_op(doc, out)
         elif kind in ("peer_joined", PEER_ANNOUNCE, "peer_left", PEER_QUERY):
             self.cluster.remote_peer(doc, kind, out)
+        elif kind == SUBMIT:
+            self.cluster.service.leadership.submitted(doc, out.obj)
+        elif kind == REPLY:
+            self.cluster.service.leadership.reply_arrived(doc, out.obj)
+        elif kind == LEADER_GONE:
+            self.cluster.service.leadership.leader_gone(doc)
 
 
 class ClusterSync:
@@ -115,6 +130,7 @@ class ClusterSync:
                     doc.conflict = True
                 else:
                     self.start_rebase(doc)
+                self.service.leadership.resend(doc, everything=True)  # the leader may not have had them
 
     def remote_peer(self, doc: LiveDoc, kind: str | None, out: Outgoing) -> None:
         svc = self.service
@@ -168,6 +184,7 @@ class ClusterSync:
             doc.updated = now_ms()
             svc.remote_ops += 1
             svc._deliver_op(doc, out, op16)
+            svc.leadership.ack_forwarded(doc, rev, obj.get("client"), obj.get("seq"))
             doc.run_waiters(rev)
             return
         doc.conflict = True
@@ -226,6 +243,7 @@ class ClusterSync:
                 out = Outgoing({"type": "op", "rev": rev, "op": op, "client": client, "seq": seq},
                                seq=rev, client=client)
                 svc._deliver_op(doc, out, op16)
+            svc.leadership.ack_forwarded(doc, rev, client, seq)
         for client, user in owners.items():
             doc.remember_owner(client, user)
         doc.state = state
@@ -249,17 +267,11 @@ class ClusterSync:
                 peer = p.peer
                 svc.leave(peer)
                 peer.member.close(Close.TRY_AGAIN, "your last edit could not be merged; reload")
+            elif p.peer is None and p.client is not None:  # a follower's: it closes its peer
+                svc.leadership.reply(doc, p.client, p.seq, "your last edit could not be merged; reload", close=True)
         deferred, doc.deferred = doc.deferred, []
-        for peer, base_rev, op, seq in deferred:
-            if peer.gone:
-                continue
-            try:  # admitted when it arrived (its edit_rate token is spent): not checked twice
-                svc._apply(peer, base_rev, op, seq)
-            except ProtocolError as exc:
-                err: dict[str, Any] = {"type": "error", "code": exc.code, "message": exc.message}
-                if type(seq) is int:
-                    err["seq"] = seq  # as for an op refused on arrival: the client knows which one
-                peer.member.send(err)
+        for later in deferred:  # admitted when they arrived (edit_rate spent): not checked twice
+            later()
         if doc.batch:
             # Append now, even if more arrived meanwhile: a losing append claims
             # the next turn in the log, while rebasing again first could go on

@@ -24,6 +24,7 @@ from realtime.auth import Identity
 from realtime.documents import DocumentState, LogEntry
 from realtime.limits import TokenBucket
 from realtime.protocol import Outgoing, ProtocolError
+from realtime.storage.base import Lease
 from realtime.units import CODEPOINT, UTF16, TextUnits, utf16_length
 
 log = logging.getLogger("realtime.editing")
@@ -112,7 +113,7 @@ class Peer:
     """
 
     __slots__ = (
-        "member", "doc", "client_id", "user", "user_json", "color", "can_edit", "bucket",
+        "member", "doc", "client_id", "user", "user_json", "color", "bucket",
         "joined", "gone", "after_rev", "buffer", "cursor", "cursor_sent", "cursor_timer", "units",
     )
 
@@ -125,7 +126,6 @@ class Peer:
         self.user = member.user
         self.user_json = member.user.to_json()
         self.color = color
-        self.can_edit = member.user.can("edit")
         self.bucket = bucket
         self.joined = False  # announced to the others
         self.gone = False
@@ -161,6 +161,11 @@ class Peer:
         self.member.deliver(out)
 
 
+
+    @property
+    def can_edit(self) -> bool:
+        """The member's roles now: a ``refresh`` may bring a token with or without ``edit``."""
+        return self.member.user.can("edit")
 
     def release(self) -> None:
         held, self.buffer = self.buffer or [], None
@@ -218,7 +223,14 @@ class LiveDoc:
         self.conflict = False  # another node appended: rebase once the write in flight is back
         self.rebases = 0
         self.remote_peers: dict[str, tuple[dict[str, Any], float]] = {}  # other nodes' peers, last heard
-        self.deferred: list[tuple[Peer, Any, Any, Any]] = []  # ops that arrived during a rebase
+        self.deferred: list[Callable[[], None]] = []  # ops that arrived during a rebase, applied after it
+        # Cluster mode with a leader per document (realtime.editing.leader): the
+        # node holding the lease applies and appends every op; the others
+        # forward theirs to it.
+        self.lease: Lease | None = None
+        self.leader = True  # this node orders the document's ops (always, on one node)
+        self.forwarded: dict[str, deque[Forwarded]] = {}  # client id -> sent to the leader, not yet answered
+        self.resend_handle: asyncio.TimerHandle | None = None
         self.writing = False  # a write of this document is with the store
         self.last_write = -1e18  # loop time the last write was handed over
         self.flush_handle: asyncio.Handle | asyncio.TimerHandle | None = None
@@ -226,7 +238,12 @@ class LiveDoc:
 
     @property
     def busy(self) -> bool:
-        return bool(self.peers or self.batch or self.inflight or self.waiters)
+        return bool(self.peers or self.batch or self.inflight or self.waiters or self.forwarded)
+
+    @property
+    def idle_writer(self) -> bool:
+        """Nothing of this node's own on its way to the log."""
+        return not (self.batch or self.inflight or self.writing or self.rebasing or self.deferred)
 
     def announced(self) -> list[Peer]:
         return [p for p in self.peers.values() if p.joined]
@@ -280,6 +297,16 @@ class LiveDoc:
             self.owners.popitem(last=False)
 
 
+class Forwarded(NamedTuple):
+    """An op of one of this node's peers, sent to the document's leader on another node."""
+
+    peer: Peer
+    base_rev: Any
+    op: Any
+    seq: Any
+    sent_at: float
+
+
 class Unavailable(Exception):
     """The document failed to save: its peers reconnect and it is reloaded."""
 
@@ -287,7 +314,10 @@ class Unavailable(Exception):
 # Between nodes only (cluster mode): ops reach peers through the document, and
 # the peer list is kept up to date with these two, which clients never see.
 PEER_QUERY, PEER_ANNOUNCE = "peer_query", "peer_announce"
-_NOT_FOR_PEERS = frozenset({"op", PEER_QUERY, PEER_ANNOUNCE})
+# With a leader per document: a follower's op for the leader, the leader's
+# answer to one (an error, or the ack of a resend), and a leader letting go.
+SUBMIT, REPLY, LEADER_GONE = "submit", "reply", "leader_gone"
+_NOT_FOR_PEERS = frozenset({"op", PEER_QUERY, PEER_ANNOUNCE, SUBMIT, REPLY, LEADER_GONE})
 
 
 def entry_json(entry: LogEntry) -> dict[str, Any]:

@@ -19,6 +19,7 @@ import ujson
 from realtime import ot
 from realtime.documents import LogEntry, valid_doc_id
 from realtime.editing.cluster import ClusterSync
+from realtime.editing.leader import Leadership
 from realtime.editing.live import (
     DOC_ID_RULE,
     LiveDoc,
@@ -37,7 +38,7 @@ from realtime.editing.replay import build_state
 from realtime.hub import Hub
 from realtime.limits import TokenBucket
 from realtime.protocol import Close, Outgoing, ProtocolError
-from realtime.storage.base import DocumentLog, LogGap, StorageError, StoreBusy, StoredOp, TooManyDocuments
+from realtime.storage.base import DocumentLog, Lease, LogGap, StorageError, StoreBusy, StoredOp, TooManyDocuments
 from realtime.units import CODEPOINT, UTF16
 
 log = logging.getLogger("realtime.editing")
@@ -65,6 +66,8 @@ class EditingService:
         max_message_bytes: int = 64 * 1024,
         message_rate: float = 0.0,
         message_burst: float = 0.0,
+        lease: Callable[[str, float], Lease] | None = None,
+        leader_ttl: float = 3.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if log_keep < 1 or snapshot_every < 1:
@@ -90,6 +93,8 @@ class EditingService:
         # Cluster mode: several nodes append to one log per document.
         self.shared = hub.backplane.name != "memory"
         self.cluster = ClusterSync(self)
+        # A leader per document, by a lease in the store (cluster mode; leader_ttl 0: every node appends).
+        self.leadership = Leadership(self, lease if self.shared and leader_ttl > 0 else None, leader_ttl)
         on_resync = getattr(hub.backplane, "on_resync", None)
         if on_resync is not None:
             on_resync(self.cluster.resync)
@@ -127,11 +132,13 @@ class EditingService:
         self._stopping = False
         if self.shared:
             self.cluster.start()
+            self.leadership.start()
 
     async def stop(self) -> None:
         """Write what is queued, snapshot every open document, forget them."""
         self._stopping = True
         self.cluster.stop()
+        self.leadership.stop()
         docs = list(self.docs.values())
         for doc in docs:
             if doc.evict_handle is not None:
@@ -148,6 +155,7 @@ class EditingService:
                 self._cancel_cursor(peer)
             if not doc.broken and doc.state.rev > doc.snapshot_rev:
                 self._save_snapshot(doc)
+            self.leadership.let_go(doc)  # another node leads it now, not a lease's lifetime later
         self.docs.clear()
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
@@ -206,6 +214,12 @@ class EditingService:
             return existing
         state, snap_rev, owners = build_state(doc_id, loaded, **self._state_limits())
         doc = LiveDoc(state, snap_rev, owners, loaded.updated)
+        if self.leadership.enabled:
+            await self.leadership.claim(doc)
+            existing = self.docs.get(doc_id)
+            if existing is not None:  # loaded meanwhile by another caller
+                self.leadership.let_go(doc)
+                return existing
         self.docs[doc_id] = doc
         if self.shared:
             self.cluster.query_peers(doc)
@@ -229,6 +243,7 @@ class EditingService:
             return
         del self.docs[doc.id]
         self.cluster.drop_feed(doc.id)
+        self.leadership.let_go(doc)
         if not doc.broken and doc.state.rev == 0:
             # Opened and never edited: not kept, so empty documents cannot
             # fill max_docs (the next open creates it afresh).
@@ -266,16 +281,22 @@ class EditingService:
     # -- peers ---------------------------------------------------------------------
 
     async def attach(self, member: Member, doc_id: str, want_client: str | None = None,
-                     units: str = CODEPOINT) -> Peer:
+                     units: str = CODEPOINT, may_create: Callable[[], bool] | None = None) -> Peer:
         """Open (or create) ``doc_id`` and add ``member`` as a peer, not yet announced.
 
         Then call :meth:`welcome`.  ``want_client`` (from ``?client=``) is the
         client id the member had before a reconnect: it is reused when no one
         else's connection holds it, so its resent op is recognised; otherwise
         the member gets a fresh id.  ``units``: what the member's positions
-        count (``"codepoint"`` or ``"utf16"``).
+        count (``"codepoint"`` or ``"utf16"``).  ``may_create`` is asked only
+        when the document does not exist yet: refused, ``rate_limited`` and close 1008.
         """
-        doc = await self.open_doc(doc_id, create=True)
+        doc = await self.open_doc(doc_id, create=may_create is None)
+        if doc is None:  # a new document: creating it is charged (an existing one never is)
+            if may_create is not None and not may_create():
+                raise ProtocolError("rate_limited", "creating documents is limited per address and this one is over"
+                                    " its budget; open an existing document, or retry in a minute", close=Close.POLICY)
+            doc = await self.open_doc(doc_id, create=True)
         assert doc is not None
         if len(doc.peers) >= self.max_peers:
             raise ProtocolError(
@@ -378,6 +399,7 @@ class EditingService:
         self._cancel_cursor(peer)
         if doc.peers.get(peer.client_id) is peer:
             del doc.peers[peer.client_id]
+            doc.forwarded.pop(peer.client_id, None)  # the leader may still apply it; nobody to ack
         if peer.joined and not doc.broken:
             self._publish(doc, {"type": "peer_left", "client": peer.client_id, "user": peer.user_json},
                           client=peer.client_id)
@@ -406,13 +428,27 @@ class EditingService:
                     "rate_limited", f"more than {self.edit_rate:g} edits per second; resend this op shortly")
             if self.log.overloaded:
                 raise ProtocolError("unavailable", "the server is overloaded; resend this op shortly")
-            if doc.rebasing:  # catching up with another node: taken in order right after
-                doc.deferred.append((peer, base_rev, op, seq))
-                return
         except ProtocolError as exc:
             self.ops_refused[exc.code] = self.ops_refused.get(exc.code, 0) + 1
             raise
-        self._apply(peer, base_rev, op, seq)
+        if not doc.leader:  # another node orders this document's ops
+            self.leadership.forward(doc, peer, base_rev, op, seq)
+        elif doc.rebasing:  # catching up with another node: taken in order right after
+            doc.deferred.append(partial(self._apply_later, peer, base_rev, op, seq))
+        else:
+            self._apply(peer, base_rev, op, seq)
+
+    def _apply_later(self, peer: Peer, base_rev: Any, op: Any, seq: Any) -> None:
+        """An op admitted earlier (its edit_rate token is spent): applied now, errors to its sender."""
+        if peer.gone:
+            return
+        try:
+            self._apply(peer, base_rev, op, seq)
+        except ProtocolError as exc:
+            err: dict[str, Any] = {"type": "error", "code": exc.code, "message": exc.message}
+            if type(seq) is int:
+                err["seq"] = seq  # as for an op refused on arrival: the client knows which one
+            peer.member.send(err)
 
     def _apply(self, peer: Peer, base_rev: Any, op: Any, seq: Any) -> None:
         """The part of :meth:`submit` after the admission checks (rights, rate, load)."""
@@ -541,6 +577,8 @@ class EditingService:
         if self.docs.get(doc.id) is doc:
             del self.docs[doc.id]
             self.cluster.drop_feed(doc.id)
+        self.leadership.let_go(doc)
+        self.leadership.forget(doc)
         for handle in (doc.flush_handle, doc.evict_handle):
             if handle is not None:
                 handle.cancel()
@@ -681,6 +719,7 @@ class EditingService:
                                   self.remote_ops)
         yield CounterMetricFamily("realtime_doc_rebases", "Times this node's edits were transformed over "
                                   "other nodes' and appended again", self.rebases)
+        yield from self.leadership.metrics()
 
 
 def _topic(peer: Peer) -> str:

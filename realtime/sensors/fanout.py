@@ -51,7 +51,7 @@ class Viewer:
 
     def __init__(self, conn: ViewerConn, hz: float) -> None:
         self.conn = conn
-        self.publisher = False  # may publish readings (ingest key or a publish role)
+        self.publisher = False  # presented the ingest key (a token's publish role is checked per publish)
         self.wild = False
         self.ids: frozenset[str] = frozenset()
         self.hz = hz

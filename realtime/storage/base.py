@@ -264,6 +264,9 @@ class Lease(Protocol):
 
     held: bool
 
+    async def renew(self) -> bool:
+        """Take the lease if nobody holds it, or extend ours; whether we hold it now."""
+
     async def start(self) -> None: ...
 
     async def stop(self) -> None: ...

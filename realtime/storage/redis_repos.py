@@ -918,8 +918,8 @@ class RedisStorage:
     def presence_store(self) -> RedisPresenceStore:
         return RedisPresenceStore(self.redis)
 
-    def lease(self, name: str) -> RedisLease:
-        return RedisLease(self.redis, name, self.backplane.node_id)
+    def lease(self, name: str, ttl: float = 3.0) -> RedisLease:
+        return RedisLease(self.redis, name, self.backplane.node_id, ttl)
 
     async def open(self) -> None:
         pass  # the backplane connected (and checked) Redis

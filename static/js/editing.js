@@ -151,6 +151,13 @@ function handle(msg) {
     case "error":
       onError(msg);
       break;
+    case "refreshed": // a fresh token: its roles decide from now on
+      if (typeof msg.readonly === "boolean") {
+        readonly = msg.readonly;
+        ta.readOnly = readonly;
+        renderSync();
+      }
+      break;
     default:
       break;
   }

@@ -96,8 +96,12 @@ def metric(text: str, name: str) -> float:
     return float(found.group(1))
 
 
-def test_editors_on_two_nodes_type_at_once_and_every_copy_converges(cluster: Any) -> None:
-    a, b = cluster(2, *EXTRA)
+@pytest.mark.parametrize("leader", ["leader", "no_leader"])
+def test_editors_on_two_nodes_type_at_once_and_every_copy_converges(cluster: Any, leader: str) -> None:
+    """With a leader per document (the default), one node orders the edits and
+    the other forwards its editors' edits to it; with ``--doc_leader_ttl=0``
+    both append, racing for each revision and rebasing when they lose."""
+    a, b = cluster(2, *EXTRA, *(() if leader == "leader" else ("--doc_leader_ttl=0",)))
 
     async def main() -> None:
         rng = random.Random(7)
@@ -135,11 +139,18 @@ def test_editors_on_two_nodes_type_at_once_and_every_copy_converges(cluster: Any
             await e.ws.close()
 
     run(main())
-    for port in (a, b):  # both nodes applied the other's edits (the cross-node path was taken)
+    seen = {}
+    for port in (a, b):
         text = request(port, "/metrics").body
-        remote, rebases = metric(text, "realtime_doc_remote_ops_total"), metric(text, "realtime_doc_rebases_total")
-        assert remote > 0, text
-        print("node %d: %d remote ops applied, %d rebases" % (port, remote, rebases))
+        seen[port] = {name: metric(text, "realtime_doc_%s_total" % name)
+                      for name in ("remote_ops", "rebases", "forwarded_ops", "ops_for_others")}
+        print("node %d: %s" % (port, seen[port]))
+    if leader == "leader":  # one node led; the other's edits reached the log through it
+        follower, led = sorted((a, b), key=lambda p: seen[p]["ops_for_others"])
+        assert seen[follower]["forwarded_ops"] > 0 and seen[led]["ops_for_others"] > 0, seen
+        assert seen[follower]["remote_ops"] > 0 and seen[led]["forwarded_ops"] == 0, seen
+    else:  # both nodes appended, and each applied the other's edits
+        assert all(seen[p]["remote_ops"] > 0 and seen[p]["forwarded_ops"] == 0 for p in (a, b)), seen
 
 
 def test_the_peer_list_spans_nodes(cluster: Any) -> None:

@@ -455,3 +455,207 @@ async def test_documents_never_edited_do_not_fill_max_docs(connect, http_port, a
     c = await connect("/ws/edit/c", name="x")
     snap = await c.expect("snapshot", skip=("presence", "welcome", "peers", "joined"))
     assert snap["rev"] == 0
+
+
+# -- 11. creating rooms and documents, per address ---------------------------------------
+
+ROOMS_SKIP = ("presence", "message")
+
+
+async def join(client, room: str, **fields):
+    """``joined`` or the ``error`` a join gets."""
+    client.send({"type": "join", "room": room, **fields})
+    while True:
+        msg = await client.recv()
+        assert msg is not None, "closed while joining %s" % room
+        if msg["type"] in ("joined", "error"):
+            return msg
+
+
+@pytest.mark.gen_test(timeout=30)
+@pytest.mark.parametrize("app_options", [{"room_creates_per_minute": 1, "room_create_burst": 5,
+                                          "rate_limit": 0, "max_rooms": 100}])
+async def test_one_address_creating_rooms_is_refused_after_its_budget_joining_existing_ones_is_not(
+        connect, app, app_options):
+    """Issue: anonymous clients could create durable rooms as fast as they could send (100
+    connections, 2,000 rooms in 2 s); only the server-wide total stopped them, and then
+    nobody could create a room."""
+    bob = await connect("/ws/chat", name="bob", source_ip="127.0.0.2")
+    bob_id = (await bob.expect("welcome"))["user"]["id"]
+    assert (await join(bob, "lobby"))["type"] == "joined"  # created, by 127.0.0.2
+    # Two connections from one address share its budget: 5 rooms, then refusals.
+    ann = await connect("/ws/chat", name="ann")
+    ann2 = await connect("/ws/chat", name="ann2")
+    ann_id = (await ann.expect("welcome"))["user"]["id"]
+    await ann2.expect("welcome")
+    got = [await join((ann, ann2)[i % 2], "room-%d" % i) for i in range(12)]
+    assert [m["type"] for m in got] == ["joined"] * 5 + ["error"] * 7
+    assert {m["code"] for m in got[5:]} == {"rate_limited"}
+    assert "creating rooms is limited" in got[5]["message"]
+    # A private room and a direct-message room are creations too; a name that is taken is not charged.
+    ann.send({"type": "create", "room": "mine", "ref": 1})
+    err = await ann.expect("error")
+    assert (err["code"], err["ref"]) == ("rate_limited", 1)
+    ann.send({"type": "create", "room": "lobby", "ref": 2})
+    assert (await ann.expect("error"))["code"] == "conflict"
+    assert (await join(ann, "", **{"with": "carol"}))["code"] == "rate_limited"
+    # Existing rooms: joining is never refused, from the same connection or another one.
+    assert (await join(ann, "lobby"))["type"] == "joined"
+    assert (await join(ann2, "room-0"))["type"] == "joined"
+    assert (await join(ann2, "lobby"))["type"] == "joined"
+    ann.send({"type": "say", "room": "lobby", "text": "still here", "cid": "a1"})
+    await ann.expect("ack", skip=ROOMS_SKIP)
+    # Another address is not affected: it creates rooms, a direct-message room with ann too.
+    assert (await join(bob, "bobs-room"))["type"] == "joined"
+    dm = await join(bob, "", **{"with": ann_id})
+    assert dm["type"] == "joined"
+    # ... which, existing now, ann joins although her address is over its budget.
+    assert (await join(ann, "", **{"with": bob_id}))["room"] == dm["room"]
+    assert app.ctx.room_creations.refused == 9
+
+
+@pytest.mark.gen_test(timeout=30)
+@pytest.mark.parametrize("app_options", [{"rate_limit": 0}])
+async def test_the_default_room_budget_stops_a_script_and_not_a_person(connect, app, app_options):
+    """100 connections from one address creating 2,000 rooms got them all; with the defaults
+    (a burst of 60) 10 connections asking for 200 get 60, and a person elsewhere is unaffected."""
+    clients = [await connect("/ws/chat", name="s%d" % i) for i in range(10)]
+    for c in clients:
+        await c.expect("welcome")
+    for i in range(200):
+        clients[i % 10].send({"type": "join", "room": "spam-%d" % i})
+    outcomes: dict[str, int] = {}
+    for c in clients:
+        for _ in range(20):
+            msg = await c.recv()
+            while msg is not None and msg["type"] not in ("joined", "error"):
+                msg = await c.recv()
+            assert msg is not None
+            key = msg["type"] if msg["type"] == "joined" else msg["code"]
+            outcomes[key] = outcomes.get(key, 0) + 1
+    assert outcomes["joined"] <= 61 and outcomes["joined"] >= 60, outcomes
+    assert outcomes["rate_limited"] == 200 - outcomes["joined"], outcomes
+    person = await connect("/ws/chat", name="person", source_ip="127.0.0.2")
+    await person.expect("welcome")
+    for room in ("general", "random", "help"):
+        assert (await join(person, room))["type"] == "joined"
+
+
+@pytest.mark.gen_test(timeout=20)
+@pytest.mark.parametrize("app_options", [{"xheaders": True, "room_creates_per_minute": 1, "room_create_burst": 1}])
+async def test_behind_a_proxy_with_xheaders_the_forwarded_address_is_charged(connect, app_options):
+    a = await connect("/ws/chat", headers={"X-Real-Ip": "203.0.113.7"}, name="a")
+    b = await connect("/ws/chat", headers={"X-Real-Ip": "203.0.113.8"}, name="b")
+    for c in (a, b):
+        await c.expect("welcome")
+    assert (await join(a, "a1"))["type"] == "joined"
+    assert (await join(a, "a2"))["code"] == "rate_limited"
+    assert (await join(b, "b1"))["type"] == "joined"  # the same TCP peer, another client
+
+
+@pytest.mark.gen_test(timeout=30)
+@pytest.mark.parametrize("app_options", [{"doc_creates_per_minute": 1, "doc_create_burst": 3,
+                                          "doc_idle_seconds": 0.2}])
+async def test_one_address_creating_documents_is_refused_after_its_budget_opening_existing_ones_is_not(
+        connect, http_port, app, app_options):
+    """The same hole for documents: every /ws/edit/<new id> stored one."""
+    kept = await connect("/ws/edit/kept", name="ann")
+    snap = await kept.expect("snapshot")
+    kept.send({"type": "op", "rev": snap["rev"], "seq": 1, "op": ["edited"]})
+    await kept.expect("ack", skip=("peer_joined",))
+    kept.close()
+    await kept.closed()
+    open_ones = []
+    for doc in ("d1", "d2"):  # the budget is 3: "kept", d1, d2
+        c = await connect("/ws/edit/" + doc, name="ann")
+        assert (await c.expect("snapshot"))["rev"] == 0
+        open_ones.append(c)
+    refused = await connect("/ws/edit/d3", name="ann")
+    err = await refused.expect("error")
+    assert err["code"] == "rate_limited" and "creating documents is limited" in err["message"]
+    assert await refused.closed() == 1008  # the editor page waits before it tries again
+    # Existing documents still open from this address: one in memory, one only in the store.
+    await until(lambda: "kept" not in app.ctx.editing.docs, timeout=5)
+    for doc, rev in (("d1", 0), ("kept", 1)):
+        c = await connect("/ws/edit/" + doc, name="ann")
+        got = await c.expect("snapshot")
+        assert (got["rev"], got["text"] if doc == "kept" else "") == (rev, "edited" if doc == "kept" else "")
+    # Another address creates documents.
+    other = await connect("/ws/edit/elsewhere", name="bob", source_ip="127.0.0.2")
+    assert (await other.expect("snapshot"))["rev"] == 0
+    assert app.ctx.doc_creations.refused == 1
+    text = (await AsyncHTTPClient().fetch("http://127.0.0.1:%d/metrics" % http_port)).body.decode()
+    assert 'realtime_creations_refused_total{what="document"} 1.0' in text
+
+
+# -- 12. plain HTTP on the TLS port --------------------------------------------------------
+
+
+def ssl_error_record(reason: str) -> logging.LogRecord:
+    """The record Tornado's SSLIOStream logs for one failed handshake."""
+    import ssl
+
+    err = ssl.SSLError(1, "[SSL: %s] %s (_ssl.c:1000)" % (reason, reason.lower()))
+    err.reason = reason  # type: ignore[misc]
+    return logging.LogRecord("tornado.general", logging.WARNING, __file__, 1, "SSL Error on %s %s: %s",
+                             (12, ("127.0.0.1", 40000), err), None)
+
+
+def test_failed_tls_handshakes_log_once_per_interval_and_kind_with_a_count():
+    from handlers.listener import TLSHandshakeLog
+
+    now = [1000.0]
+    f = TLSHandshakeLog(interval=10, clock=lambda: now[0])
+    plain = [f.filter(ssl_error_record("HTTP_REQUEST")) for _ in range(50)]
+    assert plain == [True] + [False] * 49
+    assert f.filter(ssl_error_record("WRONG_VERSION_NUMBER"))  # another kind is not hidden by the flood
+    now[0] += 10
+    again = ssl_error_record("HTTP_REQUEST")
+    assert f.filter(again)
+    assert again.getMessage().endswith("(49 more like this since the last report)")
+    assert "plain http:// or ws:// client on the TLS port" in again.getMessage()
+    assert f.failures == 52
+    other = logging.LogRecord("tornado.general", logging.WARNING, __file__, 1, "Got events for closed stream %s",
+                              (3,), None)
+    assert all(f.filter(other) for _ in range(5))  # anything else passes untouched
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_plain_http_on_the_tls_port_logs_one_line_not_one_per_attempt(app, tmp_path, caplog, monkeypatch):
+    """Issue: every plain-HTTP attempt on the TLS port logged Tornado's 'SSL Error on ...' warning
+    (a client retrying in a loop floods the log), unlike accept() EMFILE, logged once per 10 s."""
+    import ssl
+
+    from tornado.testing import bind_unused_port
+
+    import handlers.listener as listener
+    import server
+    from tests.certs import self_signed
+
+    now = [1e6]
+    monkeypatch.setattr(listener.TLS_HANDSHAKE_LOG, "clock", lambda: now[0])
+    monkeypatch.setattr(listener.TLS_HANDSHAKE_LOG, "kinds", {})
+    cert, key = self_signed(tmp_path / "certs")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    sock, port = bind_unused_port()
+    srv = server.make_server(app, context)
+    srv.add_sockets([sock])
+
+    def ssl_lines() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.getMessage().startswith("SSL Error on")]
+
+    try:
+        for _ in range(30):  # each waits until the server has closed it (and logged, or not)
+            reply, _took = await in_thread(raw_request, port, "GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            assert not reply.startswith(b"HTTP/")
+        assert len(ssl_lines()) == 1 and "HTTP_REQUEST" in ssl_lines()[0]
+        now[0] += listener.LOG_INTERVAL
+        await in_thread(raw_request, port, "GET / HTTP/1.1\r\n\r\n")
+        assert len(ssl_lines()) == 2 and ssl_lines()[1].endswith("(29 more like this since the last report)")
+        client = ssl.create_default_context(cafile=cert)
+        reply = await AsyncHTTPClient().fetch("https://localhost:%d/healthz" % port, ssl_options=client)
+        assert json.loads(reply.body)["status"] == "ok"  # TLS clients are served meanwhile
+    finally:
+        srv.stop()
+        await srv.close_all_connections()

@@ -142,3 +142,65 @@ async def test_es256_tokens_of_an_identity_provider_open_sockets_and_hs256_ones_
         with pytest.raises(HTTPClientError) as e:
             await websocket_connect("ws://127.0.0.1:%d/ws/chat?token=%s" % (http_port, bad))
         assert e.value.code == 401
+
+
+LONG = {**TOKEN_MODE, "token_refresh_window": 0.0, "ingest_key": "k" * 32, "simulated_sensors": "",
+        "host_metrics": False}
+
+
+async def refreshed(c, token, ref):
+    c.send({"type": "refresh", "token": token, "ref": ref})
+    return await c.expect("refreshed", skip=("presence", "message", "sensor_added"))
+
+
+@pytest.mark.gen_test(timeout=20)
+@pytest.mark.parametrize("app_options", [LONG])
+async def test_a_refresh_that_drops_the_edit_role_makes_the_next_op_forbidden(connect):
+    """Issue: the roles of a refreshed token replaced the old ones, but an editor decided at the
+    handshake (readonly or not) and kept deciding so for the life of the connection."""
+    c, snap = await welcomed(connect, "/ws/edit/notes", token=mint(ttl=60, roles=["edit"]))
+    assert snap["readonly"] is False
+    c.send({"type": "op", "rev": 0, "seq": 1, "op": ["a"]})
+    assert (await c.expect("ack"))["rev"] == 1
+    # Another user's token is refused and changes nothing.
+    c.send({"type": "refresh", "token": mint(sub="bob", ttl=60), "ref": "bob"})
+    assert (await c.expect("error"))["code"] == "forbidden"
+    c.send({"type": "op", "rev": 1, "seq": 2, "op": [1, "b"]})
+    assert (await c.expect("ack"))["rev"] == 2
+    # The same user without the edit role: told so, and the next op is refused.
+    assert (await refreshed(c, mint(ttl=60), 1))["readonly"] is True
+    c.send({"type": "op", "rev": 2, "seq": 3, "op": [2, "c"]})
+    err = await c.expect("error")
+    assert (err["code"], err["seq"]) == ("forbidden", 3)
+    # Given back: editing again.
+    assert (await refreshed(c, mint(ttl=60, roles=["edit"]), 2))["readonly"] is False
+    c.send({"type": "op", "rev": 2, "seq": 3, "op": [2, "c"]})
+    assert (await c.expect("ack"))["rev"] == 3
+
+
+@pytest.mark.gen_test(timeout=20)
+@pytest.mark.parametrize("app_options", [LONG])
+async def test_a_refresh_decides_publishing_and_moderation_from_the_new_roles(connect):
+    reading = {"type": "publish", "sensor": "dev.x", "points": [[time.time(), 1.0]]}
+    dev, w = await welcomed(connect, "/ws/sensors", token=mint(ttl=60, roles=["publish"]))
+    assert w["can_publish"] is True
+    dev.send({**reading, "ref": 1})
+    assert (await dev.expect("ack", skip=("sensor_added",)))["ref"] == 1
+    assert (await refreshed(dev, mint(ttl=60), 2))["can_publish"] is False
+    dev.send({**reading, "ref": 3})
+    assert (await dev.expect("error", skip=("sensor_added",)))["code"] == "forbidden"
+    # The ingest key is no role: a refresh does not take it away.
+    keyed, w = await welcomed(connect, "/ws/sensors", token=mint(ttl=60), key="k" * 32)
+    assert w["can_publish"] is True
+    assert (await refreshed(keyed, mint(ttl=60), 1))["can_publish"] is True
+    keyed.send({**reading, "ref": 2})
+    assert (await keyed.expect("ack", skip=("sensor_added",)))["ref"] == 2
+    # A moderator who loses the role may no longer delete.
+    mod, _ = await welcomed(connect, token=mint(ttl=60, roles=["moderator"]))
+    mod.send({"type": "join", "room": "lobby"})
+    await mod.expect("joined")
+    mod.send({"type": "say", "room": "lobby", "text": "x", "cid": "1"})
+    seq = (await mod.expect("ack"))["seq"]
+    assert "readonly" not in await refreshed(mod, mint(ttl=60), 1)
+    mod.send({"type": "delete", "room": "lobby", "seq": seq})
+    assert (await mod.expect("error", skip=("presence", "message")))["code"] == "forbidden"

@@ -163,6 +163,33 @@ async def test_a_client_that_never_answers_our_close_is_dropped(http_server, htt
         writer.close()
 
 
+@pytest.mark.gen_test(timeout=15)
+@pytest.mark.parametrize("app_options", [{}, {"fast_path": False}])
+@pytest.mark.parametrize("client", ["drops TCP after our close", "never answers our close"])
+async def test_a_close_the_server_starts_is_counted_by_the_code_it_sent(http_server, http_port, app, client,
+                                                                       app_options):
+    """Issue: realtime_closes_total counted every close the server started as 1006 unless
+    the client echoed the code back, and a client that goes away may never do that."""
+    import handlers.websocket as wsmod
+
+    reader, writer, _ = await raw_open(http_port, "/ws/chat?name=x")
+    old, wsmod.CLOSE_TIMEOUT = wsmod.CLOSE_TIMEOUT, 0.2
+    try:
+        writer.write(client_frame(b"\x00", 0x2))  # binary on a JSON socket: we close with 1003
+        while True:
+            b0, payload = await read_frame(reader)
+            if b0 & 0x0F == 0x8:
+                break
+        assert payload[:2] == struct.pack("!H", 1003)
+        if client == "drops TCP after our close":
+            writer.transport.abort()
+        await until(lambda: app.ctx.stats.closes, timeout=7)  # Tornado's own protocol waits 5 s
+    finally:
+        wsmod.CLOSE_TIMEOUT = old
+        writer.close()
+    assert app.ctx.stats.closes == {1003: 1}
+
+
 # -- permessage-deflate, once per message -----------------------------------------------
 
 

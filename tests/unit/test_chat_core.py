@@ -247,3 +247,41 @@ def test_relay_with_no_local_members_is_gone_and_http_reads_the_log(tmp_path):
         await asyncio.sleep(0)
 
     _relay_case(tmp_path, body)
+
+
+def test_may_create_is_asked_only_when_a_room_is_really_created(tmp_path):
+    import pytest
+
+    from realtime.protocol import ProtocolError
+
+    async def body(svc, log, hub, sink, subs):
+        asked: list[bool] = []
+
+        def budget(answer):
+            def may_create():
+                asked.append(answer)
+                return answer
+            return may_create
+
+        other = Sink()
+        other.user = Identity("u-cy", "cy")
+        mine: dict = {}
+        assert (await svc.join(other, mine, "r", None, None, budget(False)))["room"] == "r"  # exists
+        with pytest.raises(ProtocolError) as refused:
+            await svc.join(other, mine, "new", None, None, budget(False))
+        assert refused.value.code == "rate_limited" and "new" not in mine
+        assert await log.find_room("new", 0) is None  # refused: nothing stored
+        assert (await svc.join(other, mine, "new", None, None, budget(True)))["room"] == "new"
+        with pytest.raises(ProtocolError) as taken:
+            await svc.create_private(other.user, "r", [], budget(False))
+        assert taken.value.code == "conflict"
+        with pytest.raises(ProtocolError) as refused:
+            await svc.create_private(other.user, "priv", [], budget(False))
+        assert refused.value.code == "rate_limited" and await log.find_room("priv", 0) is None
+        dm = await svc.join_dm(other, mine, "u-ann", None, None, budget(True))
+        ann_side = await svc.join_dm(sink, subs, "u-cy", None, None, budget(False))  # exists: not asked
+        assert ann_side["room"] == dm["room"]
+        assert asked == [False, True, False, True]
+        svc.leave_all(other, mine)
+
+    _relay_case(tmp_path, body)

@@ -4,7 +4,7 @@ import jwt
 import pytest
 
 from realtime.auth import Authenticator, AuthError, clean_name
-from realtime.limits import ConnectionCounter, FloodGuard, TokenBucket
+from realtime.limits import ConnectionCounter, FloodGuard, PerAddressBudget, TokenBucket, address_key
 
 
 class Clock:
@@ -57,6 +57,50 @@ def test_connection_counter():
     assert c.total == 3
     unlimited = ConnectionCounter(0)
     assert all(unlimited.acquire("a") for _ in range(1000))
+
+
+def test_per_address_budget_charges_each_address_apart_and_refills_per_minute():
+    clock = Clock()
+    b = PerAddressBudget(per_minute=6, burst=3, clock=clock)
+    assert [b.take("10.0.0.1") for _ in range(4)] == [True, True, True, False]
+    assert b.take("10.0.0.2")  # another address has its own budget
+    clock.t += 10  # 6 a minute: one more every 10 s
+    assert [b.take("10.0.0.1") for _ in range(2)] == [True, False]
+    assert b.refused == 2
+    unlimited = PerAddressBudget(per_minute=0, burst=1, clock=clock)
+    assert all(unlimited.take("10.0.0.1") for _ in range(1000)) and len(unlimited) == 0
+
+
+def test_per_address_budget_forgets_addresses_whose_bucket_is_full_again():
+    clock = Clock()
+    b = PerAddressBudget(per_minute=60, burst=5, clock=clock)  # full again 5 s after the last charge
+    for i in range(1000):
+        b.take("10.0.%d.%d" % (i // 256, i % 256))
+    assert len(b) == 1000
+    clock.t += 4.9
+    b.take("10.9.9.9")
+    assert len(b) == 1001  # not full yet: remembered
+    clock.t += 0.2
+    b.take("10.9.9.9")
+    assert len(b) == 1  # the thousand are full again: forgotten, which changes nothing for them
+    assert all(b.take("10.0.0.1") for _ in range(5)) and not b.take("10.0.0.1")
+
+
+def test_per_address_budget_tracks_a_bounded_number_of_addresses():
+    clock = Clock()
+    b = PerAddressBudget(per_minute=1, burst=1, max_addresses=100, clock=clock)
+    for i in range(10_000):
+        b.take("2001:db8:%x::1" % i)
+    assert len(b) == 100
+
+
+def test_an_ipv6_address_counts_by_its_64_and_a_mapped_ipv4_as_ipv4():
+    assert address_key("2001:db8:1:2:aaaa::1") == address_key("2001:db8:1:2:ffff::9") == "2001:db8:1:2::/64"
+    assert address_key("2001:db8:1:3::1") != address_key("2001:db8:1:2::1")
+    assert address_key("::ffff:192.0.2.7") == address_key("192.0.2.7") == "192.0.2.7"
+    assert address_key("?") == "?"
+    b = PerAddressBudget(per_minute=1, burst=2, clock=Clock())
+    assert b.take("2001:db8::1") and b.take("2001:db8::2") and not b.take("2001:db8::ffff:3")
 
 
 def test_guest_session_round_trip_keeps_identity():
