@@ -31,7 +31,7 @@ from tornado.options import options, parse_command_line, parse_config_file
 import handlers.api as api
 import handlers.chat as chat_handlers
 import handlers.echo as echo
-import handlers.editor as editor_handlers
+import handlers.editing as editing_handlers
 import handlers.pages as pages
 import handlers.sensors as sensor_handlers
 import realtime.redact
@@ -52,7 +52,7 @@ from realtime.storage.sqlite import SQLiteStore
 from realtime.storage.sqlite_repos import SQLiteStorage
 
 # The apps besides chat: ``register(ctx) -> routes`` builds each one's service.
-PLUGINS = [sensor_handlers.register, editor_handlers.register]
+PLUGINS = [sensor_handlers.register, editing_handlers.register]
 VERSION = "0.1.0"
 ROOT = os.path.dirname(os.path.abspath(__file__))
 log = logging.getLogger("realtime.server")
@@ -177,7 +177,7 @@ def make_app(cfg: Config | None = None, **overrides: Any) -> RealtimeApplication
         max_rooms_total=cfg.max_rooms_total, max_private_members=cfg.max_private_members,
     )
     extra_routes: list[Any] = []
-    # Apps added by later modules register themselves here (sensors, editor).
+    # Apps added by later modules register themselves here (sensors, editing).
     for register in PLUGINS:
         extra_routes.extend(register(ctx))
     kw = {"ctx": ctx}

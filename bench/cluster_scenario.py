@@ -43,7 +43,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import sys
 import tempfile
 import time
@@ -56,6 +55,7 @@ if ROOT not in sys.path:
 
 from bench import procs  # noqa: E402
 from bench.latency import merged  # noqa: E402
+from tests.redis_server import redis_argv, wait_for_redis  # noqa: E402
 
 CONFIGS = [
     ("a", "one node, memory backplane (SQLite)", 1, False),
@@ -99,34 +99,10 @@ class ScenarioError(RuntimeError):
     pass
 
 
-
-
 def node_of(index: int, room_size: int, nodes: int) -> int:
     """Which node client ``index`` connects to: half of every room on each node, and the
     rooms' first members (their speakers) alternate between the nodes."""
     return (index + index // room_size) % nodes
-
-
-def redis_argv(binary: str, port: int, directory: str) -> list[str]:
-    """redis-server as the tests and docs/DEPLOY.md run it: AOF, fsync on every write."""
-    return [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", directory, "--appendonly", "yes",
-            "--appendfsync", "always", "--save", "", "--daemonize", "no", "--protected-mode", "yes",
-            "--logfile", os.path.join(directory, "redis.log")]
-
-
-def wait_redis(port: int, child: procs.Child, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not child.alive():
-            raise ScenarioError("redis-server exited: " + child.log_tail(2))
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.3) as s:
-                s.sendall(b"PING\r\n")
-                if s.recv(16).startswith(b"+PONG"):
-                    return
-        except OSError:
-            time.sleep(0.05)
-    raise ScenarioError("redis-server did not answer PING")
 
 
 class Setup:
@@ -149,7 +125,9 @@ class Setup:
             os.makedirs(rdir)
             self.redis = procs.Child(redis_argv(binary, port, rdir), cores=server_cores, cwd=rdir,
                                      log_path=os.path.join(self.dir, "redis.out"))
-            wait_redis(port, self.redis)
+            why = wait_for_redis(port, self.redis.alive)
+            if why is not None:
+                raise ScenarioError(f"redis-server {why}: " + self.redis.log_tail(2))
             self.backplane = f"redis://127.0.0.1:{port}/0"
         for i in range(nodes):
             port = procs.free_port()

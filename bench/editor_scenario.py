@@ -33,7 +33,6 @@ import random
 import resource
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -50,9 +49,10 @@ if ROOT not in sys.path:
 import psutil  # noqa: E402
 import ujson  # noqa: E402
 
-from bench.procs import cores  # noqa: E402
+from bench.procs import cores, free_port  # noqa: E402
 from realtime import ot  # noqa: E402
 from realtime.ot import OTClient  # noqa: E402
+from tests.redis_server import redis_argv, wait_for_redis  # noqa: E402
 
 try:
     import picows
@@ -71,14 +71,6 @@ monotonic_ns = time.monotonic_ns
 
 
 # -- processes -----------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 
 
 def start_server(port: int, data_dir: str, server_cores: set[int] | None, log_path: str,
@@ -678,22 +670,13 @@ def run_cluster(*, editors: int = 50, rate: float = 1000.0, duration: float = 2.
 
     rdir = os.path.join(work, "redis")
     os.makedirs(rdir)
-    redis_proc = subprocess.Popen(
-        [binary, "--port", str(rport), "--bind", "127.0.0.1", "--dir", rdir, "--appendonly", "yes",
-         "--appendfsync", "always", "--save", "", "--protected-mode", "yes", "--logfile",
-         os.path.join(rdir, "redis.log")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        start_new_session=True, preexec_fn=pin)  # noqa: PLW1509
+    redis_proc = subprocess.Popen(redis_argv(binary, rport, rdir), stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL, start_new_session=True, preexec_fn=pin)  # noqa: PLW1509
     procs: list[subprocess.Popen] = []
     try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", rport), timeout=0.3):
-                    break
-            except OSError:
-                if time.monotonic() > deadline or redis_proc.poll() is not None:
-                    raise RuntimeError("redis-server did not start") from None
-                time.sleep(0.05)
+        why = wait_for_redis(rport, lambda: redis_proc.poll() is None)
+        if why is not None:
+            raise RuntimeError(f"redis-server did not start: it {why}")
         ports = [free_port() for _ in range(nodes)]
         for i, port in enumerate(ports):
             procs.append(start_server(port, os.path.join(work, "node%d" % i), server_cores,

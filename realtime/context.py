@@ -75,7 +75,7 @@ class Context:
         return next(self._ids)
 
     def __getattr__(self, name: str) -> Any:
-        # ctx.chat, ctx.feeds, ctx.docs: the app services, by name.
+        # ctx.chat, ctx.sensors, ctx.editing: the app services, by name.
         services = self.__dict__.get("services")
         if services is not None and name in services:
             return services[name]

@@ -1,5 +1,5 @@
 /**
- * The shared reconnecting WebSocket client used by every page (chat, dashboard, editor).
+ * The shared reconnecting WebSocket client used by every page (chat, dashboard, editing).
  *
  *   import { RealtimeClient, bindStatus } from "./client.js";
  *

@@ -1,4 +1,4 @@
-// Small DOM and storage helpers shared by the pages (chat, dashboard, editor).
+// Small DOM and storage helpers shared by the pages (chat, dashboard, editing).
 //
 //   import { $, h, store } from "./dom.js";
 //   $("id")                      document.getElementById

@@ -82,7 +82,7 @@ class Editor:
                     await self.send_pending()
             elif msg["type"] == "error":
                 # The one error a fast typist may see: over edit_rate, the same op (same seq) is
-                # resent a little later, as static/js/editor.js does. Anything else fails the test.
+                # resent a little later, as static/js/editing.js does. Anything else fails the test.
                 if msg["code"] != "rate_limited" or msg.get("seq") != self.client.outstanding_seq:
                     raise AssertionError(msg)
                 self.throttled += 1

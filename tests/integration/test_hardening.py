@@ -575,7 +575,7 @@ async def test_one_address_creating_documents_is_refused_after_its_budget_openin
     assert err["code"] == "rate_limited" and "creating documents is limited" in err["message"]
     assert await refused.closed() == 1008  # the editor page waits before it tries again
     # Existing documents still open from this address: one in memory, one only in the store.
-    await until(lambda: "kept" not in app.ctx.docs.docs, timeout=5)
+    await until(lambda: "kept" not in app.ctx.editing.docs, timeout=5)
     for doc, rev in (("d1", 0), ("kept", 1)):
         c = await connect("/ws/edit/" + doc, name="ann")
         got = await c.expect("snapshot")

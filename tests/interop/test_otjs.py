@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 
-from tests.integration.test_editor import Editor, fetch_json, op_of, open_editor
+from tests.integration.test_editing import Editor, fetch_json, op_of, open_editor
 
 NODE_DIR = Path(__file__).with_name("node")
 IN_CI = os.environ.get("CI", "").lower() == "true"

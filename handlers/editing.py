@@ -5,7 +5,7 @@
 * ``/api/docs``        documents, most recently edited first
 * ``/api/docs/<doc>``  one document's text and revision (404 if it never existed)
 * ``/edit/``           the documents page (``?doc=<id>`` opens or creates one)
-* ``/edit/<doc>``      the editor page
+* ``/edit/<doc>``      the editing page (one document)
 
 A bad document id in a socket URL is refused with HTTP 400 before the upgrade,
 as are a malformed ``?rev=``, ``?client=`` or ``?units=``.
@@ -28,8 +28,8 @@ from realtime.units import CODEPOINT, UNITS
 _REV = re.compile(r"[0-9]{1,18}")
 
 
-class _EditorConn:
-    """The editor's per-connection state, in one slotted object (the base keeps
+class _EditingConn:
+    """The editing socket's per-connection state, in one slotted object (the base keeps
     handler instances under CPython's shared-key limit; one attribute here)."""
 
     __slots__ = ("peer", "since", "want_client", "units")
@@ -41,18 +41,18 @@ class _EditorConn:
         self.units = CODEPOINT
 
 
-class EditorSocketHandler(BaseSocketHandler):
+class EditingSocketHandler(BaseSocketHandler):
     """``/ws/edit/<doc>?rev=<n>&client=<id>&units=utf16``: one connection editing one document."""
 
-    app_name = "editor"
+    app_name = "editing"
 
     def initialize(self, ctx: Any) -> None:  # type: ignore[override]
         super().initialize(ctx)
-        self.ed = _EditorConn()
+        self.ed = _EditingConn()
 
     @property
-    def docs(self) -> EditingService:
-        return self.ctx.docs  # type: ignore[no-any-return]
+    def editing(self) -> EditingService:
+        return self.ctx.editing  # type: ignore[no-any-return]
 
     @property
     def peer(self) -> Peer | None:
@@ -86,17 +86,17 @@ class EditorSocketHandler(BaseSocketHandler):
         super().prepare()
 
     async def opened(self, *args: str) -> None:
-        peer = await self.docs.attach(self, args[0], self.ed.want_client, self.ed.units,
-                                      may_create=lambda: self.ctx.doc_creations.take(self.ip))
+        peer = await self.editing.attach(self, args[0], self.ed.want_client, self.ed.units,
+                                         may_create=lambda: self.ctx.doc_creations.take(self.ip))
         self.ed.peer = peer
         if self._closing:  # gone while the document was loading
-            self.docs.leave(peer)
+            self.editing.leave(peer)
             return
-        await self.docs.welcome(peer, self.ed.since)
+        await self.editing.welcome(peer, self.ed.since)
 
     def closed(self) -> None:
         if self.ed.peer is not None:
-            self.docs.leave(self.ed.peer)
+            self.editing.leave(self.ed.peer)
 
     def rights(self) -> dict[str, Any]:
         assert self.user is not None
@@ -117,7 +117,7 @@ class EditorSocketHandler(BaseSocketHandler):
             seq = get_int(msg, "seq", minimum=0)
             if "op" not in msg:
                 raise ProtocolError("bad_message", "'op' is required")
-            self.docs.submit(peer, rev, msg["op"], seq)
+            self.editing.submit(peer, rev, msg["op"], seq)
         except ProtocolError as exc:
             self.ctx.stats.error(exc.code)
             err = error_message(exc.code, exc.message, msg.get("ref"))
@@ -131,14 +131,14 @@ class EditorSocketHandler(BaseSocketHandler):
         anchor = get_int(msg, "anchor", minimum=0)
         head = get_int(msg, "head", required=False, default=anchor, minimum=0)
         assert rev is not None and anchor is not None and head is not None
-        self.docs.cursor(peer, rev, anchor, head)
+        self.editing.cursor(peer, rev, anchor, head)
 
 
 class DocsAPI(JSONHandler):
     """``GET /api/docs``"""
 
     async def get(self) -> None:
-        self.finish({"docs": await self.ctx.docs.list_docs()})
+        self.finish({"docs": await self.ctx.editing.list_docs()})
 
 
 class DocAPI(JSONHandler):
@@ -147,7 +147,7 @@ class DocAPI(JSONHandler):
     async def get(self, doc_id: str) -> None:
         if not valid_doc_id(doc_id):
             raise ProtocolError("bad_message", DOC_ID_RULE)
-        self.finish(await self.ctx.docs.get_doc(doc_id))
+        self.finish(await self.ctx.editing.get_doc(doc_id))
 
 
 def ago(ms: int, now: float | None = None) -> str:
@@ -177,13 +177,13 @@ class DocsPage(Page):
                 return
             error = DOC_ID_RULE[0].upper() + DOC_ID_RULE[1:] + "."
             self.set_status(400)
-        docs = await self.ctx.docs.list_docs(500)
+        docs = await self.ctx.editing.list_docs(500)
         self.render("docs.html", title=self.title, docs=docs, error=error, wanted=wanted, ago=ago,
                     suggestion="doc-" + secrets.token_hex(3))
 
 
-class EditorPage(Page):
-    """``/edit/<doc>``: the shared editor (static/js/editor.js)."""
+class EditingPage(Page):
+    """``/edit/<doc>``: the shared editor (static/js/editing.js)."""
 
     def get(self, *args: str) -> None:
         doc_id = args[0]
@@ -192,11 +192,11 @@ class EditorPage(Page):
             self.render("404.html", title="Not found")
             return
         self.ensure_session()
-        self.render("editor.html", title=doc_id, doc_id=doc_id)
+        self.render("editing.html", title=doc_id, doc_id=doc_id)
 
 
 def register(ctx: Any) -> list[Any]:
-    """Build the editing service into ``ctx.services["docs"]``; return the routes."""
+    """Build the editing service into ``ctx.services["editing"]``; return the routes."""
     cfg = ctx.cfg
     svc = EditingService(
         ctx.storage.document_log(), ctx.hub,
@@ -217,12 +217,12 @@ def register(ctx: Any) -> list[Any]:
         lease=getattr(ctx.storage, "lease", None),
         leader_ttl=cfg.doc_leader_ttl,
     )
-    ctx.services["docs"] = svc
+    ctx.services["editing"] = svc
     kw = {"ctx": ctx}
     return [
-        (r"/ws/edit/([^/]+)", EditorSocketHandler, kw),
+        (r"/ws/edit/([^/]+)", EditingSocketHandler, kw),
         (r"/api/docs", DocsAPI, kw),
         (r"/api/docs/([^/]+)", DocAPI, kw),
         (r"/edit/?", DocsPage, kw),
-        (r"/edit/([^/]+)", EditorPage, kw),
+        (r"/edit/([^/]+)", EditingPage, kw),
     ]

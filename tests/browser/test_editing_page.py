@@ -1,4 +1,4 @@
-"""The editor page in real Chromium: two people typing into one document at once.
+"""The editing page (/edit/<doc>) in real Chromium: two people typing into one document at once.
 
 Each test has its own server (fresh data_dir) and two browser contexts (two
 people with separate cookies and localStorage).

@@ -1,5 +1,5 @@
 /**
- * The shared editor page (/edit/<doc>): a textarea kept in step with the server by the
+ * The editing page (/edit/<doc>): a textarea kept in step with the server by the
  * OT client state machine of ot.js, over the shared reconnecting client.
  *
  *   local edit    input event -> diffToOp(previous text, new text) in code points ->

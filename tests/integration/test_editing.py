@@ -548,7 +548,7 @@ async def test_snapshots_trim_the_log_and_an_unloaded_document_reloads(app, conn
     ops, snaps = await app.ctx.store.read(rows)
     assert snaps == [9] and ops == [8, 9, 10]  # keep 2 before rev 9, and all after the snapshot
     ann.c.close()
-    svc = app.ctx.docs
+    svc = app.ctx.editing
     await until(lambda: "notes" not in svc.docs)  # unloaded once idle
 
     async def snapshot_on_unload() -> tuple[list[int], list[int]] | None:
@@ -578,7 +578,7 @@ async def test_a_new_app_on_the_same_data_reads_the_documents(app, connect, http
     other = server.make_app(data_dir=app.ctx.cfg.data_dir, ping_interval=0)
     await other.start()
     try:
-        body = await other.ctx.docs.get_doc("notes")
+        body = await other.ctx.editing.get_doc("notes")
         assert (body["rev"], body["text"]) == (2, "kept 👍🏽!")
     finally:
         await other.shutdown(0.1)
@@ -655,7 +655,7 @@ async def test_utf16_catch_up_survives_an_unloaded_document(app, connect, http_p
     js.send({"type": "op", "rev": 1, "op": [2, "!"], "seq": 2})
     await js.expect("ack", skip=NOISE)
     js.close()
-    await until(lambda: "notes" not in app.ctx.docs.docs)  # unloaded once idle
+    await until(lambda: "notes" not in app.ctx.editing.docs)  # unloaded once idle
     # The snapshot written on unload (at rev 2) has committed.
     await until(lambda: app.ctx.store.read(
         lambda conn: conn.execute("SELECT 1 FROM doc_snapshots WHERE doc='notes' AND rev=2").fetchone()))
