@@ -92,7 +92,7 @@ def pick_color(used: Iterator[int]) -> int:
 
 
 class Member(Protocol):
-    """A connection as the editing core sees it (handlers.editor's socket)."""
+    """A connection as the editing core sees it (handlers.editing's socket)."""
 
     user: Identity
 
