@@ -448,11 +448,16 @@ class ClusterPresence:
             entries = [(room, self._key(u["id"]), u["id"], u["name"]) for room in svc.presence.rooms()
                        for u in svc.presence.members(room, 1 << 30)]
             try:
+                missed = await svc.log.listen(list(svc._relays), self.ttl)
                 if entries:
                     await self.store.refresh(entries, self.ttl)
             except StorageError as e:
                 log.warning("presence heartbeat failed: %s", e)
                 continue
+            for room in missed:  # no longer routed here for a while (this node stalled): read what passed
+                relay = svc._relays.get(room)
+                if relay is not None:
+                    relay.catch_up()
             for room in list(svc._relays):
                 self.changed(room)
 
@@ -492,6 +497,7 @@ class RoomRelay:
         try:
             await svc.hub.subscribe(self.topic, self)
             try:
+                await svc.log.listen([self.name], svc.listen_ttl)  # the room's messages are routed here
                 # An existing room is read, not written: joining it works on a full disk too.
                 found = await svc.log.find_room(self.name, svc.history_size)
                 if found is None:
@@ -648,6 +654,8 @@ class ChatService:
         # Across nodes (cluster mode): who is in each room, from the shared store.
         self.cluster = (ClusterPresence(self, presence_store, node_id, presence_ttl)
                         if presence_store is not None else None)
+        # How long a room stays routed to this node without renewal (the presence heartbeat renews it).
+        self.listen_ttl = presence_ttl
         self._relays: dict[str, RoomRelay] = {}
         self._batches: dict[str, PresenceBatch] = {}
         self._flush_handle: asyncio.TimerHandle | None = None
@@ -659,7 +667,20 @@ class ChatService:
             on_resync(self.resync)
 
     def resync(self) -> None:
-        """The backplane was cut off and is back: every room catches up from the log."""
+        """The backplane was cut off and is back: every room is routed here
+        again (the routes may have expired meanwhile), then catches up from the log."""
+        asyncio.ensure_future(self._resync())
+
+    async def _resync(self) -> None:
+        delay = 0.1
+        while self._relays:
+            try:
+                await self.log.listen(list(self._relays), self.listen_ttl)
+                break
+            except StorageError as e:
+                log.warning("routing the rooms here again failed (%s); retrying", e)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
         for relay in list(self._relays.values()):
             relay.catch_up()
 

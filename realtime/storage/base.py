@@ -105,6 +105,13 @@ class ChatLog(Protocol):
     async def find_room(self, room: str, recent: int) -> RoomRecord | None:
         """The room, or None if it was never created (nothing is created)."""
 
+    async def listen(self, rooms: list[str], ttl: float) -> list[str]:
+        """This node has members in ``rooms``: what is stored in them from now on
+        (by any node) reaches this node's hub for the next ``ttl`` seconds
+        (renew before it ends).  Returns the rooms this node was not listening
+        to before, which may have missed entries meanwhile.  A log that does
+        not broadcast has nothing to route and returns []."""
+
     async def append(self, room: str, user_id: str, name: str, text: str, ts: int,
                      cid: str | None) -> Appended:
         """Store one message with the next seq, unless ``(room, user_id, cid)``

@@ -45,6 +45,7 @@ from realtime.storage.base import (
 )
 
 ROOMS_KEY = "rt:rooms"
+ACTIVITY_GRAIN = 1.0  # seconds: a room's activity score moves at most this often per node
 
 _OPEN_ROOM = """
 if redis.call('HSETNX', KEYS[1], 'epoch', ARGV[1]) == 1 then
@@ -68,6 +69,30 @@ end
 return {1, ARGV[3]}
 """
 
+# Who gets a stored entry: the nodes listening to the room (``nodes``, node id
+# scored by when its listening expires, on Redis's clock), each on its own
+# channel, the origin excepted -- so a room on one node publishes nothing, and
+# no node receives its own messages back.
+_ROUTE = """
+local function route(nodes, prefix, origin, env)
+  local t = redis.call('TIME')
+  local now = t[1] * 1000 + math.floor(t[2] / 1000)
+  for _, n in ipairs(redis.call('ZRANGEBYSCORE', nodes, now, '+inf')) do
+    if n ~= origin then redis.call('PUBLISH', prefix .. n, env) end
+  end
+end
+"""
+
+# This node listens to a room for ARGV[2] ms more (KEYS[1] the room's ``nodes``);
+# the entries of nodes that stopped refreshing go.  1 if this node had not been
+# listening (it may have missed entries stored meanwhile).
+_LISTEN = """
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+return redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+"""
+
 # Who may write: the rule of realtime.storage.base.may_read.
 _MAY_WRITE = """
 local function may_write(meta, members, user)
@@ -78,7 +103,7 @@ local function may_write(meta, members, user)
 end
 """
 
-_SAY = _MAY_WRITE + """
+_SAY = _MAY_WRITE + _ROUTE + """
 local user, cid, ts = ARGV[1], ARGV[5], ARGV[4]
 if cid ~= '' then
   local prev = redis.call('HGET', KEYS[3], user .. '\\31' .. cid)
@@ -121,7 +146,7 @@ if seq % 100 == 0 and seq > keep then
   end
 end
 if ARGV[7] ~= '' then
-  redis.call('PUBLISH', ARGV[7], ARGV[8] .. seq .. ARGV[9] .. seq .. ARGV[10])
+  route(KEYS[6], ARGV[7], ARGV[11], ARGV[8] .. seq .. ARGV[9] .. seq .. ARGV[10])
 end
 return {seq, tonumber(ts), 0}
 """
@@ -131,7 +156,7 @@ return {seq, tonumber(ts), 0}
 # the event), appended with the next seq and published like a message.  A deleted
 # message leaves the stream; its fields, without the text, stay in the 'deleted'
 # hash (seq -> placeholder) until trimmed, and reads put it back in its place.
-_EVENT = """
+_EVENT = _ROUTE + """
 local op, by, byname, ts = ARGV[1], ARGV[3], ARGV[4], ARGV[5]
 if redis.call('EXISTS', KEYS[1]) == 0 then
   return redis.error_reply('NOROOM no such room')
@@ -165,7 +190,7 @@ else
   redis.call('XADD', KEYS[2], seq .. '-1', 'k', 'm', 'e', ARGV[11], 's', user, 'u', by, 'n', byname, 'ts', ts)
 end
 if ARGV[6] ~= '' then
-  redis.call('PUBLISH', ARGV[6], ARGV[7] .. seq .. ARGV[8] .. seq .. ARGV[9])
+  route(KEYS[6], ARGV[6], ARGV[12], ARGV[7] .. seq .. ARGV[8] .. seq .. ARGV[9])
 end
 return {seq, tonumber(ts), 0}
 """
@@ -201,6 +226,24 @@ async def _redis(coro: Any) -> Any:
         raise StorageError("Redis is unreachable: %s" % e) from None
 
 
+async def _evalsha_all(redis: Any, source: str, queue: Callable[[Any], None]) -> list[Any]:
+    """The EVALSHAs of one script that ``queue`` adds to a pipeline, in one
+    round trip.  If Redis has lost the script (it restarted) none of them ran:
+    load it and send them again.  A refusal of any raises StorageError."""
+    for attempt in range(2):
+        async with redis.pipeline(transaction=False) as pipe:
+            queue(pipe)
+            results = await _redis(pipe.execute(raise_on_error=False))
+        if attempt == 0 and any(isinstance(r, NoScriptError) for r in results):
+            await _redis(redis.script_load(source))
+            continue
+        break
+    failed = next((r for r in results if isinstance(r, Exception)), None)
+    if failed is not None:
+        raise StorageError("Redis refused: %s" % failed)
+    return list(results)
+
+
 class RedisChatLog:
     """Each room: ``meta`` (epoch, seq, kind, owner), ``log`` (a stream of
     messages, tombstones and membership changes), ``cids`` (a hash),
@@ -217,6 +260,8 @@ class RedisChatLog:
         self._create = redis.register_script(_CREATE_ROOM)
         self._say = redis.register_script(_SAY)
         self._event = redis.register_script(_EVENT)
+        self._listen = redis.register_script(_LISTEN)
+        self._active: dict[str, float] = {}  # room -> when this node last scored its activity
         self._queue: list[tuple[str, list[str], list[Any], asyncio.Future[Any]]] = []
         self._flusher: asyncio.Future[None] | None = None
         # The service need not publish what this log's append already sent to the other nodes.
@@ -226,6 +271,29 @@ class RedisChatLog:
     def keys(room: str) -> list[str]:
         tag = "rt:room:{%s}:" % room
         return [tag + "meta", tag + "log", tag + "cids", tag + "members", tag + "deleted"]
+
+    @staticmethod
+    def nodes_key(room: str) -> str:
+        """The nodes listening to the room: node id scored by when that ends (ms)."""
+        return "rt:room:{%s}:nodes" % room
+
+    def _script_keys(self, room: str) -> list[str]:
+        return self.keys(room) + [self.nodes_key(room)]
+
+    async def listen(self, rooms: list[str], ttl: float) -> list[str]:
+        """Route what is stored in ``rooms`` to this node for ``ttl`` seconds
+        (one script call per room, in one pipeline: each key in its room's
+        slot).  Returns the rooms this node had not been listening to."""
+        if not rooms or not self.broadcasts:
+            return []
+        args = [self.node_id, int(ttl * 1000)]
+
+        def queue(pipe: Any) -> None:
+            for room in rooms:
+                pipe.evalsha(self._listen.sha, 1, self.nodes_key(room), *args)
+
+        results = await _evalsha_all(self.redis, _LISTEN, queue)
+        return [room for room, added in zip(rooms, results) if added == 1]
 
     _call = staticmethod(_redis)
 
@@ -307,8 +375,9 @@ class RedisChatLog:
         return False
 
     def _envelope(self, room: str, mtype: str, rest: dict[str, Any]) -> list[str]:
-        """``[channel, head, body, tail]``: the envelope the script publishes
-        is ``head .. seq .. body .. seq .. tail``, exactly what Envelope.pack
+        """``[channel prefix, head, body, tail]``: the envelope the script
+        publishes to each listening node's channel (prefix + node id) is
+        ``head .. seq .. body .. seq .. tail``, exactly what Envelope.pack
         makes of ``{"type": mtype, "room": room, "seq": seq, **rest}``."""
         if not self.broadcasts:
             return ["", "", "", ""]
@@ -316,7 +385,7 @@ class RedisChatLog:
         topic = self._topic(room)
         head = ujson.dumps([self.node_id, topic, mtype])[:-1] + ","
         body = ",null]\n" + encode({"type": mtype, "room": room})[:-1] + ',"seq":'
-        return [self._channel(topic), head, body, "," + encode(rest)[1:]]
+        return [self._channel("_node:"), head, body, "," + encode(rest)[1:]]
 
     async def append(self, room: str, user_id: str, name: str, text: str, ts: int,
                      cid: str | None) -> Appended:
@@ -324,8 +393,9 @@ class RedisChatLog:
         if cid is not None:
             rest["cid"] = cid
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._queue.append((room, self.keys(room), [user_id, name, text, ts, cid or "", self.keep,
-                                                    *self._envelope(room, "message", rest)], fut))
+        self._queue.append((room, self._script_keys(room), [user_id, name, text, ts, cid or "", self.keep,
+                                                            *self._envelope(room, "message", rest),
+                                                            self.node_id], fut))
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.ensure_future(self._flush())
         seq, stored_ts, dup = await fut
@@ -363,11 +433,27 @@ class RedisChatLog:
     async def _run_says(self, batch: list[tuple[str, list[str], list[Any], asyncio.Future[Any]]]) -> list[Any]:
         """One pipeline of EVALSHAs, one round trip: redis-py's Script objects
         would add a SCRIPT EXISTS round trip before every pipeline."""
+        now = time.monotonic()
+        scored = []
         async with self.redis.pipeline(transaction=False) as pipe:
             for room, keys, args, _ in batch:
                 pipe.evalsha(self._say.sha, len(keys), *keys, *args)
-                pipe.zadd(ROOMS_KEY, {room: args[3] / 1000.0}, xx=True, gt=True)
-            return list((await pipe.execute(raise_on_error=False))[::2])
+                # The rooms' activity order (GET /api/rooms) at a second's grain: a
+                # busy room is scored once a second, not once a message.
+                if now - self._active.get(room, -ACTIVITY_GRAIN) >= ACTIVITY_GRAIN:
+                    if len(self._active) >= 10000:
+                        self._active.clear()
+                    self._active[room] = now
+                    pipe.zadd(ROOMS_KEY, {room: args[3] / 1000.0}, xx=True, gt=True)
+                    scored.append(True)
+                else:
+                    scored.append(False)
+            results = await pipe.execute(raise_on_error=False)
+        out, i = [], 0
+        for extra in scored:
+            out.append(results[i])
+            i += 2 if extra else 1
+        return out
 
     async def read(self, room: str, after: int, limit: int, newest: bool) -> list[dict[str, Any]]:
         _, log, *_, deleted = self.keys(room)
@@ -415,7 +501,7 @@ class RedisChatLog:
         return out[:limit]
 
     async def _append_event(self, room: str, args: list[Any]) -> Appended:
-        seq, ts, dup = await self._call(self._event(keys=self.keys(room), args=args))
+        seq, ts, dup = await self._call(self._event(keys=self._script_keys(room), args=[*args, self.node_id]))
         return Appended(int(seq), int(ts), bool(dup))
 
     async def set_member(self, room: str, user_id: str, role: str | None, event: str, by_id: str,
@@ -427,7 +513,7 @@ class RedisChatLog:
     async def delete(self, room: str, target: int, by_id: str, by_name: str, ts: int) -> Appended:
         rest = {"target": target, "by": {"id": by_id, "name": by_name}, "ts": ts}
         return await self._append_event(room, ["delete", target, by_id, by_name, ts,
-                                               *self._envelope(room, "deleted", rest)])
+                                               *self._envelope(room, "deleted", rest), "", ""])
 
 
 # -- presence --------------------------------------------------------------------------
@@ -509,21 +595,15 @@ class RedisPresenceStore:
         by_room: dict[str, list[str]] = {}
         for room, key, user_id, name in entries:
             by_room.setdefault(room, []).extend((key, user_id + "\x1f" + name))
-        for attempt in range(2):
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for room, args in by_room.items():
-                    keys = list(self.keys(room))
-                    for i in range(0, len(args), 2 * REFRESH_CHUNK):
-                        pipe.evalsha(self._refresh.sha, 2, *keys, until, "1" if names else "0",
-                                     *args[i:i + 2 * REFRESH_CHUNK])
-                results = await self._call(pipe.execute(raise_on_error=False))
-            if attempt == 0 and any(isinstance(r, NoScriptError) for r in results):
-                await self._call(self.redis.script_load(_PRESENCE_REFRESH))  # Redis restarted: none ran
-                continue
-            failed = next((r for r in results if isinstance(r, Exception)), None)
-            if failed is not None:
-                raise StorageError("Redis refused: %s" % failed)
-            return
+
+        def queue(pipe: Any) -> None:
+            for room, args in by_room.items():
+                keys = list(self.keys(room))
+                for i in range(0, len(args), 2 * REFRESH_CHUNK):
+                    pipe.evalsha(self._refresh.sha, 2, *keys, until, "1" if names else "0",
+                                 *args[i:i + 2 * REFRESH_CHUNK])
+
+        await _evalsha_all(self.redis, _PRESENCE_REFRESH, queue)
 
     async def enter(self, room: str, key: str, user_id: str, name: str, ttl: float) -> None:
         await self.refresh([(room, key, user_id, name)], ttl, names=True)

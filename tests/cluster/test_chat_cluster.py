@@ -336,3 +336,84 @@ def test_simulated_sensors_run_once_for_the_cluster_and_another_node_takes_over(
         assert len(later) >= 10
 
     run(main())
+
+
+def test_a_rooms_messages_go_only_to_the_other_nodes_with_members_in_it(cluster: Any, redis: RedisServer) -> None:
+    """Routing: a room whose members are all on one node publishes nothing;
+    with a member on a second node, each message is published once, to that
+    node's own channel, never back to the node it was said on."""
+    import redis.asyncio as aioredis
+
+    a, b = cluster(2)
+
+    async def main() -> None:
+        spy = aioredis.from_url(redis.url, decode_responses=True)
+        sub = spy.pubsub()
+        await sub.psubscribe("rt:ch:*")
+        published: list[tuple[str, str]] = []
+
+        async def listen() -> None:
+            async for m in sub.listen():
+                if m["type"] == "pmessage" and '"message"' in m["data"]:
+                    published.append((m["channel"], m["data"]))
+
+        async def routed() -> set[str]:  # the nodes the room's messages go to
+            return {str(n) for n in await spy.zrange("rt:room:{lobby}:nodes", 0, -1)}
+
+        reader = asyncio.ensure_future(listen())
+        ann = await chat(a)
+        await join(ann)
+        (node_a,) = await routed()
+        for i in range(5):
+            await ann.send({"type": "say", "room": "lobby", "text": "alone %d" % i})
+            await ann.expect("ack")
+        assert [m["text"] for m in [await ann.expect("message") for _ in range(5)]][-1] == "alone 4"
+        await asyncio.sleep(0.3)
+        assert published == []  # nobody else to tell
+
+        bob = await chat(b, "name=bob")
+        await join(bob)
+        (node_b,) = await routed() - {node_a}
+        for i in range(5):
+            await ann.send({"type": "say", "room": "lobby", "text": "to bob %d" % i})
+            await ann.expect("ack")
+        got = [await bob.expect("message") for _ in range(5)]
+        assert [m["text"] for m in got] == ["to bob %d" % i for i in range(5)]
+        await until(lambda: len(published) >= 5, timeout=5, what="5 publishes")
+        await asyncio.sleep(0.3)
+        assert [ch for ch, _ in published] == ["rt:ch:_node:" + node_b] * 5
+        reader.cancel()
+        await sub.aclose()
+        await spy.aclose()
+        await hang_up(ann, bob)
+
+    run(main())
+
+
+def test_a_node_that_stalled_past_the_ttl_catches_up_what_its_members_missed(cluster: Any) -> None:
+    """A node frozen (SIGSTOP) longer than --presence_ttl stops being routed
+    the room's messages; when it runs again it listens again and reads what it
+    missed from the stream, even if nothing more is said."""
+    import signal
+
+    a, b = cluster(2, "--presence_ttl=1")
+
+    async def main() -> None:
+        ann, bob = await chat(a), await chat(b, "name=bob")
+        await join(ann)
+        await join(bob)
+        node_b = cluster.procs[1].pid
+        os.kill(node_b, signal.SIGSTOP)
+        try:
+            await asyncio.sleep(1.5)  # b's route expires
+            for i in range(3):
+                await ann.send({"type": "say", "room": "lobby", "text": "while b slept %d" % i, "cid": "s%d" % i})
+                await ann.expect("ack")
+        finally:
+            os.kill(node_b, signal.SIGCONT)
+        got = [await bob.expect("message", timeout=10) for _ in range(3)]
+        assert [m["text"] for m in got] == ["while b slept %d" % i for i in range(3)]
+        assert [m["seq"] for m in got] == [1, 2, 3]
+        await hang_up(ann, bob)
+
+    run(main())
