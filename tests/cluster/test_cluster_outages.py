@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
+import signal
 from typing import Any
 
 import pytest
@@ -17,8 +19,8 @@ import websockets
 from tests.clients import Client
 from tests.cluster.test_chat_cluster import chat, hang_up, http, join, run
 from tests.redis_server import RedisServer
-from tests.servers import healthz
-from tests.waiting import until
+from tests.servers import free_port, healthz, start_server
+from tests.waiting import until, until_sync
 
 pytestmark = pytest.mark.cluster
 
@@ -282,3 +284,40 @@ def test_every_key_is_hash_tagged_per_room_document_and_sensor(cluster: Any, red
             slots.setdefault(tagged.group(1) + ":" + tagged.group(2), set()).add(key_slot(key.encode()))
     assert {"room:lobby", "room:team", "doc:notes", "sensor:tank"} <= set(slots), keys
     assert all(len(s) == 1 for s in slots.values()), slots
+
+
+def children(pid: int) -> set[int]:
+    found: set[int] = set()
+    for task in os.listdir("/proc/%d/task" % pid):
+        with open("/proc/%d/task/%s/children" % (pid, task)) as f:
+            found |= {int(c) for c in f.read().split()}
+    return found
+
+
+def test_processes_runs_n_workers_and_the_parent_replaces_one_killed_with_sigkill(tmp_path: Any,
+                                                                                  redis: RedisServer) -> None:
+    port = free_port()
+    seen: set[int] = set()
+    with start_server(port, tmp_path / "n", "--backplane=" + redis.url, "--processes=2") as proc:
+        try:
+            def workers(without: int = 0) -> set[int] | None:
+                now = children(proc.pid)
+                seen.update(now)
+                return now if len(now) == 2 and without not in now else None
+
+            first = until_sync(workers, timeout=10, what="two workers")
+            assert first is not None
+            victim = min(first)
+            os.kill(victim, signal.SIGKILL)
+            again = until_sync(lambda: workers(without=victim), timeout=10, what="a worker in place of the killed one")
+            assert again is not None and len(again & first) == 1
+            for _ in range(6):  # whichever worker takes the connection answers
+                assert healthz(port) == 200
+            assert proc.stop(15) == 0  # SIGTERM reaches every worker; the parent exits 0 once they are gone
+            assert not any(os.path.exists("/proc/%d" % w) for w in again)
+        finally:
+            for pid in seen:  # the parent's kill -9 (on a failure) would leave them serving
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
