@@ -116,12 +116,14 @@ def test_a_publish_that_fails_once_does_not_leave_the_node_degraded(cluster: Any
         # publish (a typing hint) fails once, and the node says 503 for a moment.
         await asyncio.to_thread(lambda: redis_client(redis).client_kill_filter(_type="normal", skipme=True))
         ann.send({"type": "typing", "room": "lobby"})
+        await until(lambda: status_is(a, 503), timeout=5, interval=0.02, what="node A degraded")
         await until(lambda: status_is(a, 200), timeout=5, interval=0.1, what="node A healthy again")
         # It serves as before: a message said on A reaches B, a new room can be joined.
         ack = await until_answered(ann, {"type": "say", "room": "lobby", "text": "after", "cid": "after"}, "ack")
         assert ack["seq"] == 1  # the same cid each time: stored once
         assert (await bob.expect("message", timeout=10))["text"] == "after"
         assert (await until_answered(ann, {"type": "join", "room": "another"}, "joined"))["room"] == "another"
+        assert await status_is(a, 200)
         await hang_up(ann, bob)
 
     run(main())
