@@ -119,7 +119,7 @@ class Config:
     host_metrics: bool = option(SENSORS, True, "publish this host's CPU %, memory %, load average and network bytes/s as sensors host.*")
     node_name: str = option(SENSORS, "", "cluster mode: this machine's name, for its host metrics (host.<name>.cpu ...); default: the hostname")
     host_metrics_hz: float = option(SENSORS, 1.0, "samples per second of the host metrics")
-    ingest_key: str = option(SENSORS, "", "key devices present to publish readings (Authorization: Bearer, X-Ingest-Key or ?key=); '' = generated once into data_dir/ingest_key")
+    ingest_key: str = option(SENSORS, "", "key devices present to publish readings (Authorization: Bearer, X-Ingest-Key or ?key=); '' = generated once into data_dir/ingest_key (or into Redis in cluster mode)")
     max_points_per_publish: int = option(SENSORS, 1000, "points one publish (WebSocket message or POST) may carry; more is refused with too_large")
     max_sensors: int = option(SENSORS, 1000, "device sensors this server holds at most")
     viewer_min_hz: float = option(SENSORS, 0.1, "slowest readings rate (messages/s) a viewer may ask for")

@@ -87,6 +87,7 @@ class RedisBackplane:
         self._pubsub: Any = None
         self._resync: list[Callable[[], Any]] = []
         self._closing = False
+        self._resubscribing = False  # the subscription was lost and is not back yet
         self.published = 0
         self.received = 0
         self.resyncs = 0
@@ -204,7 +205,9 @@ class RedisBackplane:
                 msg = await self._pubsub.get_message(ignore_subscribe_messages=False, timeout=1.0)
             except (RedisError, OSError) as e:
                 self._unhealthy("subscription lost: %s" % e)
+                self._resubscribing = True
                 await self._reconnect()
+                self._resubscribing = False
                 continue
             if msg is None:
                 continue
@@ -271,7 +274,11 @@ class RedisBackplane:
             except (RedisError, OSError, asyncio.TimeoutError) as e:
                 self._unhealthy("ping failed: %s" % (e or "timeout"))
                 continue
-            if not self.healthy and self.reason.startswith("ping"):
+            # Back from a failed PING or PUBLISH (a connection Redis closed, a pool
+            # wait that timed out): Redis answers and the subscription is intact,
+            # so nothing else will mark the node healthy again.  A lost
+            # subscription is _reconnect's to restore (it resubscribes first).
+            if not self.healthy and not self._resubscribing and self.reason.startswith(("ping", "publish")):
                 await self._drop_stale_connections()
                 self.healthy, self.reason = True, ""
 

@@ -428,6 +428,10 @@ class EditingService:
                     "rate_limited", f"more than {self.edit_rate:g} edits per second; resend this op shortly")
             if self.log.overloaded:
                 raise ProtocolError("unavailable", "the server is overloaded; resend this op shortly")
+            if self.shared and not self.hub.backplane.healthy:
+                # Applied now, it could not be stored: the document would be reloaded and
+                # every peer closed. Refused, it is resent (same seq) once Redis is back.
+                raise ProtocolError("unavailable", "the store (Redis) is unreachable; resend this op shortly")
         except ProtocolError as exc:
             self.ops_refused[exc.code] = self.ops_refused.get(exc.code, 0) + 1
             raise

@@ -136,6 +136,10 @@ class SensorService:
             hub = Hub(MemoryBackplane())
         self.hub = hub
         self._bus = _Bus(self)
+        self._refilled: set[tuple[str, float, float]] = set()  # put in the rings by resync(), not yet seen live
+        on_resync = getattr(hub.backplane, "on_resync", None)
+        if on_resync is not None:
+            on_resync(self.resync)
         # Cluster mode: the simulated sensors run on one node for the whole
         # cluster, and each machine's metrics on one of its processes; whoever
         # holds the lease sends the points to every node over the hub.
@@ -252,6 +256,39 @@ class SensorService:
         maint.start()
         self._timers.append(maint)
         self.started = True
+
+    async def resync(self) -> None:
+        """This node's subscription was lost and is back (cluster mode): the device
+        readings other nodes committed meanwhile are in Redis, but pub/sub did not
+        bring them here.  Take the points within the window that this node lacks as
+        if they had just arrived (its viewers get them, its backfills include them);
+        one of them that still arrives live afterwards is dropped, not doubled."""
+        if not self.started:
+            return
+        try:
+            loaded = await self.readings_store.load(self.clock() - self.cfg.window_s, self.cfg.max_points)
+        except StorageError as e:
+            log.warning("device readings missed while resubscribing could not be read: %s", e)
+            return
+        filled = 0
+        for (sid, label, unit, rate_hz), points in loaded:
+            sensor = self._sensors.get(sid)
+            if sensor is not None and sensor.info.kind != "device":
+                continue
+            have = set(sensor.ring) if sensor is not None else set()
+            missing = [p for p in points if p not in have]
+            if sensor is not None and not missing:
+                continue
+            try:
+                info = sensor.info if sensor is not None else SensorInfo(sid, label, unit, rate_hz, "device")
+            except ValueError:
+                continue
+            self._committed(info, missing)
+            self._refilled.update((sid, t, v) for t, v in missing)
+            filled += len(missing)
+        if filled:
+            log.info("filled %d device readings missed while resubscribing", filled)
+            asyncio.get_running_loop().call_later(10.0, self._refilled.clear)  # late copies come sooner
 
     def _start_aligned(self, loop: IOLoop, pc: PeriodicCallback, hz: float) -> None:
         """Start ``pc`` just after a multiple of ``1/hz`` of the wall clock: the
@@ -555,12 +592,22 @@ class SensorService:
         elif sensor.info.kind != "device":
             return
         ring = sensor.ring
+        if self._refilled:
+            points = [p for p in points if not self._seen_in_resync(sensor_id, p)]
         kept = [p for p in points if ring.append(p[0], p[1])]
         sensor.last_ingest = self.clock()
         self.points_in["device"] += len(points)
         if kept:
             self.fanout.push(sensor_id, kept)
             self._kick()
+
+    def _seen_in_resync(self, sensor_id: str, point: Point) -> bool:
+        """Whether ``point`` is the live copy of one that resync() already took (once)."""
+        key = (sensor_id, point[0], point[1])
+        if key in self._refilled:
+            self._refilled.discard(key)
+            return True
+        return False
 
     def _meta_committed(self, info: SensorInfo) -> None:
         current = self._sensors.get(info.id)
