@@ -8,6 +8,7 @@ import base64
 import json
 import os
 import struct
+import zlib
 
 import msgpack
 import pytest
@@ -324,6 +325,13 @@ async def test_a_chat_message_is_compressed_once_for_every_compressed_member(htt
                 assert msg["text"] == text
                 break
     assert sum(1 for data in compressed if text.encode() in data) == 1
+    # No zlib state per connection: the compressed members share the application's one compressor.
+    deflaters = {id(c.rt.fmt.deflater) for c in app.ctx.connections if c.rt.fmt.deflater is not None}
+    assert len(deflaters) == 1 and sum(1 for c in app.ctx.connections if c.rt.fmt.deflater) == 4
+    zlib_types = (type(zlib.compressobj()), type(zlib.decompressobj()))
+    for c in app.ctx.connections:  # and none for reading: each client message is inflated on its own
+        reader = c.ws_connection.reader
+        assert not any(isinstance(getattr(reader, a, None), zlib_types) for a in reader.__slots__)
     for ws in members + [plain]:
         await ws.close()
 
