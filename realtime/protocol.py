@@ -116,6 +116,8 @@ def _check_value(value: Any, depth: int) -> None:
             raise ProtocolError("bad_message", "NaN and Infinity are not valid numbers")
     elif t is dict:
         for k, v in value.items():
+            if type(k) is not str:  # only MessagePack has other keys
+                raise ProtocolError("bad_message", "map keys are strings, not %s" % type(k).__name__)
             _check_value(k, depth + 1)
             _check_value(v, depth + 1)
     elif t is list:
@@ -152,10 +154,17 @@ def decode_msgpack(data: bytes) -> dict[str, Any]:
     Raises :class:`ProtocolError` (``bad_msgpack`` or ``bad_message``).
     """
     try:
-        value = msgpack.unpackb(data, raw=False, strict_map_key=True)
+        # Keys of any type are let through here so that _check_value can say
+        # what is wrong with them: the MessagePack itself is valid.
+        value = msgpack.unpackb(data, raw=False, strict_map_key=False)
     except (ValueError, TypeError, OverflowError, RecursionError, msgpack.UnpackException):
         raise ProtocolError("bad_msgpack", "not valid MessagePack (one map per binary frame)") from None
-    _check_value(value, 0)
+    try:
+        _check_value(value, 0)
+    except ProtocolError as e:
+        if e.code == "bad_json":  # too deep: JSON's code names the other format
+            raise ProtocolError("bad_msgpack", e.message) from None
+        raise
     return _message(value)
 
 

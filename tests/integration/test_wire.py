@@ -8,6 +8,7 @@ import base64
 import json
 import os
 import struct
+import zlib
 
 import msgpack
 import pytest
@@ -93,6 +94,103 @@ async def test_echo_obeys_the_rate_limit_and_the_size_limit(http_server, http_po
         with pytest.raises(websockets.ConnectionClosed) as e:
             await asyncio.wait_for(ws.recv(), 3)
         assert e.value.rcvd.code == 1009
+
+
+async def handshake_status(url: str, **kw) -> int:
+    """The HTTP status a refused WebSocket handshake got (101 never: that fails the test)."""
+    with pytest.raises(websockets.InvalidStatus) as e:
+        async with websockets.connect(url, **kw):
+            pass
+    return e.value.response.status_code
+
+
+async def echoes(url: str, message: str | bytes = "hi", **kw) -> bool:
+    async with websockets.connect(url, **kw) as ws:
+        await ws.send(message)
+        return await asyncio.wait_for(ws.recv(), 3) == message
+
+
+@pytest.mark.gen_test
+@pytest.mark.parametrize("app_options", [{}, {"allowed_origins": ["https://app.example"]}])
+async def test_echo_checks_the_origin_like_every_endpoint(http_server, http_port, app_options):
+    url = ws_url(http_port, "/ws/echo")
+    assert await handshake_status(url, origin="http://evil.example") == 403
+    if app_options:
+        assert await echoes(url, origin="https://app.example")
+        assert await handshake_status(url, origin="https://app.example.evil") == 403
+        assert await handshake_status(url, origin="http://127.0.0.1:%d" % http_port) == 403
+    else:
+        assert await echoes(url, origin="http://127.0.0.1:%d" % http_port)  # same origin
+    assert await echoes(url)  # no Origin (not a browser): let through to authentication
+
+
+@pytest.mark.gen_test
+@pytest.mark.parametrize("app_options", [{"auth": "token", "jwt_secret": "e" * 40}])
+async def test_echo_needs_a_token_in_token_mode(http_server, http_port, app, app_options):
+    url = ws_url(http_port, "/ws/echo")
+    assert await handshake_status(url) == 401
+    assert await handshake_status(url + "?token=not.a.token") == 401
+    expired = app.ctx.auth.make_token("ann", "Ann", [], ttl=-60)
+    assert await handshake_status(url + "?token=" + expired) == 401
+    good = app.ctx.auth.make_token("ann", "Ann", [])
+    assert await echoes(url + "?token=" + good, b"\x00bin")
+    assert await echoes(url, "text", additional_headers={"Authorization": "Bearer " + good})
+
+
+@pytest.mark.gen_test
+@pytest.mark.parametrize("app_options", [{"max_connections_per_ip": 1}])
+async def test_echo_counts_connections_per_address(http_server, http_port, app_options):
+    url = ws_url(http_port, "/ws/echo")
+    async with websockets.connect(url) as first:
+        assert await handshake_status(url) == 429
+        await first.send("still open")
+        assert await asyncio.wait_for(first.recv(), 3) == "still open"
+
+
+@pytest.mark.gen_test
+@pytest.mark.parametrize("app_options", [{"rate_limit": 5.0, "rate_burst": 3.0},
+                                         {"rate_limit": 5.0, "rate_burst": 3.0, "websocket_compression": True},
+                                         {"rate_limit": 5.0, "rate_burst": 3.0, "fast_path": False}])
+async def test_echo_over_msgpack(http_server, http_port, app, app_options):
+    """Echo interprets nothing, on a msgpack connection too: what comes back is what was
+    sent; only its own rate_limited error is MessagePack there."""
+    compression = "deflate" if app_options.get("websocket_compression") else None
+    c = await Packed.connect(http_port, "/ws/echo", compression=compression)
+    sent = msgpack.packb({"type": "anything", "x": [1, 2.5, "é"]})
+    await c.ws.send(sent)
+    assert await asyncio.wait_for(c.ws.recv(), 3) == sent
+    await c.ws.send(b"\xc1 not msgpack")  # not decoded, so not refused either
+    assert await asyncio.wait_for(c.ws.recv(), 3) == b"\xc1 not msgpack"
+    await c.ws.send("text")  # the apps close 1003 for this; echo sends it back
+    assert await asyncio.wait_for(c.ws.recv(), 3) == "text"
+    await c.ws.send(b"one too many")
+    err = await c.recv()  # a binary frame holding one MessagePack map
+    assert (err["type"], err["code"]) == ("error", "rate_limited")
+    (conn,) = app.ctx.connections
+    assert conn.rt.fmt.binary
+    await c.ws.close()
+
+
+@pytest.mark.gen_test
+@pytest.mark.parametrize("app_options", [FAST, {**FAST, "websocket_compression": True}])
+async def test_echo_writes_through_the_fast_path(http_server, http_port, app, app_options, monkeypatch):
+    """Echo's replies are frames our own writer sends (handlers/writer.py), queued and
+    flushed like every app's messages, and compressed when deflate was negotiated."""
+    from handlers.writer import StreamWriter
+
+    batches: list[list[bytes]] = []
+    real = StreamWriter.write_batch
+    monkeypatch.setattr(StreamWriter, "write_batch", lambda self, q: batches.append(list(q)) or real(self, q))
+    compression = "deflate" if app_options.get("websocket_compression") else None
+    async with websockets.connect(ws_url(http_port, "/ws/echo"), compression=compression) as ws:
+        (conn,) = app.ctx.connections
+        assert isinstance(conn.rt.writer, StreamWriter)
+        await ws.send("x" * 200)
+        assert await asyncio.wait_for(ws.recv(), 3) == "x" * 200
+    (frames,) = [b for b in batches if b]
+    (data,) = frames
+    assert bool(data[0] & 0x40) == bool(compression)  # RSV1: a compressed message
+    assert len(data) < 50 if compression else len(data) == 2 + 2 + 200
 
 
 # -- protocol faults: a close frame with the RFC's code, then the server drops TCP ---------
@@ -227,6 +325,13 @@ async def test_a_chat_message_is_compressed_once_for_every_compressed_member(htt
                 assert msg["text"] == text
                 break
     assert sum(1 for data in compressed if text.encode() in data) == 1
+    # No zlib state per connection: the compressed members share the application's one compressor.
+    deflaters = {id(c.rt.fmt.deflater) for c in app.ctx.connections if c.rt.fmt.deflater is not None}
+    assert len(deflaters) == 1 and sum(1 for c in app.ctx.connections if c.rt.fmt.deflater) == 4
+    zlib_types = (type(zlib.compressobj()), type(zlib.decompressobj()))
+    for c in app.ctx.connections:  # and none for reading: each client message is inflated on its own
+        reader = c.ws_connection.reader
+        assert not any(isinstance(getattr(reader, a, None), zlib_types) for a in reader.__slots__)
     for ws in members + [plain]:
         await ws.close()
 

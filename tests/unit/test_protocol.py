@@ -1,10 +1,19 @@
 import json
 
+import msgpack
 import pytest
 import websockets.frames
 from websockets.streams import StreamReader
 
-from realtime.protocol import Outgoing, ProtocolError, close_reason, decode, has_control_chars, websocket_frame
+from realtime.protocol import (
+    Outgoing,
+    ProtocolError,
+    close_reason,
+    decode,
+    decode_msgpack,
+    has_control_chars,
+    websocket_frame,
+)
 
 
 @pytest.mark.parametrize("text,code", [
@@ -27,6 +36,41 @@ def test_decode_rejects(text, code):
     with pytest.raises(ProtocolError) as e:
         decode(text)
     assert e.value.code == code
+
+
+@pytest.mark.parametrize("data,code", [
+    (b"", "bad_msgpack"),
+    (b"\xc1", "bad_msgpack"),  # a byte MessagePack never uses
+    (msgpack.packb({"type": "x"}) + msgpack.packb(1), "bad_msgpack"),  # two values in one frame
+    (b"\x81\xa4type\xa2\xed\xa0", "bad_msgpack"),  # a str that is not UTF-8 (a UTF-8 surrogate)
+    (msgpack.packb({"type": "x", "v": [[[[[[[[[[[[[[[[[[1]]]]]]]]]]]]]]]]]]}), "bad_msgpack"),  # too deep
+    (msgpack.packb({"type": "x", "v": float("nan")}), "bad_message"),
+    (msgpack.packb({"type": "x", "v": float("-inf")}), "bad_message"),
+    (msgpack.packb({"type": "x", 1: 2}), "bad_message"),
+    (msgpack.packb({"type": "x", b"k": 2}), "bad_message"),
+    (msgpack.packb({"type": "x", "v": b"bin"}), "bad_message"),
+    (msgpack.packb({"type": "x", "v": msgpack.ExtType(5, b"a")}), "bad_message"),
+    (msgpack.packb({"type": "x", "t": msgpack.Timestamp(1, 0)}), "bad_message"),
+    (msgpack.packb([1, 2]), "bad_message"),
+    (msgpack.packb("type"), "bad_message"),
+    (msgpack.packb({"no": "type"}), "bad_message"),
+    (msgpack.packb({"type": b"say"}), "bad_message"),
+])
+def test_decode_msgpack_rejects(data, code):
+    with pytest.raises(ProtocolError) as e:
+        decode_msgpack(data)
+    assert e.value.code == code
+
+
+def test_a_non_string_key_is_named_as_such():
+    with pytest.raises(ProtocolError) as e:
+        decode_msgpack(msgpack.packb({"type": "x", 1: 2}))
+    assert e.value.message == "map keys are strings, not int"
+
+
+def test_decode_msgpack_gives_what_decode_gives_for_the_same_message():
+    obj = {"type": "say", "room": "lobby", "text": "hé 😀 日本", "n": [1, -2, 2.5, True, None], "m": {"a": {}}}
+    assert decode_msgpack(msgpack.packb(obj)) == decode(json.dumps(obj)) == obj
 
 
 def test_decode_accepts_unicode_and_pairs():
