@@ -1,9 +1,11 @@
 """A real full disk: the server's data_dir on a tiny tmpfs, filled to the last byte.
 
 Writes get ``unavailable`` (chat, sensors) and nothing is acknowledged that is not
-stored; reads keep working (HTTP history, joining a room and reading its history,
-sensor backfill); /healthz says why it is degraded; once space returns, the same
-retries (same cids) are stored once and everything is as before.
+stored; an edit that cannot be saved closes the document's editors with 1011 and is
+never acknowledged; reads keep working (HTTP history, joining a room and reading its
+history, sensor backfill, an editor resuming); /healthz says why it is degraded; once
+space returns, the same retries (same cids, the same op resent) are stored once and
+everything is as before.
 
 Mounting needs root (the tests run as root here and in CI): elsewhere the test is
 skipped, but under CI a mount that fails is a failure, not a skip."""
@@ -77,8 +79,9 @@ def get(port: int, path: str) -> tuple[int, Any]:
 
 
 class Chat:
-    def __init__(self, ws: Any) -> None:
+    def __init__(self, ws: Any, session: str) -> None:
         self.ws = ws
+        self.session = session  # the guest's identity, for its editor
         self.acked: dict[str, int] = {}
         self.refused: set[str] = set()
 
@@ -97,12 +100,44 @@ class Chat:
 
 async def open_chat(port: int, name: str, room: str = "vault") -> tuple[Chat, dict[str, Any]]:
     ws = await websockets.connect("ws://127.0.0.1:%d/ws/chat?name=%s" % (port, name))
-    json.loads(await ws.recv())
+    welcome = json.loads(await ws.recv())
     await ws.send(json.dumps({"type": "join", "room": room}))
     while True:
         m = json.loads(await asyncio.wait_for(ws.recv(), 10))
         if m["type"] in ("joined", "error"):
-            return Chat(ws), m
+            return Chat(ws, welcome["session"]), m
+
+
+class Editor:
+    """An editor of document "ledger" under a guest session; ``seen``: what it was sent since its last op."""
+
+    def __init__(self, ws: Any, first: dict[str, Any]) -> None:
+        self.ws = ws
+        self.first = first
+        self.seen: list[dict[str, Any]] = []
+
+    @classmethod
+    async def open(cls, port: int, session: str, **resume: Any) -> "Editor":
+        query = "".join("&%s=%s" % kv for kv in resume.items())
+        ws = await websockets.connect("ws://127.0.0.1:%d/ws/edit/ledger?session=%s%s" % (port, session, query))
+        while True:
+            m = json.loads(await asyncio.wait_for(ws.recv(), 10))
+            if m["type"] in ("snapshot", "ops"):
+                return cls(ws, m)
+
+    async def op(self, rev: int, op: list[Any], seq: int) -> dict[str, Any] | int:
+        """Send an op: its ``ack`` or ``error``, or the close code if the socket closes first."""
+        self.seen = []
+        await self.ws.send(json.dumps({"type": "op", "rev": rev, "op": op, "seq": seq}))
+        try:
+            while True:
+                m = json.loads(await asyncio.wait_for(self.ws.recv(), 10))
+                self.seen.append(m)
+                if m["type"] in ("ack", "error") and m.get("seq") == seq:
+                    return m
+        except websockets.exceptions.ConnectionClosed as exc:
+            assert exc.rcvd is not None, "closed without a close frame"
+            return exc.rcvd.code
 
 
 def test_a_full_disk_refuses_writes_keeps_reads_and_recovers(tiny_disk: Any, tmp_path: Any) -> None:
@@ -127,6 +162,8 @@ def test_a_full_disk_refuses_writes_keeps_reads_and_recovers(tiny_disk: Any, tmp
                     return m
 
         assert (await publish([[t0 - 5, 1.0], [t0 - 4, 2.0]], 1))["type"] == "ack"
+        editor = await Editor.open(port, ann.session)
+        assert editor.first["rev"] == 0 and await editor.op(0, ["base"], 1) == {"type": "ack", "rev": 1, "seq": 1}
         # A room with history and, by the time the disk is full, nobody in it.
         old, _ = await open_chat(port, "old", "archive")
         await old.ws.send(json.dumps({"type": "say", "room": "archive", "text": "kept", "cid": "k1"}))
@@ -149,6 +186,12 @@ def test_a_full_disk_refuses_writes_keeps_reads_and_recovers(tiny_disk: Any, tmp
             assert await ann.say("more-%d" % j, "still full?") == "unavailable"
         reading = await publish([[t0 - 3, 3.0]], 2)
         assert (reading["type"], reading.get("code")) == ("error", "unavailable")
+        # An edit that cannot be saved is never acknowledged nor shown to anyone: the document's
+        # peers are closed with 1011 (docs/PROTOCOL.md, "Close codes for editors") and resume.
+        assert await editor.op(1, [4, " lost?"], 2) == 1011
+        assert not [m for m in editor.seen if m["type"] in ("ack", "op")]
+        editor = await Editor.open(port, ann.session, rev=1, client=editor.first["client"])
+        assert (editor.first["type"], editor.first["rev"], editor.first["ops"]) == ("ops", 1, [])
         status, health = get(port, "/healthz")
         assert status == 503 and health["status"] == "degraded" and "full" in health["reason"]
         # Reads keep working: HTTP history, a new member joining with history, sensor backfill.
@@ -174,13 +217,17 @@ def test_a_full_disk_refuses_writes_keeps_reads_and_recovers(tiny_disk: Any, tmp
             assert await ann.say(cid, "x" * 3000 if cid.startswith("full") else "still full?") == "ack"
         assert (await publish([[t0 - 3, 3.0]], 3))["type"] == "ack"
         assert await ann.say("after", "room again") == "ack"
+        resent = await editor.op(1, [4, " lost?"], 2)  # the resend, as OTClient.resend() makes it
+        assert resent == {"type": "ack", "rev": 2, "seq": 2}, resent
+        status, doc = get(port, "/api/docs/ledger")
+        assert (status, doc["text"], doc["rev"]) == (200, "base lost?", 2)
         status, health = get(port, "/healthz")
         assert status == 200 and health["status"] == "ok"
         status, hist = get(port, "/api/rooms/vault/messages?since=0&limit=1000")
         cids = [m["cid"] for m in hist["messages"]]
         assert len(cids) == len(set(cids)) == len(ann.acked)
         assert [m["seq"] for m in hist["messages"]] == list(range(1, len(cids) + 1))
-        for c in (ann.ws, bob.ws, dev):
+        for c in (ann.ws, bob.ws, dev, editor.ws):
             await c.close()
 
     try:
