@@ -62,6 +62,8 @@ class DocFeed:
             self.cluster.remote_op(doc, out)
         elif kind in ("peer_joined", PEER_ANNOUNCE, "peer_left", PEER_QUERY):
             self.cluster.remote_peer(doc, kind, out)
+        elif kind == "cursor":
+            self.cluster.remote_cursor(doc, out.obj)
         elif kind == SUBMIT:
             self.cluster.service.leadership.submitted(doc, out.obj)
         elif kind == REPLY:
@@ -114,11 +116,11 @@ class ClusterSync:
             await asyncio.sleep(self.peer_ttl / 3)
             now = svc.clock()
             for doc in list(svc.docs.values()):
-                for peer in doc.announced():
-                    svc.hub.send_others(doc.topic, Outgoing({"type": PEER_ANNOUNCE, **peer.info()}))
+                self._announce(doc)
                 for client, (info, heard) in list(doc.remote_peers.items()):
                     if now - heard > self.peer_ttl:
                         del doc.remote_peers[client]
+                        doc.remote_cursors.pop(client, None)
                         self._publish_local(doc, {"type": "peer_left", "client": client, "user": info["user"]})
 
     def resync(self) -> None:
@@ -137,20 +139,41 @@ class ClusterSync:
         obj = out.obj
         client = obj.get("client")
         if kind == PEER_QUERY:
-            for peer in doc.announced():
-                svc.hub.send_others(doc.topic, Outgoing({"type": PEER_ANNOUNCE, **peer.info()}))
+            self._announce(doc)
             return
         if not isinstance(client, str) or client in doc.peers:
             return  # our own peer (a local publish comes back here too)
         if kind == "peer_left":
             doc.remote_peers.pop(client, None)
+            doc.remote_cursors.pop(client, None)
             return
         info = {k: obj[k] for k in ("client", "user", "color") if k in obj}
         new = client not in doc.remote_peers
         doc.remote_peers[client] = (info, svc.clock())
+        cursor = _as_cursor(obj.get("cursor"))
         if kind == PEER_ANNOUNCE and new:
-            # A peer we had not heard of (we loaded the document after it joined): tell ours.
+            # A peer we had not heard of (we loaded the document after it joined): tell ours,
+            # with its selection if it has one.
             self._publish_local(doc, {"type": "peer_joined", **info})
+            if cursor is not None and client not in doc.remote_cursors:
+                doc.remote_cursors[client] = cursor
+                svc.send_remote_cursor(doc, info)
+
+    def _announce(self, doc: LiveDoc) -> None:
+        """Tell the other nodes who edits ``doc`` here, and where each one's selection is."""
+        for peer in doc.announced():
+            obj: dict[str, Any] = {"type": PEER_ANNOUNCE, **peer.info()}
+            if peer.cursor is not None:
+                obj["cursor"] = list(peer.cursor)
+            self.service.hub.send_others(doc.topic, Outgoing(obj))
+
+    def remote_cursor(self, doc: LiveDoc, obj: dict[str, Any]) -> None:
+        """Another node's peer moved its selection: kept for the snapshots of peers who join here later."""
+        client = obj.get("client")
+        if isinstance(client, str) and client not in doc.peers:
+            cursor = _as_cursor([obj.get("rev"), obj.get("anchor"), obj.get("head")])
+            if cursor is not None:
+                doc.remote_cursors[client] = cursor
 
     def _publish_local(self, doc: LiveDoc, obj: dict[str, Any]) -> None:
         out = Outgoing(obj, client=obj.get("client"))
@@ -289,3 +312,12 @@ class ClusterSync:
 
 def _doc_topic(doc_id: str) -> str:
     return "doc:" + doc_id
+
+
+def _as_cursor(value: Any) -> tuple[int, int, int] | None:
+    """``(rev, anchor, head)`` from ``[rev, anchor, head]`` as another node
+    sent it, or None unless it is three non-negative ints."""
+    if (isinstance(value, list) and len(value) == 3
+            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)):
+        return value[0], value[1], value[2]
+    return None

@@ -223,6 +223,7 @@ class LiveDoc:
         self.conflict = False  # another node appended: rebase once the write in flight is back
         self.rebases = 0
         self.remote_peers: dict[str, tuple[dict[str, Any], float]] = {}  # other nodes' peers, last heard
+        self.remote_cursors: dict[str, tuple[int, int, int]] = {}  # their selections: (rev, anchor, head), code points
         self.deferred: list[Callable[[], None]] = []  # ops that arrived during a rebase, applied after it
         # Cluster mode with a leader per document (realtime.editing.leader): the
         # node holding the lease applies and appends every op; the others

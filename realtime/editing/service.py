@@ -375,19 +375,42 @@ class EditingService:
         state = doc.state
         rev, text = state.rev, state.text
         entries = state.ops_since(since, peer.units) if since is not None else None
-        to_peer = state.text_units().to_utf16 if peer.units == UTF16 else None
         peers = []
         for other in doc.announced():
-            info = other.info()
-            if other.cursor is not None:
-                moved = self._move(doc, other.cursor[0], other.cursor[1:], rev)
-                if moved is not None:
-                    if to_peer is not None:
-                        moved = (to_peer(moved[0]), to_peer(moved[1]))
-                    info["cursor"] = {"anchor": moved[0], "head": moved[1]}
-            peers.append(info)
-        peers.extend(info for info, _ in doc.remote_peers.values())
+            peers.append(self._with_cursor(doc, other.info(), other.cursor, peer.units))
+        for client, (info, _) in doc.remote_peers.items():
+            peers.append(self._with_cursor(doc, dict(info), doc.remote_cursors.get(client), peer.units))
         return rev, text, entries, peers
+
+    def _with_cursor(self, doc: LiveDoc, info: dict[str, Any], cursor: tuple[int, int, int] | None,
+                     units: str) -> dict[str, Any]:
+        """``info`` with ``cursor`` ({anchor, head}) moved to the document's rev
+        in ``units``, if it has a selection there (one set at a rev this node
+        has not reached yet has none until it moves again)."""
+        state = doc.state
+        if cursor is not None and cursor[0] <= state.rev:
+            moved = self._move(doc, cursor[0], cursor[1:], state.rev)
+            if moved is not None:
+                if units == UTF16:
+                    to_peer = state.text_units().to_utf16
+                    moved = (to_peer(moved[0]), to_peer(moved[1]))
+                info["cursor"] = {"anchor": moved[0], "head": moved[1]}
+        return info
+
+    def send_remote_cursor(self, doc: LiveDoc, info: dict[str, Any]) -> None:
+        """Tell this node's peers where another node's peer (just heard of) has its selection."""
+        cursor = doc.remote_cursors.get(info["client"])
+        if cursor is None or cursor[0] > doc.committed_rev:
+            return
+        moved = self._move(doc, cursor[0], cursor[1:], doc.committed_rev)
+        if moved is None:
+            return
+        msg = {"type": "cursor", **info, "rev": doc.committed_rev, "anchor": moved[0], "head": moved[1]}
+        self.hub.dispatch(doc.topic, Outgoing(msg, seq=doc.committed_rev, client=info["client"]))
+        if self.hub.subscribers(doc.topic16):
+            to16 = doc.committed_units().to_utf16
+            self.hub.dispatch(doc.topic16, Outgoing({**msg, "anchor": to16(moved[0]), "head": to16(moved[1])},
+                                                    seq=doc.committed_rev, client=info["client"]))
 
     def leave(self, peer: Peer) -> None:
         """Remove ``peer`` (idempotent); announce it if it was announced."""

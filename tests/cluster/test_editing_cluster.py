@@ -184,3 +184,57 @@ def test_the_peer_list_spans_nodes(cluster: Any) -> None:
         await ann.close()
 
     run(main())
+
+
+async def _snapshot(port: int, doc: str, query: str) -> tuple[Any, dict[str, Any]]:
+    ws = await websockets.connect("ws://127.0.0.1:%d/ws/edit/%s?%s" % (port, doc, query))
+    while True:
+        msg = json.loads(await ws.recv())
+        if msg["type"] == "snapshot":
+            return ws, msg
+
+
+async def _next(ws: Any, mtype: str, where: Any = lambda m: True) -> dict[str, Any]:
+    async with asyncio.timeout(10):
+        while True:
+            msg = json.loads(await ws.recv())
+            if msg["type"] == mtype and where(msg):
+                return msg
+
+
+def test_a_peer_on_another_node_shows_its_cursor_to_those_who_join_later(cluster: Any) -> None:
+    """Others' selections span nodes from the first moment: a node that
+    loads the document learns them with the peer list (peer_joined, then its
+    cursor), and one that has it loaded puts them in the next snapshot, in the
+    joiner's units."""
+    a, b = cluster(2, *EXTRA)
+
+    async def main() -> None:
+        ann, hello = await _snapshot(a, "sel", "name=ann")
+        await ann.send(json.dumps({"type": "op", "rev": hello["rev"], "op": ["😀 hello world"], "seq": 1}))
+        ack = await _next(ann, "ack")
+        await ann.send(json.dumps({"type": "cursor", "rev": ack["rev"], "anchor": 2, "head": 7}))
+        await asyncio.sleep(0.3)  # relayed to the other nodes (none has the document yet)
+
+        # Node B loads the document for bob: ann arrives as peer_joined, then her selection.
+        bob, first = await _snapshot(b, "sel", "name=bob")
+        assert first["text"] == "😀 hello world"
+        anns = [p for p in first["peers"] if p["user"]["name"] == "ann"]
+        if not anns:
+            await _next(bob, "peer_joined", lambda m: m["user"]["name"] == "ann")
+            sel = await _next(bob, "cursor", lambda m: m["user"]["name"] == "ann")
+            assert (sel["anchor"], sel["head"]) == (2, 7)
+        else:
+            assert anns[0].get("cursor") == {"anchor": 2, "head": 7}
+
+        # Ann moves (node B relays it and keeps it); cy joins on B counting UTF-16: the snapshot has it.
+        await ann.send(json.dumps({"type": "cursor", "rev": ack["rev"], "anchor": 1, "head": 8}))
+        moved = await _next(bob, "cursor", lambda m: m["user"]["name"] == "ann")
+        assert (moved["anchor"], moved["head"]) == (1, 8)
+        cy, snap = await _snapshot(b, "sel", "name=cy&units=utf16")
+        (ann_there,) = [p for p in snap["peers"] if p["user"]["name"] == "ann"]
+        assert ann_there["cursor"] == {"anchor": 2, "head": 9}  # the emoji is two UTF-16 units
+        for ws in (ann, bob, cy):
+            await ws.close()
+
+    run(main())
