@@ -31,6 +31,8 @@ from redis.exceptions import RedisError
 
 from realtime.hub import Envelope
 from realtime.protocol import Outgoing
+from realtime.storage.resp import RespPipe
+from realtime.storage.resp import supports as resp_supports
 
 if TYPE_CHECKING:
     from realtime.hub import Hub
@@ -76,6 +78,8 @@ class RedisBackplane:
         # must not make a PING wait its turn and the node look unreachable.
         self._probe = aioredis.Redis.from_url(url, socket_timeout=5.0, socket_connect_timeout=3.0,
                                               single_connection_client=True)
+        # The chat say path's own lean connection (realtime.storage.resp), where the URL allows it.
+        self.pipe = RespPipe(url) if resp_supports(url) else None
         self.healthy = False
         self.reason = "not started"
         self._hub: "Hub | None" = None
@@ -128,6 +132,8 @@ class RedisBackplane:
             steps.append(self._pubsub.aclose())
         steps.append(self.redis.aclose())
         steps.append(self._probe.aclose())
+        if self.pipe is not None:
+            steps.append(self.pipe.close())
         for step in steps:
             try:
                 await asyncio.wait_for(step, 2.0)

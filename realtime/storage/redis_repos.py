@@ -43,6 +43,7 @@ from realtime.storage.base import (
     redacted,
     tombstone_json,
 )
+from realtime.storage.resp import RespPipe
 
 ROOMS_KEY = "rt:rooms"
 ACTIVITY_GRAIN = 1.0  # seconds: a room's activity score moves at most this often per node
@@ -250,8 +251,9 @@ class RedisChatLog:
     ``members`` (user -> role) and ``deleted`` (placeholders of deleted messages)."""
 
     def __init__(self, redis: Any, keep: int, *, node_id: str = "", channel: Callable[[str], str] | None = None,
-                 topic: Callable[[str], str] | None = None) -> None:
+                 topic: Callable[[str], str] | None = None, pipe: RespPipe | None = None) -> None:
         self.redis = redis
+        self.pipe = pipe  # the says' own connection, if the URL allows one (else redis-py's pipeline)
         self.keep = keep
         self.node_id = node_id
         self._channel = channel
@@ -431,24 +433,31 @@ class RedisChatLog:
                     fut.set_exception(StorageError("Redis gave no answer for this write"))
 
     async def _run_says(self, batch: list[tuple[str, list[str], list[Any], asyncio.Future[Any]]]) -> list[Any]:
-        """One pipeline of EVALSHAs, one round trip: redis-py's Script objects
-        would add a SCRIPT EXISTS round trip before every pipeline."""
+        """One pipeline of EVALSHAs, one round trip (redis-py's Script objects
+        would add a SCRIPT EXISTS round trip before every pipeline), on the
+        lean connection when there is one.  Each say's reply (or error), in order."""
         now = time.monotonic()
+        commands: list[list[Any]] = []
         scored = []
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for room, keys, args, _ in batch:
-                pipe.evalsha(self._say.sha, len(keys), *keys, *args)
-                # The rooms' activity order (GET /api/rooms) at a second's grain: a
-                # busy room is scored once a second, not once a message.
-                if now - self._active.get(room, -ACTIVITY_GRAIN) >= ACTIVITY_GRAIN:
-                    if len(self._active) >= 10000:
-                        self._active.clear()
-                    self._active[room] = now
-                    pipe.zadd(ROOMS_KEY, {room: args[3] / 1000.0}, xx=True, gt=True)
-                    scored.append(True)
-                else:
-                    scored.append(False)
-            results = await pipe.execute(raise_on_error=False)
+        for room, keys, args, _ in batch:
+            commands.append(["EVALSHA", self._say.sha, len(keys), *keys, *args])
+            # The rooms' activity order (GET /api/rooms) at a second's grain: a
+            # busy room is scored once a second, not once a message.
+            if now - self._active.get(room, -ACTIVITY_GRAIN) >= ACTIVITY_GRAIN:
+                if len(self._active) >= 10000:
+                    self._active.clear()
+                self._active[room] = now
+                commands.append(["ZADD", ROOMS_KEY, "XX", "GT", args[3] / 1000.0, room])
+                scored.append(True)
+            else:
+                scored.append(False)
+        if self.pipe is not None:
+            results = await self.pipe.execute(commands)
+        else:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for command in commands:
+                    pipe.execute_command(*command)
+                results = await pipe.execute(raise_on_error=False)
         out, i = [], 0
         for extra in scored:
             out.append(results[i])
@@ -998,7 +1007,8 @@ class RedisStorage:
     def chat_log(self, keep: int, topic: Callable[[str], str] | None = None) -> RedisChatLog:
         from realtime.backplane.redis import channel
 
-        return RedisChatLog(self.redis, keep, node_id=self.backplane.node_id, channel=channel, topic=topic)
+        return RedisChatLog(self.redis, keep, node_id=self.backplane.node_id, channel=channel, topic=topic,
+                            pipe=getattr(self.backplane, "pipe", None))
 
     def reading_store(self) -> RedisReadingStore:
         from realtime.backplane.redis import channel
