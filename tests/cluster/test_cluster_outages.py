@@ -112,10 +112,16 @@ def test_a_publish_that_fails_once_does_not_leave_the_node_degraded(cluster: Any
 
     async def main() -> None:
         ann, bob = await ann_and_bob_in_the_lobby(a, b)
-        # Redis closes the nodes' command connections (the subscriptions stay): the next
-        # publish (a typing hint) fails once, and the node says 503 for a moment.
-        await asyncio.to_thread(lambda: redis_client(redis).client_kill_filter(_type="normal", skipme=True))
-        ann.send({"type": "typing", "room": "lobby"})
+        # A publish (a typing hint) is in flight when Redis closes the nodes' command
+        # connections (the subscriptions stay): it fails, and the node says 503 for a moment.
+        admin = redis_client(redis)
+        await asyncio.to_thread(admin.execute_command, "CLIENT", "PAUSE", "3000", "WRITE")  # PUBLISH waits
+        try:
+            ann.send({"type": "typing", "room": "lobby"})
+            await asyncio.sleep(0.3)
+            await asyncio.to_thread(lambda: admin.client_kill_filter(_type="normal", skipme=True))
+        finally:
+            await asyncio.to_thread(admin.execute_command, "CLIENT", "UNPAUSE")
         await until(lambda: status_is(a, 503), timeout=5, interval=0.02, what="node A degraded")
         await until(lambda: status_is(a, 200), timeout=5, interval=0.1, what="node A healthy again")
         # It serves as before: a message said on A reaches B, a new room can be joined.
