@@ -838,9 +838,10 @@ class RedisDocumentLog:
 
     overloaded = False
 
-    def __init__(self, redis: Any, node_id: str = "") -> None:
+    def __init__(self, redis: Any, node_id: str = "", pipe: RespPipe | None = None) -> None:
         self.redis = redis
         self.node_id = node_id or "n-" + secrets.token_hex(6)
+        self.pipe = pipe  # appends' lean connection, if the URL allows one
         self._append = redis.register_script(_DOC_APPEND)
         self._snapshot = redis.register_script(_DOC_SNAPSHOT)
         self._create = redis.register_script(_DOC_CREATE)
@@ -889,8 +890,19 @@ class RedisDocumentLog:
             args += [rev, data]
         keys = self.keys(doc_id)
         args.append(self.node_id)  # last: whose turn it is, after a lost race
-        await self._call(self._append(keys=[*keys, keys[0][:-4] + "turn"], args=args))
-        await self._call(self.redis.zadd(DOCS_KEY, {doc_id: ts}))
+        keys = [*keys, keys[0][:-4] + "turn"]
+        if self.pipe is None:
+            await self._call(self._append(keys=keys, args=args))
+            await self._call(self.redis.zadd(DOCS_KEY, {doc_id: ts}))
+            return
+        # One round trip: the compare-and-append, and the documents' order by last edit.
+        commands = [["EVALSHA", self._append.sha, len(keys), *keys, *args], ["ZADD", DOCS_KEY, ts, doc_id]]
+        replies = await self._call(self.pipe.execute(commands))
+        if isinstance(replies[0], NoScriptError):  # Redis restarted: load the script, append again
+            await self._call(self.redis.script_load(_DOC_APPEND))
+            replies = await self._call(self.pipe.execute(commands[:1]))
+        if isinstance(replies[0], Exception):
+            raise _refused(replies[0])
 
     async def ops_since(self, doc_id: str, rev: int) -> list[StoredOp] | None:
         meta_key, ops_key, _ = self.keys(doc_id)
@@ -1016,7 +1028,7 @@ class RedisStorage:
         return RedisReadingStore(self.redis, self.backplane.node_id, channel)
 
     def document_log(self) -> RedisDocumentLog:
-        return RedisDocumentLog(self.redis, self.backplane.node_id)
+        return RedisDocumentLog(self.redis, self.backplane.node_id, pipe=getattr(self.backplane, "pipe", None))
 
     def presence_store(self) -> RedisPresenceStore:
         return RedisPresenceStore(self.redis)
