@@ -327,6 +327,7 @@ class RoomSubscription:
 
 
 PRESENCE_HINT = "presence_hint"  # "re-read this room's presence": between nodes, never to clients
+REREAD_EVERY = 12  # presence heartbeats: each room's members are re-read at least this often anyway
 
 
 class ClusterPresence:
@@ -334,8 +335,10 @@ class ClusterPresence:
 
     Each node writes its own members into the shared :class:`PresenceStore`,
     as entries that expire unless refreshed: a node refreshes them every
-    ``ttl / 3``, so the members of a node that dies leave everyone's presence
-    within ``ttl``.  A join or leave anywhere is a hint on the room's topic;
+    ``ttl / 3``, and the same call drops the room's expired entries, so the
+    members of a node that dies leave everyone's presence within about
+    ``ttl`` (the refresh that dropped them, or that wrote back entries of this
+    node that had expired, hints the room).  A join or leave anywhere is a hint on the room's topic;
     every node with members in the room then re-reads the room's members
     (coalesced over ``presence_window``) and tells its own members the
     difference from what it told them before, as the same ``presence``
@@ -353,6 +356,7 @@ class ClusterPresence:
         self._handle: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Future[Any]] = set()
         self._beat: asyncio.Task[None] | None = None
+        self._beats = 0
 
     def _key(self, user_id: str) -> str:
         return self.node + "|" + user_id
@@ -447,10 +451,11 @@ class ClusterPresence:
             await asyncio.sleep(self.ttl / 3)
             entries = [(room, self._key(u["id"]), u["id"], u["name"]) for room in svc.presence.rooms()
                        for u in svc.presence.members(room, 1 << 30)]
+            changed: set[str] = set()
             try:
                 missed = await svc.log.listen(list(svc._relays), self.ttl)
                 if entries:
-                    await self.store.refresh(entries, self.ttl)
+                    changed = await self.store.refresh(entries, self.ttl)
             except StorageError as e:
                 log.warning("presence heartbeat failed: %s", e)
                 continue
@@ -458,8 +463,16 @@ class ClusterPresence:
                 relay = svc._relays.get(room)
                 if relay is not None:
                     relay.catch_up()
-            for room in list(svc._relays):
-                self.changed(room)
+            # Someone's entries expired (their node died) or ours came back (this node
+            # stalled): every node with members there re-reads the room, this one too.
+            for room in changed:
+                svc.hub.publish(ChatService.topic(room), {"type": PRESENCE_HINT, "room": room})
+            # And, a slice of the rooms each beat, every room re-read now and then anyway:
+            # a hint is at-most-once like any publish.
+            self._beats += 1
+            rooms = list(svc._relays)
+            for i in range(self._beats % REREAD_EVERY, len(rooms), REREAD_EVERY):
+                self.changed(rooms[i])
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)
@@ -683,6 +696,8 @@ class ChatService:
                 delay = min(delay * 2, 2.0)
         for relay in list(self._relays.values()):
             relay.catch_up()
+            if self.cluster is not None:  # presence hints may have been lost too
+                self.cluster.changed(relay.name)
 
     @staticmethod
     def topic(room: str) -> str:

@@ -198,8 +198,11 @@ class PresenceStore(Protocol):
     async def leave_all(self, entries: list[tuple[str, str]]) -> None:
         """``(room, key)`` pairs: a node that stops cleanly."""
 
-    async def refresh(self, entries: list[tuple[str, str, str, str]], ttl: float) -> None:
-        """``(room, key, user_id, name)``: keep these alive (and back, if they expired)."""
+    async def refresh(self, entries: list[tuple[str, str, str, str]], ttl: float) -> set[str]:
+        """``(room, key, user_id, name)``: keep these alive (and back, if they
+        expired), and drop the entries of these rooms that expired.  Returns
+        the rooms whose member list this changed (an entry dropped or written
+        back), which everyone there must re-read."""
 
     async def members(self, room: str) -> dict[str, str]:
         """The room's live members, ``user id -> name`` (each user once), in join order."""

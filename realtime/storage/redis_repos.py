@@ -548,13 +548,24 @@ return out
 
 
 _PRESENCE_REFRESH = """
-local expiry, names = ARGV[1], ARGV[2] == '1'
-for i = 3, #ARGV, 2 do
-  if redis.call('ZADD', KEYS[1], expiry, ARGV[i]) == 1 or names then
+local expiry, names, now = ARGV[1], ARGV[2] == '1', ARGV[3]
+local changed = 0
+local expired = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now)
+for i = 1, #expired, 1000 do
+  local chunk = {unpack(expired, i, math.min(i + 999, #expired))}
+  redis.call('ZREM', KEYS[1], unpack(chunk))
+  redis.call('HDEL', KEYS[2], unpack(chunk))
+end
+changed = #expired
+for i = 4, #ARGV, 2 do
+  if redis.call('ZADD', KEYS[1], expiry, ARGV[i]) == 1 then
+    changed = changed + 1
+    redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1])
+  elseif names then
     redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1])
   end
 end
-return 0
+return changed
 """
 REFRESH_CHUNK = 500  # entries per script call: a heartbeat of a big room never holds Redis for long
 
@@ -595,24 +606,30 @@ class RedisPresenceStore:
 
     _call = staticmethod(_redis)
 
-    async def refresh(self, entries: list[tuple[str, str, str, str]], ttl: float, names: bool = False) -> None:
+    async def refresh(self, entries: list[tuple[str, str, str, str]], ttl: float, names: bool = False) -> set[str]:
         """Push the expiry of these entries to ``ttl`` from now: one script call per
         room (and per ``REFRESH_CHUNK`` entries), which also writes an entry back that
-        another node had dropped as expired.  ``names``: write every entry's name too
-        (a join, or a rename)."""
-        until = time.time() + ttl
+        another node had dropped as expired, and drops the room's expired entries.
+        ``names``: write every entry's name too (a join, or a rename).  Returns the
+        rooms whose member list changed."""
+        now = time.time()
+        until = now + ttl
         by_room: dict[str, list[str]] = {}
         for room, key, user_id, name in entries:
             by_room.setdefault(room, []).extend((key, user_id + "\x1f" + name))
+        calls: list[str] = []
 
         def queue(pipe: Any) -> None:
+            calls.clear()
             for room, args in by_room.items():
                 keys = list(self.keys(room))
                 for i in range(0, len(args), 2 * REFRESH_CHUNK):
-                    pipe.evalsha(self._refresh.sha, 2, *keys, until, "1" if names else "0",
+                    pipe.evalsha(self._refresh.sha, 2, *keys, until, "1" if names else "0", now,
                                  *args[i:i + 2 * REFRESH_CHUNK])
+                    calls.append(room)
 
-        await _evalsha_all(self.redis, _PRESENCE_REFRESH, queue)
+        results = await _evalsha_all(self.redis, _PRESENCE_REFRESH, queue)
+        return {room for room, changed in zip(calls, results) if changed}
 
     async def enter(self, room: str, key: str, user_id: str, name: str, ttl: float) -> None:
         await self.refresh([(room, key, user_id, name)], ttl, names=True)

@@ -386,3 +386,28 @@ def test_presence_entries_count_a_user_once_and_expire_unless_refreshed(storage:
             assert await ps.members("other") == {}
 
     run(main())
+
+
+def test_a_presence_refresh_drops_what_expired_and_says_which_rooms_changed(storage: Any) -> None:
+    """The heartbeat re-reads only the rooms this names: where another node's
+    entries expired (dropped by this refresh), or where ours had expired and
+    came back."""
+    async def main() -> None:
+        async with storage() as s:
+            ps = s.presence_store()
+            if ps is None:
+                return
+            mine = [("r", "n1|u1", "u1", "ann"), ("q", "n1|u1", "u1", "ann")]
+            await ps.enter("r", "n1|u1", "u1", "ann", 30)
+            await ps.enter("q", "n1|u1", "u1", "ann", 30)
+            await ps.enter("r", "n2|u2", "u2", "bob", 0.2)  # bob's node will die
+            assert await ps.refresh(mine, 30) == set()  # nothing changed anywhere
+            await asyncio.sleep(0.3)
+            assert await ps.refresh(mine, 30) == {"r"}  # bob's entry expired: dropped now
+            assert await ps.refresh(mine, 30) == set()
+            assert await ps.members("r") == {"u1": "ann"}
+            await ps.leave("q", "n1|u1")  # as if another node had dropped ours as expired
+            assert await ps.refresh(mine, 30) == {"q"}  # written back
+            assert await ps.members("q") == {"u1": "ann"}
+
+    run(main())
