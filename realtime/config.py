@@ -63,6 +63,7 @@ class Config:
     keyfile: str = option(SERVER, "", "TLS private key (PEM)")
     backlog: int = option(SERVER, 2048, "listen backlog")
     shutdown_grace: float = option(SERVER, 3.0, "seconds to let sockets close on SIGTERM/SIGINT before exiting")
+    gc_young: int = option(SERVER, 50000, "Python's cycle collector: net allocations between young collections (Python's own default is 700; 0 leaves it, and what startup made unfrozen); fewer objects promoted to the old generation, whose full collections pause the server for as long as it takes to scan every connection's objects")
 
     # -- before a client is authenticated
     handshake_timeout: float = option(UNAUTHENTICATED, 10.0, "seconds a client has to send a whole request head (a WebSocket handshake; a TLS handshake first), and again its body; an idle keep-alive connection closes after as long")

@@ -7,7 +7,7 @@ import os
 import pytest
 from tornado.options import options
 
-import server  # noqa: F401  (defines the options)
+import server  # (defines the options)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TORNADO_OWN = {"help", "logging", "log_to_stderr", "log_file_prefix", "log_file_max_size",
@@ -99,3 +99,18 @@ def test_links_to_files_in_the_tree_resolve():
         dangling += ["%s -> %s" % (name, t) for t in targets
                      if not os.path.exists(os.path.join(ROOT, os.path.normpath(t)))]
     assert not dangling, dangling
+
+
+def test_the_cycle_collector_is_tuned_for_many_connections_and_can_be_left_alone():
+    import gc
+
+    before = gc.get_threshold()
+    try:
+        server.tune_gc(0)
+        assert gc.get_threshold() == before and gc.get_freeze_count() == 0
+        server.tune_gc(12345)
+        assert gc.get_threshold() == (12345, 20, 20)
+        assert gc.get_freeze_count() > 0  # startup's objects are not scanned again
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
