@@ -329,9 +329,9 @@ class EditorPeer(Peer):
 
     async def send_pending(self, ws: Any) -> None:
         assert self.client is not None
-        p = self.client.pending()
-        if p is not None:
-            await ws.send(json.dumps({"type": "op", "rev": p.rev, "op": p.op, "seq": p.seq}))
+        message = self.client.pending_message()
+        if message is not None:
+            await ws.send(json.dumps(message))
 
     async def session(self) -> None:
         q = "token=%s" % self.token
@@ -352,13 +352,7 @@ class EditorPeer(Peer):
             elif first["type"] == "ops":
                 client = self.client
                 assert client is not None
-                for e in first["ops"]:
-                    if e["rev"] <= client.rev:
-                        continue
-                    if client.is_own(e["client"], e["seq"]):
-                        client.server_ack(e["seq"])
-                    else:
-                        self.text = ot.apply(self.text, client.apply_server(e["op"]))
+                self.text = client.catch_up(self.text, first["ops"])
                 if first["rev"] != client.rev:
                     self.problem("caught up to %d, the server is at %d" % (client.rev, first["rev"]))
                 client.client_id = first["client"]

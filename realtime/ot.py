@@ -51,7 +51,7 @@ every copy, which is what makes them converge.
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 __all__ = [
     "Component",
@@ -592,9 +592,28 @@ class OTClient:
             return None
         return Pending(self.rev, self.outstanding, self.outstanding_seq)
 
+    def pending_message(self) -> dict[str, Any] | None:
+        """The ``op`` message (docs/PROTOCOL.md) for :meth:`pending`, or None."""
+        p = self.pending()
+        return None if p is None else {"type": "op", "rev": p.rev, "op": p.op, "seq": p.seq}
+
     def resend(self) -> Pending | None:
         """After a reconnect and its catch-up: what to send again (same seq), or None."""
         return self.pending()
+
+    def catch_up(self, text: str, entries: list[dict[str, Any]]) -> str:
+        """Take a resume's catch-up (the ``ops`` message after ``?rev=``): our
+        own outstanding op among them is its ack, the others are applied to
+        ``text`` (transformed over what we have not had acknowledged).
+        Returns the new local text; entries at or below ``rev`` are skipped."""
+        for e in entries:
+            if e["rev"] <= self.rev:
+                continue
+            if self.is_own(e.get("client"), e.get("seq")):
+                self.server_ack(e["seq"])
+            else:
+                text = apply(text, self.apply_server(e["op"]))
+        return text
 
     def transform_cursor(self, index: int) -> int:
         """Map a position in the server's text at ``rev`` to the local text.

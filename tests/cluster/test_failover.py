@@ -1,12 +1,14 @@
 """Failover behind nginx: three nodes on one Redis, conf/nginx.conf.example in front, steady
-load, one node killed with SIGKILL and another restarted with SIGTERM.
+load (chat, editing, sensors), one node killed with SIGKILL and another restarted with SIGTERM.
 
 The clients are the `websockets` library through nginx (TLS), each doing what
 docs/PROTOCOL.md tells a client to do when its connection drops: reconnect after a short
 jittered pause; chat: join again with ``since``/``epoch`` and resend what was not
-acknowledged with the same ``cid``; sensors: subscribe again with a ``backfill`` that covers
-the gap.  At the end: every acknowledged chat message is stored once, every chat client got
-every message once and in seq order, every viewer holds exactly the stored readings, and the
+acknowledged with the same ``cid``; editors: come back with ``?rev=&client=`` and send the
+unacknowledged op again; sensors: subscribe again with a ``backfill`` that covers the gap.  At
+the end: every acknowledged chat message is stored once, every chat client got every message
+once and in seq order, every editor's copy equals the served document, every viewer holds
+exactly the stored readings, and the
 only trouble any client saw was its connection closing (1006 from the kill, 1001 from the
 SIGTERM).
 """
@@ -23,6 +25,8 @@ from typing import Any
 import pytest
 import websockets
 
+from realtime import ot
+from realtime.ot import OTClient
 from tests.cluster.nginx import Nginx, require_nginx
 from tests.cluster.nodes import KEY, Node, busiest
 from tests.redis_server import RedisServer
@@ -30,6 +34,7 @@ from tests.redis_server import RedisServer
 pytestmark = pytest.mark.cluster
 
 SENSOR = "plant.temp"
+DOC = "minutes"
 
 
 class Client:
@@ -150,6 +155,78 @@ class ChatClient(Client):
             await asyncio.sleep(0.12 + self.rng.random() * 0.06)
 
 
+class Editor(Client):
+    """Types into one document; after a drop it comes back with ``?rev=&client=``,
+    takes the ops it missed and sends its unacknowledged op again (the same seq),
+    as static/js/editing.js does."""
+
+    def __init__(self, proxy: Nginx, name: str) -> None:
+        super().__init__(proxy, name)
+        self.client: OTClient | None = None
+        self.text = ""
+        self.typing = True
+        self.ready = asyncio.Event()
+
+    def url(self) -> str:
+        query = "name=" + self.name
+        if self.client is not None:
+            query += "&rev=%d&client=%s" % (self.client.rev, self.client.client_id)
+        return self.proxy.ws_url + "/ws/edit/" + DOC + "?" + query
+
+    async def send_pending(self, ws: Any) -> None:
+        if self.client is not None and (message := self.client.pending_message()) is not None:
+            await ws.send(json.dumps(message))
+
+    async def session(self) -> None:
+        ws = self.ws
+        typist = None
+        try:
+            async for raw in ws:
+                msg = json.loads(raw)
+                kind = msg["type"]
+                if kind == "snapshot":
+                    if self.client is not None:
+                        self.problems.append("%s: got a snapshot (a reload) instead of resuming" % self.name)
+                    self.text, self.client = msg["text"], OTClient(msg["rev"], msg["client"])
+                elif kind == "ops":  # the catch-up after ?rev=
+                    assert self.client is not None
+                    self.text = self.client.catch_up(self.text, msg["ops"])
+                    self.client.client_id = msg["client"]
+                    await self.send_pending(ws)
+                elif kind == "ack":
+                    assert self.client is not None
+                    if self.client.server_ack(msg.get("seq")) is not None:
+                        await self.send_pending(ws)
+                elif kind == "op":
+                    assert self.client is not None
+                    self.text = ot.apply(self.text, self.client.apply_server(msg["op"]))
+                elif kind == "error":
+                    self.errors.append(msg)
+                elif kind not in ("peer_joined", "peer_left", "cursor"):
+                    self.problems.append("%s: unexpected %r" % (self.name, msg))
+                if kind in ("snapshot", "ops") and typist is None:
+                    self.ready.set()
+                    typist = asyncio.ensure_future(self.type_steadily(ws))
+        finally:
+            if typist is not None:
+                typist.cancel()
+
+    async def type_steadily(self, ws: Any) -> None:
+        while self.typing and not self.stopping:
+            assert self.client is not None
+            n = len(self.text)
+            if n > 20 and self.rng.random() < 0.3:
+                p = self.rng.randrange(n - 1)
+                op: list[Any] = [c for c in (p, -1, n - p - 1) if c != 0]
+            else:
+                p = self.rng.randint(0, n)
+                op = [c for c in (p, self.rng.choice(["a", "é", "😀", " "]), n - p) if c != 0]
+            self.text = ot.apply(self.text, op)
+            if self.client.apply_client(op):
+                await self.send_pending(ws)
+            await asyncio.sleep(0.1 + self.rng.random() * 0.1)
+
+
 class Viewer(Client):
     def __init__(self, proxy: Nginx, name: str, started: float) -> None:
         super().__init__(proxy, name)
@@ -256,10 +333,13 @@ async def load_with_failures(proxy: Nginx, nodes: list[Node], redis: RedisServer
     assert await device.post(round(time.time(), 3), 0.0), device.refused  # the sensor exists from here on
     chats = [ChatClient(proxy, "chat%d" % i) for i in range(6)]
     viewers = [Viewer(proxy, "viewer%d" % i, started) for i in range(3)]
-    tasks = [asyncio.ensure_future(c.run()) for c in chats + viewers]
+    editors = [Editor(proxy, "editor%d" % i) for i in range(4)]
+    tasks = [asyncio.ensure_future(c.run()) for c in chats + viewers + editors]
     async with asyncio.timeout(10):
         for c in chats:
             await c.joined.wait()
+        for e in editors:
+            await e.ready.wait()
     dev = asyncio.ensure_future(device.run())
 
     await asyncio.sleep(2.5)
@@ -274,25 +354,40 @@ async def load_with_failures(proxy: Nginx, nodes: list[Node], redis: RedisServer
     # Stop the load; let every say be acknowledged and every message arrive.
     for c in chats:
         c.saying = False
+    for e in editors:
+        e.typing = False
     device.stopping = True
     await dev
     try:
-        await drain(proxy, chats, viewers, redis)
+        await drain(proxy, chats, viewers, editors, redis)
     except TimeoutError:
         state: dict[str, dict[str, Any]] = {c.name: {"unacked": len(c.unacked), "seqs": len(c.seqs)} for c in chats}
         state.update({v.name: {"points": len(v.points)} for v in viewers})
-        for client in [*chats, *viewers]:
+        state.update({e.name: {"state": e.client and e.client.state, "length": len(e.text)} for e in editors})
+        for client in [*chats, *viewers, *editors]:
             state[client.name].update(problems=client.problems[:3], errors=client.errors[:3], closes=client.closes)
         raise AssertionError("not settled 15 s after the load: %s" % json.dumps(state)) from None
     page = (await asyncio.to_thread(proxy.get, "/api/rooms/lobby/messages?since=0&limit=1000"))[1]
     stored = await asyncio.to_thread(stored_readings, redis)
-    for client in [*chats, *viewers]:
+    document = [(await asyncio.to_thread(proxy.get, "/api/docs/" + DOC))[1] for _ in range(3)]  # any nodes
+    for client in [*chats, *viewers, *editors]:
         await client.close()
     await asyncio.gather(*tasks)
     check(page, stored, chats, viewers, device)
+    # Editing: every copy equals the document every node serves, with many edits in it.
+    assert all(d["text"] == document[0]["text"] and d["rev"] == document[0]["rev"] for d in document), document
+    assert document[0]["rev"] >= 4 * 20, "the editors made few edits: rev %d" % document[0]["rev"]
+    for e in editors:
+        assert e.text == document[0]["text"], e.name
+    assert [p for e in editors for p in e.problems] == []
+    assert [err for e in editors for err in e.errors] == []
+    codes = [code for e in editors for code in e.closes]
+    assert set(codes) <= {1001, 1006}, codes
+    assert sum(e.connects - 1 for e in editors) == len(codes)
 
 
-async def drain(proxy: Nginx, chats: list[ChatClient], viewers: list[Viewer], redis: RedisServer) -> None:
+async def drain(proxy: Nginx, chats: list[ChatClient], viewers: list[Viewer], editors: list[Editor],
+                redis: RedisServer) -> None:
     async with asyncio.timeout(15):
         while any(c.unacked for c in chats):
             await asyncio.sleep(0.1)
@@ -304,6 +399,13 @@ async def drain(proxy: Nginx, chats: list[ChatClient], viewers: list[Viewer], re
             await asyncio.sleep(0.1)
         stored = await asyncio.to_thread(stored_readings, redis)
         while not all(v.points == stored for v in viewers):
+            await asyncio.sleep(0.1)
+        while True:
+            status, doc = await asyncio.to_thread(proxy.get, "/api/docs/" + DOC)
+            assert status == 200, doc
+            if all(e.client is not None and e.client.state == "synchronized" and e.client.rev == doc["rev"]
+                   for e in editors):
+                break
             await asyncio.sleep(0.1)
 
 
