@@ -237,18 +237,37 @@ def bind(cfg: Config) -> list[Any]:
     return sockets
 
 
+def die_with_parent(parent: int) -> None:
+    """A worker whose parent is gone (``kill -9`` of it, which no handler
+    sees) gets SIGTERM and stops as on a rolling restart, instead of serving
+    on unsupervised: Linux's PR_SET_PDEATHSIG; elsewhere nothing changes."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(1, int(signal.SIGTERM), 0, 0, 0) != 0:  # 1 = PR_SET_PDEATHSIG
+            return
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # it died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def fork_workers(n: int) -> None:
     """Fork ``n`` workers and return in each of them.  The parent never
     returns: it restarts a worker that dies (a crash, ``kill -9``), forwards
     SIGTERM/SIGINT to every worker (each closes its sockets with 1001 and
-    flushes), and exits 0 once they all have."""
+    flushes), and exits 0 once they all have.  A parent killed with -9 takes
+    its workers with it (each gets SIGTERM)."""
     children: dict[int, int] = {}
+    parent = os.getpid()
 
     def spawn(i: int) -> bool:
         pid = os.fork()
         if pid == 0:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.SIG_DFL)
+            die_with_parent(parent)
             return True
         children[pid] = i
         return False

@@ -11,6 +11,7 @@ import json
 import os
 import re
 import signal
+import socket
 from typing import Any
 
 import pytest
@@ -329,3 +330,40 @@ def test_processes_runs_n_workers_and_the_parent_replaces_one_killed_with_sigkil
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
+
+
+def test_workers_stop_when_their_parent_is_killed_with_sigkill(tmp_path: Any, redis: RedisServer) -> None:
+    """kill -9 of the --processes parent (no handler runs) must not leave its
+    workers serving unsupervised: each gets SIGTERM, stops, and the port is free."""
+    port = free_port()
+    seen: set[int] = set()
+    with start_server(port, tmp_path / "n", "--backplane=" + redis.url, "--processes=2") as proc:
+        try:
+            def workers() -> set[int] | None:
+                now = children(proc.pid)
+                seen.update(now)
+                return now if len(now) == 2 else None
+
+            both = until_sync(workers, timeout=10, what="two workers")
+            assert both is not None
+            assert healthz(port) == 200
+            os.kill(proc.pid, signal.SIGKILL)
+            until_sync(lambda: not any(_alive(w) for w in both), timeout=10, what="the workers gone")
+            with socket.socket() as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                s.bind(("127.0.0.1", port))  # nobody listens there any more
+        finally:
+            for pid in seen:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+
+def _alive(pid: int) -> bool:
+    """Running, not a zombie (an orphan is reaped by init, but not at once)."""
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
