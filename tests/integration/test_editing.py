@@ -708,3 +708,30 @@ async def test_pages(connect, http_port):
     missing = await client.fetch(base + "/edit/bad.id", raise_error=False)
     assert missing.code == 404
 
+
+
+@pytest.mark.gen_test
+async def test_the_worked_tie_example_of_protocol_md_happens_as_written(connect, http_port):
+    """docs/PROTOCOL.md, "Writing a client", 4: the document "ab" at rev 4, Ann
+    and Bob insert at 1 at once, Bob's op reaches the server first; the op that
+    arrived later (Ann's X) goes first: "aXYb" everywhere, with the very
+    messages the table shows."""
+    ann = await open_editor(connect, doc="tie", name="ann")
+    for op in (["a"], [1, "b"], [2, "c"], [2, -1]):  # "ab" at rev 4
+        ann.edit(op)
+        await ann.settle(ann.ot.rev + 1)
+    bob = await open_editor(connect, doc="tie", name="bob")
+    assert (bob.first["rev"], bob.first["text"]) == (4, "ab")
+    bob.c.send({"type": "op", "rev": 4, "op": [1, "Y", 1], "seq": 8})
+    assert (await bob.c.expect("ack", skip=NOISE))["rev"] == 5
+    to_ann = await ann.c.expect("op", skip=NOISE)
+    assert (to_ann["rev"], to_ann["op"], to_ann["client"]) == (5, [1, "Y", 1], bob.client_id)
+    ann.c.send({"type": "op", "rev": 4, "op": [1, "X", 1], "seq": ann.ot.next_seq})  # still based on rev 4
+    assert (await ann.c.expect("ack", skip=NOISE))["rev"] == 6
+    to_bob = await bob.c.expect("op", skip=NOISE)
+    assert (to_bob["rev"], to_bob["op"]) == (6, [1, "X", 2])
+    # What each client computes, as the table says: ot.transform(own_pending, server_op).
+    assert ot.transform([1, "X", 1], [1, "Y", 1]) == ([1, "X", 2], [2, "Y", 1])
+    assert ot.apply("aXb", [2, "Y", 1]) == ot.apply("aYb", [1, "X", 2]) == "aXYb"
+    body = await fetch_json(http_port, "/api/docs/tie")
+    assert (body["rev"], body["text"]) == (6, "aXYb")
