@@ -406,11 +406,8 @@ class EditingService:
         if moved is None:
             return
         msg = {"type": "cursor", **info, "rev": doc.committed_rev, "anchor": moved[0], "head": moved[1]}
-        self.hub.dispatch(doc.topic, Outgoing(msg, seq=doc.committed_rev, client=info["client"]))
-        if self.hub.subscribers(doc.topic16):
-            to16 = doc.committed_units().to_utf16
-            self.hub.dispatch(doc.topic16, Outgoing({**msg, "anchor": to16(moved[0]), "head": to16(moved[1])},
-                                                    seq=doc.committed_rev, client=info["client"]))
+        self._send_cursor(doc, msg, lambda topic, obj: self.hub.dispatch(
+            topic, Outgoing(obj, seq=doc.committed_rev, client=info["client"])), every_unit=False)
 
     def leave(self, peer: Peer) -> None:
         """Remove ``peer`` (idempotent); announce it if it was announced."""
@@ -681,13 +678,19 @@ class EditingService:
         peer.cursor_sent = self.clock()
         msg = {"type": "cursor", "client": peer.client_id, "user": peer.user_json,
                "color": peer.color, "rev": doc.committed_rev, "anchor": anchor, "head": head}
-        every_unit = self.shared
+        self._send_cursor(doc, msg, lambda topic, obj: self.hub.publish(
+            topic, obj, seq=doc.committed_rev, client=peer.client_id), every_unit=self.shared)
+
+    def _send_cursor(self, doc: LiveDoc, msg: dict[str, Any], send: Callable[[str, dict[str, Any]], Any],
+                     every_unit: bool) -> None:
+        """``send(topic, message)`` a cursor (at the committed rev, in code points) to
+        the peers counting each unit that has any here (``every_unit``: to both,
+        the other nodes' peers may count either), converted for UTF-16 ones."""
         if every_unit or self.hub.subscribers(doc.topic):
-            self.hub.publish(doc.topic, msg, seq=doc.committed_rev, client=peer.client_id)
+            send(doc.topic, msg)
         if every_unit or self.hub.subscribers(doc.topic16):
             to16 = doc.committed_units().to_utf16
-            self.hub.publish(doc.topic16, {**msg, "anchor": to16(anchor), "head": to16(head)},
-                             seq=doc.committed_rev, client=peer.client_id)
+            send(doc.topic16, {**msg, "anchor": to16(msg["anchor"]), "head": to16(msg["head"])})
 
     def _cancel_cursor(self, peer: Peer) -> None:
         if peer.cursor_timer is not None:

@@ -438,8 +438,9 @@ class RedisChatLog:
         lean connection when there is one.  Each say's reply (or error), in order."""
         now = time.monotonic()
         commands: list[list[Any]] = []
-        scored = []
+        says = []  # where each say's script call is among the commands
         for room, keys, args, _ in batch:
+            says.append(len(commands))
             commands.append(["EVALSHA", self._say.sha, len(keys), *keys, *args])
             # The rooms' activity order (GET /api/rooms) at a second's grain: a
             # busy room is scored once a second, not once a message.
@@ -448,9 +449,6 @@ class RedisChatLog:
                     self._active.clear()
                 self._active[room] = now
                 commands.append(["ZADD", ROOMS_KEY, "XX", "GT", args[3] / 1000.0, room])
-                scored.append(True)
-            else:
-                scored.append(False)
         if self.pipe is not None:
             results = await self.pipe.execute(commands)
         else:
@@ -458,11 +456,7 @@ class RedisChatLog:
                 for command in commands:
                     pipe.execute_command(*command)
                 results = await pipe.execute(raise_on_error=False)
-        out, i = [], 0
-        for extra in scored:
-            out.append(results[i])
-            i += 2 if extra else 1
-        return out
+        return [results[i] for i in says]
 
     async def read(self, room: str, after: int, limit: int, newest: bool) -> list[dict[str, Any]]:
         _, log, *_, deleted = self.keys(room)
@@ -528,13 +522,22 @@ class RedisChatLog:
 # -- presence --------------------------------------------------------------------------
 
 
-_PRESENCE_MEMBERS = """
-local expired = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
-for i = 1, #expired, 1000 do
-  local chunk = {unpack(expired, i, math.min(i + 999, #expired))}
-  redis.call('ZREM', KEYS[1], unpack(chunk))
-  redis.call('HDEL', KEYS[2], unpack(chunk))
+# Drop the room's entries that expired by ``now`` (KEYS[1] ``pres``, KEYS[2]
+# ``who``), in chunks that stay within Lua's stack; how many there were.
+_DROP_EXPIRED = """
+local function drop_expired(now)
+  local expired = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now)
+  for i = 1, #expired, 1000 do
+    local chunk = {unpack(expired, i, math.min(i + 999, #expired))}
+    redis.call('ZREM', KEYS[1], unpack(chunk))
+    redis.call('HDEL', KEYS[2], unpack(chunk))
+  end
+  return #expired
 end
+"""
+
+_PRESENCE_MEMBERS = _DROP_EXPIRED + """
+drop_expired(ARGV[1])
 local live = redis.call('ZRANGE', KEYS[1], 0, -1)
 local out = {}
 for i = 1, #live, 1000 do
@@ -547,21 +550,13 @@ return out
 """
 
 
-_PRESENCE_REFRESH = """
-local expiry, names, now = ARGV[1], ARGV[2] == '1', ARGV[3]
-local changed = 0
-local expired = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now)
-for i = 1, #expired, 1000 do
-  local chunk = {unpack(expired, i, math.min(i + 999, #expired))}
-  redis.call('ZREM', KEYS[1], unpack(chunk))
-  redis.call('HDEL', KEYS[2], unpack(chunk))
-end
-changed = #expired
+_PRESENCE_REFRESH = _DROP_EXPIRED + """
+local expiry, names = ARGV[1], ARGV[2] == '1'
+local changed = drop_expired(ARGV[3])
 for i = 4, #ARGV, 2 do
-  if redis.call('ZADD', KEYS[1], expiry, ARGV[i]) == 1 then
-    changed = changed + 1
-    redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1])
-  elseif names then
+  local added = redis.call('ZADD', KEYS[1], expiry, ARGV[i])
+  changed = changed + added
+  if added == 1 or names then
     redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1])
   end
 end
